@@ -1,0 +1,127 @@
+"""The `mlan` command. Thin: parses arguments, then calls one function of the module that does the work."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command → "module:function"; modules are imported only when their command runs (fast `--help`).
+COMMANDS: dict[str, str] = {
+    "render": "mlan.render:render_command",
+    "build": "mlan.mixture.build:build_command",
+    "verify": "mlan.mixture.verify:verify_command",
+    "inspect": "mlan.mixture.verify:inspect_command",
+    "train": "mlan.train.launch:train_command",
+    "eval": "mlan.eval.harness:eval_command",
+    "ablate": "mlan.ablate:ablate_command",
+    "demo": "mlan.demo:demo_command",
+    "merge": "mlan.merge:merge_command",
+    "merge-sweep": "mlan.merge:merge_sweep_command",
+}
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set mixture.budget.tokens=200000 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlan", description="Language-first multimodal instruction tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("render", help="render a recipe source's documents with their loss masks")
+    p.add_argument("recipe")
+    p.add_argument("--source", required=True, help="source name in the recipe")
+    p.add_argument("--limit", type=int, default=None, help="render at most N documents")
+    p.add_argument("--json", action="store_true", help="one JSON object per document")
+    _add_set(p)
+
+    p = sub.add_parser("build", help="build token-budgeted, ratio-exact, packed WebDataset shards (Ray)")
+    p.add_argument("recipe")
+    p.add_argument("--out", default=None, help="output directory or fsspec URL (default: ./out/<recipe name>)")
+    p.add_argument("--workers", type=int, default=None, help="Ray tokenizer actors (default: all cores)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--cache", default=None, help="tokenized-cache directory (default: ~/.cache/mlan/tokenized)")
+    _add_set(p)
+
+    p = sub.add_parser("verify", help="recompute shard sha256s and counts against the manifest")
+    p.add_argument("build_dir")
+
+    p = sub.add_parser("inspect", help="print one packed row for a person")
+    p.add_argument("build_dir")
+    p.add_argument("--row", type=int, default=0, help="global row index (default 0)")
+
+    p = sub.add_parser("train", help="FSDP2 training on packed shards with an exact token budget")
+    p.add_argument("recipe")
+    p.add_argument("--shards", required=True, help="a `mlan build` output directory")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final/)")
+    p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun --nproc-per-node)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    _add_set(p)
+
+    p = sub.add_parser("eval", help="evaluate a model on language and vision tasks")
+    p.add_argument("model", help="model directory (save_pretrained) or hub id")
+    p.add_argument("--tasks", nargs="+", required=True, help="task files, or NAME=PATH pairs")
+    p.add_argument("--out", default=None, help="results JSON file")
+    p.add_argument("--reference", default=None, help="results JSON of a reference model (forgetting Δ)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="items per task")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--images", default=None, help="image root for image tasks")
+
+    p = sub.add_parser("ablate", help="sweep mixture ratios: build, train and evaluate each")
+    p.add_argument("recipe")
+    p.add_argument("--ratios", required=True, help="comma-separated text ratios, e.g. 0,0.25,0.5,0.75,1.0")
+    p.add_argument("--out", required=True)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None)
+    _add_set(p)
+
+    p = sub.add_parser("demo", help="the embedded default: a complete small ablation on this machine")
+    p.add_argument("--out", default="demo-out")
+
+    p = sub.add_parser("merge", help="training-free task-vector merge of a VLM's language tower with its base LLM")
+    p.add_argument("--vlm", required=True)
+    p.add_argument("--llm", required=True)
+    p.add_argument("--alpha", type=float, required=True)
+    p.add_argument("--density", type=float, default=1.0)
+    p.add_argument("--scope", choices=["tensor", "global"], default="tensor")
+    p.add_argument("--direction", choices=["toward-llm", "paper"], default="toward-llm")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("merge-sweep", help="merge over a grid of α and K, evaluate each, table and plot")
+    p.add_argument("--vlm", required=True)
+    p.add_argument("--llm", required=True)
+    p.add_argument("--alphas", required=True, help="comma-separated")
+    p.add_argument("--densities", required=True, help="comma-separated")
+    p.add_argument("--scope", choices=["tensor", "global"], default="tensor")
+    p.add_argument("--direction", choices=["toward-llm", "paper"], default="toward-llm")
+    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    return parser
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    from mlan.recipe import RecipeError
+    from mlan.sources.records import RecordError
+
+    try:
+        return int(func(args) or 0)
+    except (UserError, RecipeError, RecordError, FileNotFoundError) as err:
+        print(f"mlan {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mlan {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

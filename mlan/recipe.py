@@ -1,0 +1,305 @@
+"""The recipe: every knob of a build, a training run and an evaluation, with its default and its check.
+
+Recipes are YAML; key paths are part of the interface (`--set mixture.budget.tokens=200000`).
+Unknown keys are errors. Relative paths resolve against the recipe file's folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: one line naming the key path, the bad value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------- model
+class ModelSpec(_Strict):
+    family: Literal["llava", "mllama"] = "llava"
+    tokenizer: str = "llama3"
+    template: Literal["llama3", "vicuna_v1", "tokenizer"] | None = None  # None: the family's default
+    config: str = "tiny"  # a Hugging Face path / hub id, or `tiny`
+    # LLaVA-style composition from parts (used when config is not a full VLM checkpoint)
+    llm: str | None = None
+    vision_tower: str | None = None
+    image_tokens: int = Field(576, ge=1)  # llava: placeholders per image
+    image_size: int | None = Field(None, ge=8)  # llava: vision input side; mllama: tile side (560 real)
+    max_tiles: int = Field(4, ge=1, le=16)  # mllama
+
+
+# ---------------------------------------------------------------- sources
+class TemplateSpec(_Strict):
+    """Prompt/response templates over a record's fields (MLAN's paraphrased-template rendering)."""
+
+    prompts: list[str] = Field(min_length=1)  # one chosen per record by a seeded hash of the record
+    response: str
+    system: str | None = None
+    image: str | None = None  # image path template, e.g. images/{directory}/dev-{identifier}-0.png
+    engine: Literal["format", "jinja"] = "format"
+    seed: int = 0
+
+
+class SourceSpec(_Strict):
+    name: str = Field(min_length=1)
+    path: str  # local file/folder, fsspec URL, saved dataset folder, or a Hugging Face datasets id
+    format: Literal["alpaca", "sharegpt", "llava", "messages", "prompt_completion", "template"]
+    modality: Literal["text", "image_text"]
+    weight: float = Field(1.0, gt=0)
+    images: str | None = None  # image root; relative image paths resolve under it and never outside
+    split: str = "train"  # Hugging Face datasets split
+    subset: str | None = None  # Hugging Face datasets config name
+    limit: int | None = Field(None, ge=1)
+    template: TemplateSpec | None = None
+    upsample: bool | None = None  # overrides mixture.upsample for this source
+
+    @model_validator(mode="after")
+    def _template_needs_spec(self) -> "SourceSpec":
+        if self.format == "template" and self.template is None:
+            raise ValueError("format 'template' needs a `template:` block (prompts, response)")
+        return self
+
+
+# ---------------------------------------------------------------- mixture / shards
+class BudgetSpec(_Strict):
+    tokens: int | None = Field(None, ge=1)
+    examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "BudgetSpec":
+        if (self.tokens is None) == (self.examples is None):
+            raise ValueError("give exactly one of budget.tokens or budget.examples")
+        return self
+
+
+class RatioSpec(_Strict):
+    text: float = Field(0.75, ge=0.0, le=1.0)
+    by: Literal["tokens", "examples"] = "tokens"
+
+
+class MixtureSpec(_Strict):
+    budget: BudgetSpec = BudgetSpec(tokens=2_000_000)
+    ratio: RatioSpec = RatioSpec()
+    seq_len: int = Field(4096, ge=16)
+    max_images_per_row: int = Field(8, ge=1)
+    seed: int = 42
+    upsample: bool = True
+    overlong: Literal["truncate", "drop"] = "truncate"  # documents longer than seq_len
+    pack_buffer_tokens: int | None = Field(None, ge=1)  # None: pack the whole plan at once
+
+
+class ShardSpec(_Strict):
+    target_tokens: int = Field(50_000_000, ge=1)
+    pre_resize: bool = False  # store images resized to the family's resolution
+
+
+# ---------------------------------------------------------------- train
+class FreezeSpec(_Strict):
+    vision_tower: bool = True
+    projector: bool = False
+    language_model: bool = False
+    cross_attention: bool = False
+
+
+class LoraSpec(_Strict):
+    enabled: bool = False
+    rank: int | None = Field(None, ge=1)  # None: hidden/2
+    alpha: float = 8.0
+    dropout: float = Field(0.05, ge=0, lt=1)
+    rslora: bool = True
+
+
+class TrainSpec(_Strict):
+    stage: Literal["stage1", "stage2", "custom"] = "stage2"
+    lr: float | None = Field(None, gt=0)  # None: the stage's default (stage1 1e-3, stage2 2e-5)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = Field(1.0, gt=0)
+    batch_rows: int = Field(1, ge=1)  # packed rows per rank per micro-batch
+    grad_accum: int = Field(1, ge=1)
+    budget_tokens: int | None = Field(None, ge=1)  # None: the build's total sequence tokens
+    checkpoint_every_tokens: int | None = Field(None, ge=1)
+    soft_targets: float | None = Field(None, ge=0, lt=1)  # α; 0.01 is the paper's value
+    lora: LoraSpec = LoraSpec()
+    freeze: FreezeSpec | None = None  # None: the stage's preset
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 42
+    loader_workers: int = Field(1, ge=0)
+    log_every: int = Field(1, ge=1)
+    tensorboard: bool = False
+
+
+# ---------------------------------------------------------------- eval
+class EvalTaskSpec(_Strict):
+    name: str
+    path: str
+    kind: Literal["choice", "generate", "image"] | None = None  # None: inferred from the file
+    format: str | None = None  # None: inferred from the file
+    group: Literal["language", "vision"] | None = None
+    images: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+
+class EvalSpec(_Strict):
+    tasks: list[EvalTaskSpec] = []
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1)
+    reference: str | None = None  # results file of the reference model, for forgetting Δ
+
+
+# ---------------------------------------------------------------- recipe
+class Recipe(_Strict):
+    model: ModelSpec = ModelSpec()
+    sources: list[SourceSpec] = []
+    mixture: MixtureSpec = MixtureSpec()
+    shards: ShardSpec = ShardSpec()
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    base_dir: str = "."  # the recipe file's folder (set by load_recipe; relative paths were resolved against it)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceSpec]) -> list[SourceSpec]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
+        return sources
+
+    def source(self, name: str) -> SourceSpec:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise RecipeError(f"sources: no source named {name!r}; known: {', '.join(s.name for s in self.sources)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+def _looks_local(value: str, base: Path) -> bool:
+    if "://" in value:
+        return False
+    if value.startswith(("./", "../", "/", "~")):
+        return True
+    return (base / value).exists()
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    if value is None or not _looks_local(value, base):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Resolve relative local paths against the recipe folder; hub ids and URLs stay as written."""
+    model = raw.get("model")
+    if isinstance(model, dict):
+        for key in ("tokenizer", "config", "llm", "vision_tower"):
+            if isinstance(model.get(key), str) and model[key] not in ("llama3", "tiny"):
+                model[key] = _resolve(model[key], base)
+    for src in raw.get("sources") or []:
+        if isinstance(src, dict):
+            for key in ("path", "images"):
+                if isinstance(src.get(key), str):
+                    src[key] = _resolve(src[key], base)
+    ev = raw.get("eval")
+    if isinstance(ev, dict):
+        if isinstance(ev.get("reference"), str):
+            ev["reference"] = _resolve(ev["reference"], base)
+        for task in ev.get("tasks") or []:
+            if isinstance(task, dict):
+                for key in ("path", "images"):
+                    if isinstance(task.get(key), str):
+                        task[key] = _resolve(task[key], base)
+    return raw
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `dotted.key=value` (value parsed as YAML). List items by index or by `name`."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected dotted.key=value")
+    dotted, _, text = assignment.partition("=")
+    value = yaml.safe_load(text) if text != "" else ""
+    keys = dotted.strip().split(".")
+    node: Any = raw
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if key.isdigit() and int(key) < len(node):
+                idx = int(key)
+            else:
+                idx = next((j for j, item in enumerate(node) if isinstance(item, dict) and item.get("name") == key), None)
+                if idx is None:
+                    raise RecipeError(f"--set {dotted}: no list item {key!r} at {'.'.join(keys[:i]) or '<root>'}")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+        else:
+            raise RecipeError(f"--set {dotted}: {'.'.join(keys[:i])} is a value, not a section")
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        bad = e.get("input")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{path}: unknown key (value {bad!r})")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        allowed = ""
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            allowed = f"; allowed: {ctx['expected']}"
+        shown = bad if not isinstance(bad, dict | list) else type(bad).__name__
+        parts.append(f"{path} = {shown!r}: {msg}{allowed}")
+    return f"{source}: invalid recipe: " + "; ".join(parts)
+
+
+def parse_recipe(raw: dict, base_dir: str | Path = ".", source: str = "<recipe>") -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: invalid recipe: the top level must be a mapping, got {type(raw).__name__}")
+    base = Path(base_dir).resolve()
+    raw = _resolve_paths(dict(raw), base)
+    raw["base_dir"] = str(base)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    raw = raw or {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return parse_recipe(raw, path.parent, str(path))

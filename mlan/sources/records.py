@@ -1,0 +1,101 @@
+"""Conversation records: the one shape every instruction format is mapped onto.
+
+Nothing downstream of `mlan.sources` knows which file format a record came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Literal, Union
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A single bad input record. A build counts and logs these; it never crashes on one.
+
+    The message always says the file, the record index and the reason.
+    """
+
+    def __init__(self, file: str, index: int | None, reason: str, field_path: str | None = None):
+        self.file = str(file)
+        self.index = index
+        self.reason = reason
+        self.field = field_path
+        where = f"{self.file}, record {index}" if index is not None else self.file
+        what = f" (field {field_path!r})" if field_path else ""
+        super().__init__(f"{where}{what}: {reason}")
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "index": self.index, "field": self.field, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image as encoded bytes, or a path already resolved (and checked) under the source's image root."""
+
+    data: bytes | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.data is None) == (self.path is None):
+            raise ValueError("ImageRef needs exactly one of data or path")
+
+    def read_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        import fsspec
+
+        with fsspec.open(self.path, "rb") as f:
+            return f.read()
+
+    @property
+    def suffix(self) -> str:
+        if self.path is not None:
+            return PurePosixPath(self.path).suffix.lstrip(".").lower() or "bin"
+        return "bin"
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Image:
+    ref: ImageRef
+
+
+Part = Union[Text, Image]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    parts: tuple[Part, ...]
+
+    @property
+    def text(self) -> str:
+        """The message's text with images dropped (for display and checks)."""
+        return "".join(p.text for p in self.parts if isinstance(p, Text))
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return tuple(p.ref for p in self.parts if isinstance(p, Image))
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    source: str
+    messages: tuple[Message, ...]
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        return tuple(ref for m in self.messages for ref in m.images)
+
+    @property
+    def modality(self) -> str:
+        return "image_text" if self.images else "text"
