@@ -53,6 +53,9 @@ class SourceSpec(_Strict):
     modality: Literal["text", "image_text"]
     weight: float = Field(1.0, gt=0)
     images: str | None = None  # image root; relative image paths resolve under it and never outside
+    # rewrite each record's image path before resolving: a format string over {path, name, stem, parent},
+    # e.g. "{name}" when a dataset's JSON names a folder that was renamed on disk
+    image_path: str | None = None
     split: str = "train"  # Hugging Face datasets split
     subset: str | None = None  # Hugging Face datasets config name
     limit: int | None = Field(None, ge=1)
