@@ -191,10 +191,14 @@ class Recipe(_Strict):
 
 
 # ---------------------------------------------------------------- loading
+_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".yaml", ".yml", ".model", ".safetensors", ".txt")
+
+
 def _looks_local(value: str, base: Path) -> bool:
+    """Local unless it reads as a URL or a hub id (`org/name`, no file suffix, not present here)."""
     if "://" in value:
         return False
-    if value.startswith(("./", "../", "/", "~")):
+    if value.startswith(("./", "../", "/", "~")) or value.lower().endswith(_LOCAL_SUFFIXES):
         return True
     return (base / value).exists()
 
