@@ -203,8 +203,8 @@ def _looks_local(value: str, base: Path) -> bool:
     return (base / value).exists()
 
 
-def _resolve(value: str | None, base: Path) -> str | None:
-    if value is None or not _looks_local(value, base):
+def _resolve(value: str | None, base: Path, always_local: bool = False) -> str | None:
+    if value is None or "://" in value or not (always_local or _looks_local(value, base)):
         return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
@@ -219,9 +219,10 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
                 model[key] = _resolve(model[key], base)
     for src in raw.get("sources") or []:
         if isinstance(src, dict):
-            for key in ("path", "images"):
-                if isinstance(src.get(key), str):
-                    src[key] = _resolve(src[key], base)
+            if isinstance(src.get("path"), str):
+                src["path"] = _resolve(src["path"], base)
+            if isinstance(src.get("images"), str):  # an image root is a folder, never a hub id
+                src["images"] = _resolve(src["images"], base, always_local=True)
     ev = raw.get("eval")
     if isinstance(ev, dict):
         if isinstance(ev.get("reference"), str):
@@ -230,7 +231,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
             if isinstance(task, dict):
                 for key in ("path", "images"):
                     if isinstance(task.get(key), str):
-                        task[key] = _resolve(task[key], base)
+                        task[key] = _resolve(task[key], base, always_local=True)
     return raw
 
 
