@@ -27,3 +27,11 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """The offline Llama-3 tokenizer (converted once per cache, then loaded from disk)."""
+    from mlan.tokenizer import load_tokenizer
+
+    return load_tokenizer("llama3")

@@ -1,0 +1,181 @@
+"""Tokenizers: the built-in offline Llama-3 tokenizer, or any Hugging Face tokenizer / processor.
+
+`load_tokenizer("llama3")` converts `llama_models/llama3/tokenizer.model` (tiktoken BPE ranks) with
+transformers' `TikTokenConverter` once, caches the result as a `tokenizer.json` folder under `$MLAN_CACHE`
+(default `~/.cache/mlan`) and loads it from there afterwards. No network is ever needed.
+
+Special tokens follow `llama_models/llama3/tokenizer.py` (ids 128000..128255), with one change: llama_models
+calls 128011 `<|image|>`, but Hugging Face's Llama-3.2-Vision (and mlan) put `<|image|>` at 128256, after the
+256 specials. 128011 is therefore renamed to the otherwise unused `<|reserved_special_token_246|>`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerFast
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_RESERVED_SPECIAL = 256
+IMAGE_TOKEN = "<|image|>"
+BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
+
+# The Llama-3 chat template as shipped with Meta-Llama-3-8B-Instruct (content trimmed, BOS first).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+_CACHE_FORMAT = "1"  # bump when the conversion below changes
+
+
+def llama3_model_file() -> Path:
+    """The tiktoken rank file shipped inside the `llama-models` package."""
+    import llama_models.llama3 as llama3
+
+    path = Path(llama3.__file__).parent / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(f"llama-models is installed but has no {path}")
+    return path
+
+
+def llama3_special_tokens() -> list[str]:
+    """The 256 Llama-3 special tokens in id order (128000..128255), named as llama_models names them."""
+    named = [
+        BOS_TOKEN,
+        EOS_TOKEN,
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        PAD_TOKEN,
+        "<|step_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",  # end of message
+        EOT_TOKEN,  # end of turn
+        "<|python_tag|>",
+        # llama_models: "<|image|>"; moved to 128256, see the module docstring
+        f"<|reserved_special_token_{NUM_RESERVED_SPECIAL - 10}|>",
+    ]
+    reserved = [f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_RESERVED_SPECIAL - len(named))]
+    return named + reserved
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MLAN_CACHE") or Path.home() / ".cache" / "mlan")
+
+
+def _convert_llama3(model_file: Path, out_dir: Path) -> None:
+    """tokenizer.model → a saved PreTrainedTokenizerFast folder (slow: ~tens of seconds, done once)."""
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(model_file), pattern=LLAMA3_PATTERN).converted()
+    base = backend.get_vocab_size()
+    specials = llama3_special_tokens() + [IMAGE_TOKEN]
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    for i, t in enumerate(specials):
+        if backend.token_to_id(t) != base + i:
+            raise RuntimeError(f"special token {t} got id {backend.token_to_id(t)}, expected {base + i}")
+    bos_id = backend.token_to_id(BOS_TOKEN)
+    # Like the Hub's Llama-3 tokenizers: BOS is prepended when add_special_tokens=True.
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{BOS_TOKEN}:0 $A:0",
+                pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
+                special_tokens=[(BOS_TOKEN, bos_id)],
+            ),
+        ]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOT_TOKEN,  # instruct models stop on end-of-turn
+        pad_token=PAD_TOKEN,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    tok.save_pretrained(str(out_dir))
+
+
+def _llama3_cached_dir() -> Path:
+    """Convert once per (rank file, format) and publish atomically, so concurrent converters never clash."""
+    model_file = llama3_model_file()
+    digest = hashlib.sha256(model_file.read_bytes()).hexdigest()[:16]
+    final = cache_dir() / "tokenizers" / f"llama3-{digest}-v{_CACHE_FORMAT}"
+    if (final / "tokenizer.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        _convert_llama3(model_file, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
+        try:
+            os.rename(tmp, final)  # atomic; fails if another process published first
+        except OSError:
+            if not (final / "tokenizer.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@lru_cache(maxsize=8)
+def _load_cached(name_or_path: str) -> PreTrainedTokenizerFast:
+    if name_or_path == "llama3":
+        return PreTrainedTokenizerFast.from_pretrained(str(_llama3_cached_dir()))
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError) as tok_err:
+        # a processor folder / id whose tokenizer is only reachable through the processor
+        from transformers import AutoProcessor
+
+        try:
+            tok = getattr(AutoProcessor.from_pretrained(name_or_path), "tokenizer", None)
+        except Exception:
+            tok = None
+        if tok is None:
+            raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {tok_err}") from tok_err
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"tokenizer {name_or_path!r} has no fast (Rust) implementation; mlan needs one")
+    return tok
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """`"llama3"` → the offline Llama-3 tokenizer; anything else → a local path or hub id via transformers.
+
+    Returned objects are shared per process (cached); do not mutate them.
+    """
+    return _load_cached(str(name_or_path))
+
+
+def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
+    """A content hash (vocab, merges, specials, chat template) for build cache keys; stable across processes."""
+    cached = getattr(tok, "_mlan_fingerprint", None)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256()
+    h.update(tok.backend_tokenizer.to_str().encode())
+    h.update(repr(sorted((k, str(v)) for k, v in tok.special_tokens_map.items())).encode())
+    h.update((tok.chat_template if isinstance(tok.chat_template, str) else repr(tok.chat_template)).encode())
+    fp = h.hexdigest()[:16]
+    try:
+        tok._mlan_fingerprint = fp
+    except AttributeError:
+        pass
+    return fp
