@@ -40,7 +40,7 @@ _CACHE_FORMAT = "1"  # bump when the conversion below changes
 
 def llama3_model_file() -> Path:
     """The tiktoken rank file shipped inside the `llama-models` package."""
-    import llama_models.llama3 as llama3
+    from llama_models import llama3
 
     path = Path(llama3.__file__).parent / "tokenizer.model"
     if not path.is_file():
@@ -147,7 +147,7 @@ def _load_cached(name_or_path: str) -> PreTrainedTokenizerFast:
 
         try:
             tok = getattr(AutoProcessor.from_pretrained(name_or_path), "tokenizer", None)
-        except Exception:
+        except (OSError, ValueError, KeyError):
             tok = None
         if tok is None:
             raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {tok_err}") from tok_err
