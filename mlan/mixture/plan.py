@@ -1,0 +1,217 @@
+"""Budget × ratio × source weights → the seeded list of documents a build packs (numpy, no token loops).
+
+A source smaller than its share is upsampled: whole repeats of every document plus a seeded sample
+without replacement for the remainder. Targets carry the running error forward (source to source,
+text to image-text), so the total lands within one document of the budget and the ratio within one
+document of the target. Impossible plans fail with a message saying what is missing.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODALITIES = ("text", "image_text")
+
+
+class PlanError(ValueError):
+    """A mixture that cannot be built from these sources; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class SourceDocs:
+    """What the planner needs to know about one source's usable documents, in record order."""
+
+    name: str
+    modality: str  # "text" | "image_text"
+    weight: float
+    upsample: bool
+    n_tokens: np.ndarray  # int64 (n_docs,) sequence tokens per document
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    name: str
+    modality: str
+    available_docs: int
+    available_tokens: int
+    target: float  # tokens or examples, in the budget's unit, after error carry
+    docs: int  # planned documents (with repeats)
+    tokens: int
+    repeats: int  # whole passes over the source
+    sampled: int  # documents drawn for the remainder
+
+    @property
+    def factor(self) -> float:
+        """Planned documents over available documents (1.0 = each once; > 1 upsampled)."""
+        return self.docs / self.available_docs if self.available_docs else 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The ordered documents of a build: `source[i]` indexes `sources`, `doc[i]` the source's document."""
+
+    source: np.ndarray  # int32 (n,)
+    doc: np.ndarray  # int64 (n,)
+    n_tokens: np.ndarray  # int64 (n,)
+    sources: tuple[SourcePlan, ...] = field(default_factory=tuple)
+    budget_unit: str = "tokens"
+    budget: int = 0
+    ratio_text: float = 0.75
+    ratio_by: str = "tokens"
+
+    def __len__(self) -> int:
+        return int(self.source.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.n_tokens.sum())
+
+
+def check_modalities(modalities: list[str], ratio_text: float) -> None:
+    """Fail before any work when the ratio asks for a modality no source provides."""
+    if ratio_text < 1.0 and "image_text" not in modalities:
+        raise PlanError(
+            f"mixture.ratio.text = {ratio_text} leaves {1 - ratio_text:.4g} of the budget for image-text "
+            "documents, but the recipe has no source with modality: image_text "
+            "(add one, or set mixture.ratio.text=1.0)"
+        )
+    if ratio_text > 0.0 and "text" not in modalities:
+        raise PlanError(
+            f"mixture.ratio.text = {ratio_text} asks for text documents, but the recipe has no source with "
+            "modality: text (add one, or set mixture.ratio.text=0.0)"
+        )
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """One stream per source, keyed by its name: adding a source does not reshuffle the others."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _select(src: SourceDocs, target: float, by: str, seed: int) -> tuple[np.ndarray, int, int]:
+    """Documents of one source meeting `target` tokens or examples: repeats + a seeded remainder."""
+    n = int(src.n_tokens.shape[0])
+    total = int(src.n_tokens.sum())
+    if target <= 0:
+        return np.zeros(0, np.int64), 0, 0
+    if n == 0 or total == 0:
+        raise PlanError(f"source {src.name!r} has no usable documents but its share of the mixture is {target:.0f} {by}")
+    available = total if by == "tokens" else n
+    if target > available and not src.upsample:
+        raise PlanError(
+            f"source {src.name!r} has {available} {by} but its share of the budget is {target:.0f} {by}, "
+            "and upsampling is off (set upsample: true on the source or mixture.upsample=true, "
+            "lower mixture.budget, or add data)"
+        )
+    perm = _rng(seed, src.name).permutation(n)
+    if by == "examples":
+        want = int(round(target))
+        repeats, k = divmod(want, n)
+    else:
+        repeats = int(target // total)
+        rem = target - repeats * total
+        cs = np.concatenate([[0], np.cumsum(src.n_tokens[perm])])
+        k = int(np.searchsorted(cs, rem))
+        if k > n:
+            k = n
+        elif k > 0 and (rem - cs[k - 1]) <= (cs[k] - rem):
+            k -= 1  # the nearer of the two prefix sums around the remainder
+    chosen = np.concatenate([np.tile(np.arange(n, dtype=np.int64), repeats), np.sort(perm[:k]).astype(np.int64)])
+    return chosen, repeats, k
+
+
+def _modality_targets(
+    groups: dict[str, list[SourceDocs]], budget_unit: str, budget: int, ratio_text: float, ratio_by: str
+) -> tuple[str, dict[str, float]]:
+    """Per-modality targets in the unit the sources are selected by."""
+    if budget_unit == ratio_by:
+        return budget_unit, {"text": budget * ratio_text, "image_text": budget * (1 - ratio_text)}
+
+    def mean_tokens(mod: str) -> float:  # weight-averaged document length of a modality
+        srcs = [s for s in groups.get(mod, []) if s.n_tokens.size]
+        if not srcs:
+            return 1.0
+        w = np.array([s.weight for s in srcs])
+        return float(np.dot(w / w.sum(), [s.n_tokens.mean() for s in srcs]))
+
+    mt, mi = mean_tokens("text"), mean_tokens("image_text")
+    r = ratio_text
+    if budget_unit == "tokens":  # ratio by examples under a token budget: documents from mean lengths
+        n = budget / (r * mt + (1 - r) * mi)
+        n_text = round(r * n)
+        return "examples", {"text": n_text, "image_text": round(n) - n_text}
+    # ratio by tokens under an example budget
+    n_text = round(budget * r * mi / (r * mi + (1 - r) * mt)) if 0 < r < 1 else round(budget * r)
+    return "examples", {"text": n_text, "image_text": budget - n_text}
+
+
+def make_plan(
+    sources: list[SourceDocs],
+    *,
+    budget_tokens: int | None = None,
+    budget_examples: int | None = None,
+    ratio_text: float = 0.75,
+    ratio_by: str = "tokens",
+    seed: int = 42,
+) -> Plan:
+    """Select and order documents; deterministic in (sources, budget, ratio, weights, seed)."""
+    if (budget_tokens is None) == (budget_examples is None):
+        raise PlanError("give exactly one of budget_tokens or budget_examples")
+    budget_unit = "tokens" if budget_tokens is not None else "examples"
+    budget = int(budget_tokens if budget_tokens is not None else budget_examples)
+    check_modalities([s.modality for s in sources], ratio_text)
+    groups: dict[str, list[SourceDocs]] = {m: [s for s in sources if s.modality == m] for m in MODALITIES}
+    unit, targets = _modality_targets(groups, budget_unit, budget, ratio_text, ratio_by)
+    exact_ratio = budget_unit == ratio_by
+
+    picks: dict[str, tuple[np.ndarray, SourcePlan]] = {}
+    achieved_total = 0.0
+    for mod in MODALITIES:
+        mod_target = targets[mod]
+        if mod == "image_text" and exact_ratio and ratio_text < 1.0:
+            mod_target = budget - achieved_total  # carry the text side's rounding into image-text
+        srcs = groups[mod]
+        if mod_target <= 0 or not srcs:
+            for s in srcs:
+                picks[s.name] = (np.zeros(0, np.int64), _summary(s, 0.0, np.zeros(0, np.int64), 0, 0))
+            continue
+        weights = np.array([s.weight for s in srcs], dtype=np.float64)
+        cum_targets = mod_target * np.cumsum(weights) / weights.sum()
+        achieved = 0.0
+        for s, cum in zip(srcs, cum_targets):
+            target = cum - achieved  # this source's share plus the error so far
+            chosen, repeats, k = _select(s, target, unit, seed)
+            got = float(s.n_tokens[chosen].sum()) if unit == "tokens" else float(chosen.size)
+            achieved += got
+            picks[s.name] = (chosen, _summary(s, target, chosen, repeats, k))
+        achieved_total += achieved
+
+    src_idx = np.concatenate([np.full(picks[s.name][0].size, i, np.int32) for i, s in enumerate(sources)])
+    doc_idx = np.concatenate([picks[s.name][0] for s in sources])
+    lengths = np.concatenate([s.n_tokens[picks[s.name][0]] for s in sources]).astype(np.int64)
+    order = np.random.default_rng([seed, 0x706C616E]).permutation(doc_idx.size)  # "plan": interleave sources
+    return Plan(
+        source=src_idx[order],
+        doc=doc_idx[order],
+        n_tokens=lengths[order],
+        sources=tuple(picks[s.name][1] for s in sources),
+        budget_unit=budget_unit,
+        budget=budget,
+        ratio_text=ratio_text,
+        ratio_by=ratio_by,
+    )
+
+
+def _summary(s: SourceDocs, target: float, chosen: np.ndarray, repeats: int, k: int) -> SourcePlan:
+    return SourcePlan(
+        name=s.name,
+        modality=s.modality,
+        available_docs=int(s.n_tokens.size),
+        available_tokens=int(s.n_tokens.sum()),
+        target=float(target),
+        docs=int(chosen.size),
+        tokens=int(s.n_tokens[chosen].sum()),
+        repeats=repeats,
+        sampled=k,
+    )
