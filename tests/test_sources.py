@@ -408,6 +408,14 @@ def test_bad_record_is_a_record_error_and_the_read_goes_on(tmp_path: Path, fmt, 
     assert isinstance(ok[0], Conversation)
 
 
+def test_bom_and_single_object_json(tmp_path: Path) -> None:
+    rec = {"instruction": "i", "input": "", "output": "o"}
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([rec, rec]).encode())
+    (tmp_path / "one.json").write_text(json.dumps(rec, indent=2))
+    assert [r for _, r in read_records(spec(tmp_path / "bom.json", "alpaca"))] == [rec, rec]
+    assert [r for _, r in read_records(spec(tmp_path / "one.json", "alpaca"))] == [rec]
+
+
 def test_malformed_json_line_in_read_records(tmp_path: Path) -> None:
     f = tmp_path / "d.json"  # JSON lines with a .json name, one broken line in the middle
     f.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')

@@ -103,7 +103,7 @@ def _json_lines(file: str, lines: Iterator[bytes]) -> Iterator[tuple[int, Any]]:
 def _read_json(file: str) -> Iterator[tuple[int, Any]]:
     """A JSON array, a single JSON object, or JSON lines (sniffed: NLVR's dev.json is JSON lines)."""
     with _open(file) as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM is not content
         f.seek(0)
         if head.startswith(b"["):
             try:
