@@ -379,6 +379,8 @@ BAD = [  # (format, bad record or raw line, reason in the message, field)
     ("llava", _llava("escape.png"), "link that escapes the image root", "image"),
     ("llava", _llava("missing.png"), "image file not found", "image"),
     ("llava", _llava("ok.png", "q"), None, None),  # no placeholder: LLaVA puts the image first — not an error
+    ("alpaca", {"instruction": "i", "output": "o", "images": ["ok.png"]}, "images but the source has modality: text",
+     "images[0]"),
     ("template", {"q": "x"}, "needs field 'a', missing from the record", "a"),
     ("template", {"q": "x", "a": None}, "needs field 'a', null in the record", "a"),
 ]
@@ -414,6 +416,14 @@ def test_bom_and_single_object_json(tmp_path: Path) -> None:
     (tmp_path / "one.json").write_text(json.dumps(rec, indent=2))
     assert [r for _, r in read_records(spec(tmp_path / "bom.json", "alpaca"))] == [rec, rec]
     assert [r for _, r in read_records(spec(tmp_path / "one.json", "alpaca"))] == [rec]
+
+
+def test_record_error_pickles_for_ray_workers() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RecordError("f.jsonl", 3, "empty assistant turn", "output")))
+    assert (err.file, err.index, err.reason, err.field) == ("f.jsonl", 3, "empty assistant turn", "output")
+    assert str(err) == "f.jsonl, record 3 (field 'output'): empty assistant turn"
 
 
 def test_malformed_json_line_in_read_records(tmp_path: Path) -> None:

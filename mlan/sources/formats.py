@@ -150,6 +150,12 @@ def _finish(ctx: _Ctx, turns: list[_Turn], images: list[tuple[Any, str]], meta: 
         if not any((isinstance(p, str) and p.strip()) or isinstance(p, Image) for p in turn.parts):
             raise ctx.error("empty assistant turn", turn.field)
 
+    if ctx.spec.modality == "text":  # the mixture counts a text source's documents on the text side
+        inline = next((t.field for t in turns for p in t.parts if isinstance(p, (Image, _Slot))), None)
+        if images or inline:
+            raise ctx.error("the record has images but the source has modality: text (use image_text)",
+                            images[0][1] if images else inline)
+
     # `<image>` in text is a placeholder when the record has images or the source is image-text;
     # a text source may talk about the literal string "<image>".
     if images or ctx.spec.modality == "image_text" or any(isinstance(p, _Slot) for t in turns for p in t.parts):

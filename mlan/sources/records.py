@@ -30,6 +30,10 @@ class RecordError(ValueError):
     def to_json(self) -> dict:
         return {"file": self.file, "index": self.index, "field": self.field, "reason": self.reason}
 
+    def __reduce__(self):
+        """Pickle by fields, so an error survives the trip to and from a Ray worker."""
+        return (type(self), (self.file, self.index, self.reason, self.field))
+
 
 @dataclass(frozen=True)
 class ImageRef:
