@@ -127,8 +127,10 @@ def check_row_images(row: PackedRow, fc: FamilyConfig) -> None:
         raise ValueError(f"row {row.key!r}: image_docs has {len(row.image_docs)} entries for {len(row.images)} images")
 
 
-def decode_row_images(row: PackedRow) -> list:
-    return [decode_image(data, f"row {row.key!r}: img{i}.{ext}")
+def decode_row_images(row: PackedRow, origin: str = "") -> list:
+    """Decoded images of a row; a failure names the origin (the shard), the row key and the image."""
+    prefix = f"{origin}: " if origin else ""
+    return [decode_image(data, f"{prefix}row {row.key!r}: img{i}.{ext}")
             for i, (data, ext) in enumerate(zip(row.images, row.image_exts))]
 
 
@@ -148,8 +150,10 @@ class FamilyCollator:
         if self.pad_to == "seq_len" and not self.seq_len:
             raise ValueError("pad_to='seq_len' needs seq_len")
 
-    def __call__(self, rows: list[PackedRow], filler: Sequence[bool] | None = None) -> dict[str, Any]:
-        """`filler[i]` marks a row dealt only so that every rank runs the same number of batches: no loss, no count."""
+    def __call__(self, rows: list[PackedRow], filler: Sequence[bool] | None = None,
+                 origins: Sequence[str] | None = None) -> dict[str, Any]:
+        """`filler[i]` marks a row dealt only so that every rank runs the same number of batches (no loss, not
+        counted); `origins[i]` names where row i came from (its shard) in error messages."""
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
         filler = list(filler) if filler is not None else [False] * len(rows)
@@ -181,7 +185,8 @@ class FamilyCollator:
             "labels": torch.from_numpy(labels),
             "position_ids": torch.from_numpy(position_ids),
         }
-        decoded = [decode_row_images(r) for r in rows]
+        origins = list(origins) if origins is not None else [""] * len(rows)
+        decoded = [decode_row_images(r, o) for r, o in zip(rows, origins)]
         if fc.family == "llava":
             batch.update(self._llava(decoded))
         else:
