@@ -1,16 +1,34 @@
 """Conversation → token ids, exact loss mask, image slots and the token counts of design.md.
 
-(Contract stub written by the lead; the rendering itself is built in mlan/render.py by the foundation work.)
+The template (mlan/templates.py) cuts a conversation into pieces; this module tokenizes every text piece
+of a batch of documents in one call of the Rust tokenizer, lays the pieces end to end with their mask
+bits, expands image slots to the family's in-sequence image tokens, applies the overlong policy and
+reads each kept image's size (for Mllama's tile count) and bytes.
 """
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from mlan.sources.records import Conversation, ImageRef, RecordError
+
+if TYPE_CHECKING:
+    from mlan.recipe import ModelSpec
+
+OVERLONG = ("truncate", "drop")
 
 
 class DocumentDropped(Exception):
     """A valid record that the overlong policy (`mixture.overlong: drop`) leaves out; counted, not rejected."""
+
+    def __init__(self, reason: str, doc_id: str = "", source: str = ""):
+        self.reason, self.doc_id, self.source = reason, doc_id, source
+        super().__init__(f"{doc_id}: {reason}" if doc_id else reason)
 
 
 @dataclass
@@ -30,6 +48,7 @@ class Document:
     n_tiles: int = 0  # mllama: tiles over all images; llava: images
     n_vision_tokens: int = 0  # encoder-side positions, reported, never budgeted
     truncated: bool = False
+    image_tiles: list[int] = field(default_factory=list)  # tiles per image (mllama; 1 each for llava)
 
     @property
     def n_tokens(self) -> int:
@@ -42,3 +61,283 @@ class Document:
     @property
     def n_images(self) -> int:
         return len(self.images)
+
+    def to_json(self) -> dict:
+        """The `mlan render --json` object (ids and mask as plain lists)."""
+        return {
+            "doc_id": self.doc_id,
+            "source": self.source,
+            "modality": self.modality,
+            "input_ids": self.input_ids.tolist(),
+            "loss_mask": self.loss_mask.tolist(),
+            "image_positions": self.image_positions,
+            "image_sizes": [list(s) for s in self.image_sizes],
+            "image_exts": self.image_exts,
+            "image_tiles": self.image_tiles,
+            "n_tokens": self.n_tokens,
+            "n_loss_tokens": self.n_loss_tokens,
+            "n_images": self.n_images,
+            "n_image_tokens": self.n_image_tokens,
+            "n_tiles": self.n_tiles,
+            "n_vision_tokens": self.n_vision_tokens,
+            "truncated": self.truncated,
+        }
+
+
+def _plain_backend(tok):
+    """A copy of the Rust tokenizer that treats special-token strings in text as ordinary text.
+
+    User data that happens to contain "<|eot_id|>" must not become a real end-of-turn token.
+    """
+    backend = getattr(tok, "_mlan_plain_backend", None)
+    if backend is None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        backend.encode_special_tokens = True
+        try:
+            tok._mlan_plain_backend = backend
+        except AttributeError:
+            pass
+    return backend
+
+
+def _encode(backend, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch  # fast: no offsets
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+class Renderer:
+    """Renders conversations for one model (family, tokenizer, template) and one seq_len / overlong policy."""
+
+    def __init__(self, model: ModelSpec, seq_len: int, overlong: str = "truncate", tokenizer=None):
+        from mlan.families import get_family
+        from mlan.templates import get_template
+
+        if overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be ≥ 1, got {seq_len}")
+        self.family = get_family(model)
+        if tokenizer is not None:
+            self.family.__dict__["tokenizer"] = tokenizer  # use the caller's (already loaded) tokenizer
+        self.tokenizer = self.family.tokenizer
+        self.seq_len = int(seq_len)
+        self.overlong = overlong
+        self.template = get_template(self.family.template, self.tokenizer, self.family.image_token)
+        self._special = self.tokenizer.backend_tokenizer
+        self._plain = _plain_backend(self.tokenizer)
+        self._image_seq = self.family.image_seq_tokens()
+
+    # ------------------------------------------------------------------ public
+    def render(self, conv: Conversation) -> Document:
+        """One conversation → Document; raises RecordError (bad record) or DocumentDropped (overlong)."""
+        out = self.render_batch([conv])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def render_batch(self, convs: Iterable[Conversation]) -> list[Document | RecordError | DocumentDropped]:
+        """Many conversations with one tokenizer call; each result is a Document or the exception for it."""
+        from mlan.templates import check_conversation
+
+        convs = list(convs)
+        pieces: list = []
+        plain_texts: list[str] = []
+        special_texts: list[str] = []
+        for conv in convs:
+            try:
+                check_conversation(conv)
+                ps = self.template.pieces(conv)
+            except RecordError as err:
+                pieces.append(err)
+                continue
+            for p in ps:
+                if p.kind == "text":
+                    (special_texts if p.special else plain_texts).append(p.text)
+            pieces.append(ps)
+        plain = iter(_encode(self._plain, plain_texts))
+        special = iter(_encode(self._special, special_texts))
+        results: list[Document | RecordError | DocumentDropped] = []
+        for conv, ps in zip(convs, pieces):
+            if isinstance(ps, RecordError):
+                results.append(ps)
+                continue
+            encoded = [next(special if p.special else plain) if p.kind == "text" else None for p in ps]
+            try:
+                results.append(self._assemble(conv, ps, encoded))
+            except (RecordError, DocumentDropped) as err:
+                results.append(err)
+        return results
+
+    # ------------------------------------------------------------------ internals
+    def _assemble(self, conv: Conversation, pieces: list, encoded: list) -> Document:
+        image_id = self.family.image_token_id if conv.images else -1
+        chunks: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        image_positions: list[int] = []
+        cuts: list[int] = []
+        pos = 0
+        for p, ids in zip(pieces, encoded):
+            if p.kind == "text":
+                arr = np.asarray(ids, dtype=np.uint32)
+            elif p.kind == "ids":
+                arr = np.asarray(p.ids, dtype=np.uint32)
+            else:
+                image_positions.append(pos)
+                arr = np.full(self._image_seq, image_id, dtype=np.uint32)
+            chunks.append(arr)
+            masks.append(np.full(arr.shape[0], 1 if p.trained and p.kind != "image" else 0, dtype=np.uint8))
+            pos += arr.shape[0]
+            if p.turn_end:
+                cuts.append(pos)
+        input_ids = np.concatenate(chunks) if chunks else np.zeros(0, np.uint32)
+        loss_mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+        n_images = len(conv.images)
+        if len(image_positions) != n_images:
+            raise self._error(conv, f"template placed {len(image_positions)} image(s) for {n_images}")
+
+        truncated = False
+        if pos > self.seq_len:
+            if self.overlong == "drop":
+                raise DocumentDropped(f"{pos} tokens > seq_len {self.seq_len}", conv.id, conv.source)
+            fitting = [c for c in cuts if c <= self.seq_len]
+            if not fitting:
+                first = cuts[0] if cuts else pos
+                raise DocumentDropped(
+                    f"{pos} tokens > seq_len {self.seq_len} and the first assistant turn ends at token {first}",
+                    conv.id, conv.source,
+                )
+            cut = fitting[-1]
+            input_ids, loss_mask = input_ids[:cut], loss_mask[:cut]
+            image_positions = [q for q in image_positions if q < cut]
+            truncated = True
+        if loss_mask.sum() == 0:  # cannot happen after check_conversation, kept as the invariant it is
+            raise self._error(conv, "no trained token")
+
+        doc = Document(
+            doc_id=conv.id,
+            source=conv.source,
+            modality="image_text" if image_positions else "text",
+            input_ids=input_ids,
+            loss_mask=loss_mask,
+            image_positions=image_positions,
+            truncated=truncated,
+        )
+        for ref in conv.images[: len(image_positions)]:
+            self._add_image(conv, doc, ref)
+        doc.n_image_tokens = len(image_positions) * self._image_seq
+        if image_id >= 0 and int(np.count_nonzero(input_ids == image_id)) != doc.n_image_tokens:
+            raise self._error(conv, "the image token appears in the text itself")
+        return doc
+
+    def _add_image(self, conv: Conversation, doc: Document, ref: ImageRef) -> None:
+        from mlan.sources.images import probe_image
+
+        file, index = str(conv.meta.get("file", conv.source)), conv.meta.get("index")
+        try:
+            data = ref.read_bytes()
+        except OSError as err:
+            raise RecordError(file, index, f"cannot read image {ref.path}: {err}", "image") from None
+        width, height, ext = probe_image(ImageRef(data=data), file, index)
+        if ext == "bin" and ref.path is not None:
+            ext = ref.suffix
+        tiles = self.family.tiles_for(width, height)
+        doc.images.append(data)
+        doc.image_exts.append(ext)
+        doc.image_sizes.append((width, height))
+        doc.image_tiles.append(tiles)
+        doc.n_tiles += tiles
+        doc.n_vision_tokens += self.family.vision_tokens_for(width, height)
+
+    @staticmethod
+    def _error(conv: Conversation, reason: str) -> RecordError:
+        return RecordError(str(conv.meta.get("file", conv.source)), conv.meta.get("index"), reason)
+
+
+# ---------------------------------------------------------------------- `mlan render`
+def document_spans(doc: Document, tokenizer, image_token_id: int | None) -> list[tuple[str, bool]]:
+    """(text, trained) runs of a document for display; image slots collapse to `<image ×N>`."""
+    ids, mask = doc.input_ids, doc.loss_mask
+    is_image = ids == image_token_id if image_token_id is not None else np.zeros(len(ids), bool)
+    out: list[tuple[str, bool]] = []
+    start, n = 0, len(ids)
+    while start < n:
+        end = start + 1
+        while end < n and mask[end] == mask[start] and is_image[end] == is_image[start]:
+            end += 1
+        if is_image[start]:
+            out.append((f"<image ×{end - start}>" if end - start > 1 else tokenizer.decode([int(ids[start])]), False))
+        else:
+            out.append((tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False), bool(mask[start])))
+        start = end
+    return out
+
+
+def format_document(doc: Document, tokenizer, image_token_id: int | None) -> str:
+    """The document's text with trained spans in [[…]]."""
+    return "".join(f"[[{t}]]" if trained else t for t, trained in document_spans(doc, tokenizer, image_token_id))
+
+
+def render_command(args) -> int:
+    """`mlan render RECIPE --source NAME [--limit N] [--json]`."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.text import Text
+
+    from mlan.cli import UserError
+    from mlan.recipe import load_recipe
+    from mlan.sources import iter_conversations
+
+    recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
+    spec = next((s for s in recipe.sources if s.name == args.source), None)
+    if spec is None:
+        names = ", ".join(s.name for s in recipe.sources) or "(none)"
+        raise UserError(f"{args.recipe}: no source named {args.source!r}; the recipe has: {names}")
+    renderer = Renderer(recipe.model, recipe.mixture.seq_len, recipe.mixture.overlong)
+    image_id = renderer.family.image_token_id if renderer.family.image_token is not None else None
+    console = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    counts = {"documents": 0, "errors": 0, "dropped": 0, "truncated": 0, "tokens": 0, "loss_tokens": 0}
+    limit = args.limit
+    for item in iter_conversations(spec):
+        if limit is not None and counts["documents"] + counts["errors"] + counts["dropped"] >= limit:
+            break
+        if isinstance(item, RecordError):
+            counts["errors"] += 1
+            print(f"error: {item}", file=sys.stderr)
+            continue
+        try:
+            doc = renderer.render(item)
+        except RecordError as e:
+            counts["errors"] += 1
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        except DocumentDropped as e:
+            counts["dropped"] += 1
+            print(f"dropped: {e}", file=sys.stderr)
+            continue
+        counts["documents"] += 1
+        counts["truncated"] += int(doc.truncated)
+        counts["tokens"] += doc.n_tokens
+        counts["loss_tokens"] += doc.n_loss_tokens
+        if args.json:
+            sys.stdout.write(json.dumps(doc.to_json()) + "\n")
+            continue
+        head = (f"── {doc.doc_id} · {doc.modality} · {doc.n_tokens} tokens · {doc.n_loss_tokens} trained"
+                f"{' · truncated' if doc.truncated else ''}")
+        console.print(f"[bold]{escape(head)}[/bold]")
+        for i, (size, ext, tiles, p) in enumerate(zip(doc.image_sizes, doc.image_exts, doc.image_tiles, doc.image_positions)):
+            console.print(escape(f"   image {i}: {size[0]}x{size[1]} {ext}, at token {p}, {tiles} tile(s)"))
+        text = Text()
+        for run, trained in document_spans(doc, renderer.tokenizer, image_id):
+            text.append(f"[[{run}]]" if trained else run, style="bold green" if trained else None)
+        console.print(text)
+        console.print()
+    err.print(
+        f"{counts['documents']} documents ({counts['truncated']} truncated), {counts['errors']} errors, "
+        f"{counts['dropped']} dropped; {counts['tokens']} tokens, {counts['loss_tokens']} trained",
+    )
+    return 0
