@@ -1,0 +1,105 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP) and the final Hugging Face export.
+
+One checkpoint = one DCP folder `RUN/checkpoints/step-XXXXXXXX` holding the sharded model and optimizer
+state, the replicated train state (step, token counters, schedule) and, under a per-rank key, each
+rank's loader cursor and RNG states. A folder is written as `….tmp` and renamed by rank 0 once every
+rank has finished, so a run killed mid-save resumes from the previous complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+CHECKPOINTS = "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a step can draw from (dropout, loader shuffles)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(
+            np.array(np.random.get_state()[1], dtype=np.uint32).tobytes(), dtype=np.uint8).copy()),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": repr(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
+    random.setstate(eval(state["python"], {"__builtins__": {}}))  # a tuple of ints, written by repr()
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (unfinished `.tmp` folders are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, train: dict, loader: dict) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd, "train": dict(train),
+            f"rank{rank}": {"loader": json.dumps(loader), "rng": rng_state()}}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    train: dict, loader: dict, keep: int = 2) -> Path:
+    """Collective: every rank calls it at the same step. `loader` must be JSON-serializable."""
+    rank = dist.get_rank()
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    dcp.save(_state(model, optimizer, rank, train, loader), checkpoint_id=str(tmp))
+    dist.barrier()
+    if rank == 0:
+        tmp.rename(final)
+        older = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in older[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    train_template: dict) -> tuple[dict, dict]:
+    """Restore model and optimizer in place (and this rank's RNG); returns (train state, loader cursor)."""
+    rank = dist.get_rank()
+    state = _state(model, optimizer, rank, train_template, {})
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_rng_state(state[f"rank{rank}"]["rng"])
+    return state["train"], json.loads(state[f"rank{rank}"]["loader"])
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded fp32 state dict, on CPU, on rank 0 (empty elsewhere)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)

@@ -1,0 +1,101 @@
+"""Process group setup and FSDP2: `fully_shard` per decoder layer and vision block, then the root.
+
+torchtitan's recipe: shard each transformer block so only one block is unsharded at a time, then the
+root (embeddings, norms, lm_head, projector). On GPU, bf16 compute with fp32 master weights and fp32
+gradient reduction; on CPU (gloo) plain fp32. Gradients are *summed* across ranks (divide factor 1):
+the trainer already divides the loss by the step's global loss-token count.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from mlan.families.modeling import unwrap
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistEnv:
+    """Join torchrun's process group: NCCL with one GPU per local rank, else gloo on CPU."""
+    if "RANK" not in os.environ:  # a plain `python -m mlan.train.trainer`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    precision: str = "fp32"  # "fp32" | "bf16" (resolved from the recipe's "auto")
+    activation_checkpointing: bool = False
+    compile: bool = False
+    reshard_after_forward: bool = True
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Decoder layers of the language model and encoder blocks of the vision tower (LLaVA and Mllama)."""
+    inner = unwrap(model).model
+    blocks = list(inner.language_model.layers)
+    vision = getattr(inner, "vision_tower", None) or getattr(inner, "vision_model", None)
+    if vision is not None:
+        for path in ("vision_model.encoder.layers", "transformer.layers", "global_transformer.layers",
+                     "encoder.layers"):
+            node = vision
+            for attr in path.split("."):
+                node = getattr(node, attr, None)
+                if node is None:
+                    break
+            if isinstance(node, nn.ModuleList):
+                blocks.extend(node)
+    return blocks
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
+    """Activation checkpointing, per-block compile, then fully_shard blocks and root (in place)."""
+    if cfg.activation_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = None
+    if cfg.precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": mp} if mp is not None else {}
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        if cfg.compile:
+            block.compile()  # in place: parameter names stay those of the Hugging Face model
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return model
