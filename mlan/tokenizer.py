@@ -26,16 +26,25 @@ NUM_RESERVED_SPECIAL = 256
 IMAGE_TOKEN = "<|image|>"
 BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, PAD_TOKEN = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
 
-# The Llama-3 chat template as shipped with Meta-Llama-3-8B-Instruct (content trimmed, BOS first).
+# The Llama-3 chat template as shipped with Meta-Llama-3-8B-Instruct (BOS first, content trimmed), extended
+# like Llama-3.2-Vision's to content lists of text and image parts (an image part renders as <|image|>).
 LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{%- for message in messages -%}"
+    "{%- if loop.index0 == 0 -%}{{ bos_token }}{%- endif -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- set ns = namespace(text='') -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + '<|image|>' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{{ ns.text | trim }}"
+    "{%- endif -%}"
+    "{{ '<|eot_id|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
 )
 
-_CACHE_FORMAT = "1"  # bump when the conversion below changes
+_CACHE_FORMAT = "2"  # bump when the conversion below changes
 
 
 def llama3_model_file() -> Path:

@@ -158,6 +158,17 @@ def test_llava_exactly_n_placeholders_per_image(llama3_tokenizer, mllm_convs, te
         assert runs == [prefix + t + EOT for t in _assistant_texts(conv)]
 
 
+@pytest.mark.parametrize("family", ["mllama", "llava"])
+def test_tokenizer_template_with_images_equals_llama3(llama3_tokenizer, mllm_convs, family):
+    """The offline tokenizer's chat_template takes content lists with image parts, like Llama-3.2-Vision's."""
+    a = _renderer(llama3_tokenizer, "tokenizer", family=family, config="x", image_tokens=5)
+    b = _renderer(llama3_tokenizer, "llama3", family=family, config="x", image_tokens=5)
+    for conv in mllm_convs:
+        da, db = a.render(conv), b.render(conv)
+        assert da.input_ids.tolist() == db.input_ids.tolist() and da.loss_mask.tolist() == db.loss_mask.tolist()
+        assert da.image_positions == db.image_positions and da.n_images == len(conv.images)
+
+
 def test_every_shared_data_source_renders(repo_root, shared_data, llama3_tokenizer):
     recipe_path = repo_root / "recipes" / "shared-data.yaml"
     if not recipe_path.is_file():
