@@ -139,6 +139,7 @@ def test_filler_rows_carry_no_loss_and_no_count():
     batch = family_collate(LLAVA_FC)(rows, filler=[False, True])
     assert (batch["labels"][1] == -100).all() and batch["meta"]["keys"] == ["a"]
     assert batch["meta"]["n_tokens"] == 10 and batch["meta"]["filler_rows"] == 1
+    assert batch["meta"]["row_tokens"] == [10, 0]
 
 
 def test_bad_rows_and_configs_are_named():

@@ -198,6 +198,7 @@ class FamilyCollator:
             "keys": [r.key for r, fill in zip(rows, filler) if not fill],
             "n_images": sum(len(r.images) for r, fill in zip(rows, filler) if not fill),
             "filler_rows": sum(filler),
+            "row_tokens": [0 if fill else len(r) for r, fill in zip(rows, filler)],  # per row, for budget cuts
         }
         return batch
 
