@@ -109,12 +109,27 @@ def _encode(backend, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
+TIKTOKEN_MAX_CHARS = 20_000  # longer texts go to the Rust tokenizer (tiktoken is slow on very long pieces)
+
+
+def _encode_plain_tiktoken(enc, backend, texts: list[str]) -> list[list[int]]:
+    """Ordinary text (no special-token parsing) with tiktoken; the rare very long text with `backend`."""
+    out: list[list[int] | None] = [enc.encode_ordinary(t) if len(t) <= TIKTOKEN_MAX_CHARS else None for t in texts]
+    long_ = [i for i, ids in enumerate(out) if ids is None]
+    for i, ids in zip(long_, _encode(backend, [texts[i] for i in long_])):
+        out[i] = ids
+    return out  # type: ignore[return-value]
+
+
 class Renderer:
     """Renders conversations for one model (family, tokenizer, template) and one seq_len / overlong policy."""
 
-    def __init__(self, model: ModelSpec, seq_len: int, overlong: str = "truncate", tokenizer=None):
+    def __init__(self, model: ModelSpec, seq_len: int, overlong: str = "truncate", tokenizer=None,
+                 fast_bpe: bool = True):
+        """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids)."""
         from mlan.families import get_family
         from mlan.templates import get_template
+        from mlan.tokenizer import is_offline_llama3, llama3_tiktoken
 
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
@@ -128,8 +143,12 @@ class Renderer:
         self.overlong = overlong
         self.template = get_template(self.family.template, self.tokenizer, self.family.image_token)
         self._special = self.tokenizer.backend_tokenizer
-        self._plain = _plain_backend(self.tokenizer)
+        self._tiktoken = llama3_tiktoken() if fast_bpe and is_offline_llama3(self.tokenizer) else None
         self._image_seq = self.family.image_seq_tokens()
+
+    @property
+    def _plain(self):
+        return _plain_backend(self.tokenizer)  # built on first use, then kept on the tokenizer
 
     # ------------------------------------------------------------------ public
     def render(self, conv: Conversation) -> Document:
@@ -158,7 +177,10 @@ class Renderer:
                 if p.kind == "text":
                     (special_texts if p.special else plain_texts).append(p.text)
             pieces.append(ps)
-        plain = iter(_encode(self._plain, plain_texts))
+        if self._tiktoken is not None:
+            plain = iter(_encode_plain_tiktoken(self._tiktoken, self._plain, plain_texts))
+        else:
+            plain = iter(_encode(self._plain, plain_texts))
         special = iter(_encode(self._special, special_texts))
         results: list[Document | RecordError | DocumentDropped] = []
         for conv, ps in zip(convs, pieces):

@@ -188,3 +188,24 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
     except AttributeError:
         pass
     return fp
+
+
+@lru_cache(maxsize=1)
+def llama3_tiktoken():
+    """tiktoken over the same rank file and pattern: the same ids for ordinary text, ~4x faster per core."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    ranks = load_tiktoken_bpe(str(llama3_model_file()))
+    return tiktoken.Encoding(name="mlan-llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+def is_offline_llama3(tok: PreTrainedTokenizerFast) -> bool:
+    """True when `tok` is (a copy of) the offline llama3 tokenizer, so `llama3_tiktoken` gives its ids."""
+    if getattr(tok, "_mlan_is_llama3", None) is None:
+        same = tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer("llama3"))
+        try:
+            tok._mlan_is_llama3 = same
+        except AttributeError:
+            return same
+    return tok._mlan_is_llama3

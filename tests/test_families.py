@@ -116,3 +116,15 @@ def test_image_token_lookup_in_other_tokenizers(tmp_path):
     assert no_image.family_config()["image_token_id"] is None
     with pytest.raises(ValueError, match="no image token"):
         _ = no_image.image_token_id
+
+
+def test_tiny_sizes_mirror_tiny_configs():
+    """families/__init__ mirrors tiny.py's sizes (to keep torch out of rendering); they must agree."""
+    from mlan.families import TINY_LLAVA, TINY_MLLAMA
+
+    llava, mllama = tiny_llava_config(), tiny_mllama_config()
+    assert TINY_LLAVA == {"image_size": llava.vision_config.image_size, "patch_size": llava.vision_config.patch_size,
+                          "image_tokens": llava.image_seq_length, "vocab_size": llava.text_config.vocab_size}
+    assert TINY_MLLAMA == {"image_size": mllama.vision_config.image_size,
+                           "patch_size": mllama.vision_config.patch_size,
+                           "max_tiles": mllama.vision_config.max_num_tiles, "vocab_size": mllama.text_config.vocab_size}

@@ -112,6 +112,19 @@ def test_user_text_with_special_token_strings_stays_text(llama3_tokenizer):
     assert llama3_tokenizer.decode(doc.input_ids[doc.loss_mask == 1].tolist()) == "No <|image|> here." + EOT
 
 
+def test_fast_bpe_path_gives_the_same_documents(llama3_tokenizer, text_convs):
+    """tiktoken for ordinary text (the default with the offline tokenizer) == the Rust tokenizer alone."""
+    long_text = " ".join(m.text for c in text_convs[:200] for m in c.messages)  # > TIKTOKEN_MAX_CHARS
+    extra = Conversation("x:0:x", "x", (Message("user", (Text(long_text),)), Message("assistant", (Text("ok <|eot_id|>"),))))
+    convs = [*text_convs, extra]
+    fast = _renderer(llama3_tokenizer, seq_len=100_000).render_batch(convs)
+    slow = Renderer(ModelSpec(), 100_000, tokenizer=llama3_tokenizer, fast_bpe=False).render_batch(convs)
+    assert fast[0].n_tokens > 0 and Renderer(ModelSpec(), 16, tokenizer=llama3_tokenizer)._tiktoken is not None
+    assert fast[-1].n_tokens > 4000
+    for a, b in zip(fast, slow):
+        assert a.input_ids.tolist() == b.input_ids.tolist() and a.loss_mask.tolist() == b.loss_mask.tolist()
+
+
 # ------------------------------------------------------------------ images
 def test_mllama_image_token_sits_where_the_placeholder_was(llama3_tokenizer, mllm_convs, shared_data):
     """Independent reference: the raw JSON record with `<image>` → `<|image|>`, Llama-3 format, tokenized whole."""

@@ -10,15 +10,24 @@ FAMILIES = ("llava", "mllama")
 LLAVA_IMAGE_SIZE, LLAVA_PATCH = 336, 14
 MLLAMA_TILE, MLLAMA_PATCH = 560, 14
 
+# The sizes of mlan/families/tiny.py, mirrored so that rendering never imports transformers' model configs
+# (and torch) into build workers; tests/test_families.py checks they stay equal.
+TINY_LLAVA = {"image_size": 56, "patch_size": 14, "image_tokens": 16, "vocab_size": 128257}
+TINY_MLLAMA = {"image_size": 56, "patch_size": 14, "max_tiles": 4, "vocab_size": 128256}
+
 
 def _load_config(name: str | None):
-    """A model/vision config from a local folder or the hub cache; None when it cannot be read offline."""
+    """A model/vision config from a local folder or the local Hugging Face cache; None when not available.
+
+    Never goes to the network: rendering must not stall on an unreachable hub. Without a readable config
+    the real defaults and the recipe's `model.*` keys apply, and family_config records what was used.
+    """
     if not name or name == "tiny":
         return None
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -36,10 +45,8 @@ def _geometry(model: ModelSpec) -> VisionGeometry:
     if model.family == "llava":
         size, patch, tokens, vocab = LLAVA_IMAGE_SIZE, LLAVA_PATCH, None, None
         if model.config == "tiny":
-            from mlan.families import tiny
-
-            size, patch, tokens = tiny.TINY_LLAVA_IMAGE_SIZE, tiny.TINY_LLAVA_PATCH, tiny.TINY_LLAVA_IMAGE_TOKENS
-            vocab = tiny.LLAMA3_VOCAB + 1
+            size, patch, tokens = TINY_LLAVA["image_size"], TINY_LLAVA["patch_size"], TINY_LLAVA["image_tokens"]
+            vocab = TINY_LLAVA["vocab_size"]
         else:
             cfg = _load_config(model.config)
             vision = getattr(cfg, "vision_config", None)
@@ -63,9 +70,8 @@ def _geometry(model: ModelSpec) -> VisionGeometry:
     if model.family == "mllama":
         size, patch, tiles, vocab = MLLAMA_TILE, MLLAMA_PATCH, 4, None
         if model.config == "tiny":
-            from mlan.families import tiny
-
-            size, patch, tiles, vocab = tiny.TINY_MLLAMA_TILE, tiny.TINY_MLLAMA_PATCH, tiny.TINY_MLLAMA_MAX_TILES, tiny.LLAMA3_VOCAB
+            size, patch = TINY_MLLAMA["image_size"], TINY_MLLAMA["patch_size"]
+            tiles, vocab = TINY_MLLAMA["max_tiles"], TINY_MLLAMA["vocab_size"]
         else:
             cfg = _load_config(model.config)
             if cfg is not None:
