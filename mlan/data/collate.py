@@ -47,14 +47,14 @@ class FamilyConfig:
         fam = d.get("family")
         if fam not in ("llava", "mllama"):
             raise ValueError(f"family_config.family: expected 'llava' or 'mllama', got {fam!r}")
-        for key in ("vocab_size", "image_token_id"):
-            if d.get(key) is None:
-                raise ValueError(f"family_config.{key}: missing")
-        if fam == "llava" and not d.get("image_size"):
-            raise ValueError("family_config.image_size: missing (llava needs the vision input side)")
+        if d.get("vocab_size") is None:
+            raise ValueError("family_config.vocab_size: missing")
+        if fam == "mllama" and d.get("image_token_id") is None:
+            raise ValueError("family_config.image_token_id: missing (mllama needs the <|image|> id)")
         if fam == "mllama" and not d.get("tile_size"):
             raise ValueError("family_config.tile_size: missing (mllama needs the tile side)")
         fields = {k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None}
+        fields.setdefault("image_token_id", -1)  # a text-only llava build: no id can match
         return cls(**fields)
 
 
@@ -206,6 +206,8 @@ class FamilyCollator:
         images = [img for row in decoded for img in row]
         if not images:
             return {}
+        if not self.fc.image_size:
+            raise ValueError("family_config.image_size: missing, and the build has images (llava needs the side)")
         return {"pixel_values": llava_pixel_values(images, int(self.fc.image_size))}
 
     def _mllama(self, rows: list[PackedRow], decoded: list[list], length: int) -> dict[str, torch.Tensor]:
