@@ -7,9 +7,13 @@ Padding is never stored; the collator pads.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 import numpy as np
 
@@ -101,3 +105,92 @@ def sample_to_row(sample: dict) -> PackedRow:
         image_docs=meta["image_docs"],
         key=sample.get("__key__", ""),
     )
+
+
+# ---------------------------------------------------------------- shard files (tar) and the manifest
+
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+
+
+def shard_name(index: int) -> str:
+    """A shard's path relative to the build directory."""
+    return f"{SHARD_DIR}/shard-{index:06d}.tar"
+
+
+def row_key(shard: int, row: int) -> str:
+    """Row keys are unique across a build: shard index and row index within the shard."""
+    return f"{shard:06d}-{row:06d}"
+
+
+def write_tar(fileobj: IO[bytes], samples: list[dict[str, bytes | str]]) -> None:
+    """A plain tar, deterministic byte for byte (mtime 0, no owner), readable by webdataset and tarfile."""
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            key = sample["__key__"]
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                payload = data.encode() if isinstance(data, str) else data
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                info.mtime = 0
+                info.mode = 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[dict[str, Any]]:
+    """Samples of a tar as webdataset groups them: consecutive files sharing the key before the first dot."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            data = tar.extractfile(member).read()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key}
+            current[ext] = data
+    if current is not None:
+        yield current
+
+
+def read_shard(url: str) -> Iterator[PackedRow]:
+    """The packed rows of one shard file (local path or fsspec URL)."""
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        for sample in iter_tar_samples(f):
+            yield sample_to_row(sample)
+
+
+def sha256_of(url: str, chunk: int = 1 << 22) -> str:
+    import fsspec
+
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join a local path or fsspec URL with relative parts (always '/')."""
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def load_manifest(build_dir: str) -> dict:
+    """The manifest of a finished build; a clear error when the directory is not one."""
+    import fsspec
+
+    url = join_url(build_dir, MANIFEST)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{build_dir}: no {MANIFEST} (not a finished `mlan build` output)")
+    with fs.open(path, "r") as f:
+        return json.load(f)

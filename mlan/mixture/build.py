@@ -1,0 +1,559 @@
+"""`mlan build`: tokenize on Ray actors → Parquet cache → plan → pack → shards written by Ray tasks.
+
+Everything that decides the output (cache contents, plan, packing, shard boundaries) depends only on
+the recipe and the inputs, never on which actor did what, so any worker count gives the same bytes.
+Shards are written under a temporary name and renamed; a per-shard sidecar records the planned
+content and sha256, so a restarted build skips finished shards. The manifest is written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlan.mixture import cache as tcache
+from mlan.mixture.pack import Packing, pack
+from mlan.mixture.plan import SourceDocs, check_modalities, make_plan
+from mlan.mixture.report import compute_stats, render_report
+from mlan.mixture.shards import MANIFEST, PackedRow, join_url, row_key, row_to_sample, sha256_of, shard_name, write_tar
+from mlan.recipe import Recipe, load_recipe
+
+RECORDS_PER_PART = 512
+PROGRESS_DIR = ".progress"  # per-shard sidecars: planned content + sha256 (what resume trusts)
+ROWS_SEED_SALT = 0x726F7773  # "rows": the seeded row shuffle after packing
+
+
+class BuildError(ValueError):
+    """A build that cannot proceed; one line saying why."""
+
+
+# ---------------------------------------------------------------- helpers
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _write_text(url: str, text: str) -> None:
+    """Write via a temporary name then rename, so readers never see half a file."""
+    fs, path = _fs(url)
+    with fs.open(path + ".tmp", "w") as f:
+        f.write(text)
+    fs.mv(path + ".tmp", path)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=_console(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+# ---------------------------------------------------------------- Ray side
+class TokenizeWorker:
+    """Renders batches of raw records into documents and writes them as cache parts (one tokenizer per actor)."""
+
+    def __init__(self, recipe_json: dict):
+        from mlan.recipe import Recipe
+        from mlan.render import Renderer
+
+        self.recipe = Recipe.model_validate(recipe_json)
+        self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
+        self.pre_resize = self.recipe.shards.pre_resize
+
+    def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
+        from mlan.render import DocumentDropped
+        from mlan.sources import RecordError, to_conversation
+
+        spec = self.recipe.source(source_name)
+        rejected, dropped, convs, conv_index = [], [], [], []
+        for file, index, record in items:
+            try:
+                if isinstance(record, RecordError):
+                    raise record
+                convs.append(to_conversation(spec, index, record, file))
+                conv_index.append(index)
+            except RecordError as err:
+                rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index))
+        docs, indices = [], []
+        truncated = 0
+        for index, out in zip(conv_index, self.renderer.render_batch(convs)):
+            if isinstance(out, RecordError):
+                rejected.append(tcache.rejected_entry(source_name, out, index))
+                continue
+            if isinstance(out, DocumentDropped):
+                dropped.append({"source": source_name, "index": index, "reason": str(out)})
+                continue
+            doc = _pre_resize(out, self.renderer) if self.pre_resize and out.images else out
+            truncated += int(doc.truncated)
+            docs.append(doc)
+            indices.append(index)
+        rejected.sort(key=lambda r: (r["index"] is None, r["index"] or 0))
+        summary = tcache.PartSummary(
+            part=part, read=len(items), accepted=len(docs), rejected=rejected, dropped=dropped,
+            truncated=truncated, tokens=int(sum(d.n_tokens for d in docs)),
+        )
+        tcache.write_part(cache_url, part, docs, indices, summary)
+        return summary.to_json()
+
+
+def _pre_resize(doc, renderer):
+    """Store images at the family's resolution (smaller shards, no resize in the loader)."""
+    import io
+
+    from PIL import Image
+
+    family = getattr(renderer, "family", None)
+    geometry = getattr(family, "geometry", None)
+    size = getattr(geometry, "image_size", None)
+    if not size:
+        return doc
+    tiles = max(1, int(getattr(geometry, "max_tiles", 1)))
+    images, exts, sizes = [], [], []
+    for data in doc.images:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        if tiles == 1:  # llava: the vision tower's square input
+            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        else:  # mllama: fit inside the largest tile canvas, keeping the aspect ratio
+            scale = min(1.0, size * tiles / max(im.size))
+            im = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=False)
+        images.append(buf.getvalue())
+        exts.append("png")
+        sizes.append(im.size)
+    doc.images, doc.image_exts, doc.image_sizes = images, exts, sizes
+    return doc
+
+
+def write_shard(out: str, index: int, rows: dict, caches: list[str], sidecar: dict, seq_len: int) -> dict:
+    """Build one shard's packed rows from the cache and write it (tmp → sidecar → rename)."""
+    from collections import defaultdict
+
+    offsets, src, part, prow = rows["offsets"], rows["source"], rows["part"], rows["row"]
+    need: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, key in enumerate(zip(src.tolist(), part.tolist())):
+        need[key].append(i)
+    docs: list = [None] * len(src)
+    for (s, p), positions in sorted(need.items()):
+        table = tcache.read_part(caches[s], p)
+        for pos, doc in zip(positions, tcache.table_docs(table, prow[positions])):
+            docs[pos] = doc
+    samples = []
+    info = {"rows": 0, "tokens": 0, "loss_tokens": 0, "tokens_by_modality": {"text": 0, "image_text": 0},
+            "tokens_by_source": {}}
+    for r in range(len(offsets) - 1):
+        row_docs = docs[offsets[r] : offsets[r + 1]]
+        images, exts, image_docs = [], [], []
+        for j, d in enumerate(row_docs):
+            images += d.images
+            exts += d.image_exts
+            image_docs += [j] * len(d.images)
+        row = PackedRow(
+            ids=np.concatenate([d.input_ids for d in row_docs]).astype(np.uint32),
+            loss=np.concatenate([d.loss_mask for d in row_docs]).astype(np.uint8),
+            docs=np.array([d.n_tokens for d in row_docs], dtype=np.uint32),
+            doc_ids=[d.doc_id for d in row_docs],
+            sources=[d.source for d in row_docs],
+            modalities=[d.modality for d in row_docs],
+            images=images,
+            image_exts=exts,
+            image_docs=image_docs,
+            key=row_key(index, r),
+        )
+        row.check()
+        if len(row) > seq_len:
+            raise BuildError(f"row {row.key} has {len(row)} tokens > seq_len {seq_len}")
+        samples.append(row_to_sample(row))
+        info["rows"] += 1
+        info["tokens"] += len(row)
+        info["loss_tokens"] += int(row.loss.sum())
+        for d in row_docs:
+            info["tokens_by_modality"][d.modality] = info["tokens_by_modality"].get(d.modality, 0) + d.n_tokens
+            info["tokens_by_source"][d.source] = info["tokens_by_source"].get(d.source, 0) + d.n_tokens
+    info["tokens_by_source"] = dict(sorted(info["tokens_by_source"].items()))
+    fs, root = _fs(out)
+    final = f"{root}/{shard_name(index)}"
+    with fs.open(final + ".tmp", "wb") as f:
+        write_tar(f, samples)
+    digest = sha256_of(fs.unstrip_protocol(final + ".tmp"))
+    record = {"name": shard_name(index), "sha256": digest, **info}
+    _write_text(fs.unstrip_protocol(f"{root}/{PROGRESS_DIR}/shard-{index:06d}.json"), json.dumps({**sidecar, "shard": record}))
+    fs.mv(final + ".tmp", final)
+    return record
+
+
+# ---------------------------------------------------------------- driver
+@dataclass
+class SourceCache:
+    url: str
+    fingerprint: str
+    n_parts: int
+    hit: bool
+
+
+def _start_ray(workers: int | None, address: str | None) -> bool:
+    """Join `address` or start a local Ray sized by `workers`; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="ERROR")
+    else:
+        # "local": a fresh Ray even when some other cluster runs on this machine (ray would join it otherwise)
+        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, runtime_env=env,
+                 log_to_driver=False, logging_level="ERROR")
+    return True
+
+
+def _tokenizer_fp(recipe: Recipe) -> str:
+    try:
+        from mlan.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+        return tokenizer_fingerprint(load_tokenizer(recipe.model.tokenizer))
+    except Exception:  # noqa: BLE001 - an unloadable tokenizer fails later with the renderer's own message
+        return f"unloaded:{recipe.model.tokenizer}"
+
+
+def tokenize_sources(recipe: Recipe, cache_root: str, workers: int, progress: bool) -> list[SourceCache]:
+    """Fill (or reuse) each source's cache on a pool of Ray actors; reports cache hits."""
+    import ray
+
+    from mlan.sources import iter_source
+
+    console = _console()
+    tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
+    caches: list[SourceCache] = []
+    todo: list[int] = []
+    for i, src in enumerate(recipe.sources):
+        fp = tcache.source_fingerprint(recipe, src, tok_fp, code_fp)
+        url = join_url(cache_root, fp)
+        done = tcache.read_complete(url)
+        caches.append(SourceCache(url, fp, done["parts"] if done else 0, done is not None))
+        if done is not None:
+            if progress:
+                console.print(f"cache hit: source {src.name!r} ({fp}, {done['accepted']} documents)")
+        else:
+            todo.append(i)
+    if not todo:
+        return caches
+
+    recipe_json = recipe.model_dump(mode="json")
+    Worker = ray.remote(num_cpus=1)(TokenizeWorker)
+    actors = [Worker.remote(recipe_json) for _ in range(max(1, workers))]
+    idle = list(actors)
+    inflight: dict = {}
+    t0 = time.perf_counter()
+    n_docs = n_tokens = 0
+    with _progress(progress) as bar:
+        task = bar.add_task("tokenize", total=None, rate="")
+
+        def collect(block: bool) -> None:
+            nonlocal n_docs, n_tokens
+            while inflight and (block or len(idle) == 0):
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                actor = inflight.pop(ready[0])
+                summary = ray.get(ready[0])
+                idle.append(actor)
+                n_docs += summary["read"]
+                n_tokens += summary["tokens"]
+                dt = max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, advance=summary["read"], rate=f"{n_docs / dt:,.0f} docs/s · {n_tokens / dt:,.0f} tok/s")
+                if not block:
+                    return
+
+        for i in todo:
+            src, c = recipe.sources[i], caches[i]
+            if progress:
+                console.print(f"tokenizing source {src.name!r} → cache {c.fingerprint}")
+            part, batch = 0, []
+
+            def submit(part: int, batch: list) -> None:
+                if tcache.read_part_summary(c.url, part) is not None:  # written by an earlier, killed run
+                    bar.update(task, advance=len(batch))
+                    return
+                collect(block=False)
+                actor = idle.pop()
+                inflight[actor.process.remote(src.name, c.url, part, batch)] = actor
+
+            for file, index, record in iter_source(src):
+                batch.append((file, index, record))
+                if len(batch) == RECORDS_PER_PART:
+                    submit(part, batch)
+                    part, batch = part + 1, []
+            if batch or part == 0:
+                submit(part, batch)
+                part += 1
+            c.n_parts = part
+        collect(block=True)
+    for a in actors:
+        ray.kill(a)
+    for i in todo:
+        c = caches[i]
+        sums = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
+        tcache.mark_complete(c.url, c.n_parts, {
+            "source": recipe.sources[i].name,
+            "read": sum(s.read for s in sums), "accepted": sum(s.accepted for s in sums),
+            "rejected": sum(len(s.rejected) for s in sums), "dropped": sum(len(s.dropped) for s in sums),
+        })
+    return caches
+
+
+def _family_config(recipe: Recipe) -> dict:
+    from mlan.families import get_family
+
+    return get_family(recipe.model).family_config()
+
+
+def _column(values: list) -> np.ndarray:
+    """A meta column as numpy; list-valued columns become object arrays."""
+    if values and isinstance(values[0], list):
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+    return np.asarray(values)
+
+
+def _shard_bounds(row_tokens: np.ndarray, target: int) -> np.ndarray:
+    """Row index where each shard starts: a shard closes once it holds ≥ target tokens."""
+    before = np.concatenate([[0], np.cumsum(row_tokens)[:-1]])
+    shard_of_row = before // target
+    _, starts = np.unique(shard_of_row, return_index=True)
+    return np.concatenate([starts, [row_tokens.size]]).astype(np.int64)
+
+
+def build(
+    recipe: Recipe,
+    out: str,
+    workers: int | None = None,
+    address: str | None = None,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build the shards of `recipe` into `out` (path or fsspec URL); returns the stats written to stats.json."""
+    import ray
+
+    if not recipe.sources:
+        raise BuildError("the recipe has no sources")
+    mix = recipe.mixture
+    check_modalities([s.modality for s in recipe.sources], mix.ratio.text)  # before any work
+    console = _console()
+    fs, root = _fs(out)
+    fs.makedirs(f"{root}/shards", exist_ok=True)
+    fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
+    if fs.exists(f"{root}/{MANIFEST}"):
+        fs.rm(f"{root}/{MANIFEST}")  # the old manifest no longer describes what is on disk
+    out_url = fs.unstrip_protocol(root)
+    cache_root = cache_dir or tcache.default_cache_dir()
+    family_config = _family_config(recipe)
+
+    started = _start_ray(workers, address)
+    try:
+        n_workers = workers or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        caches = tokenize_sources(recipe, cache_root, n_workers, progress)
+        fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
+
+        # ---- per-source document tables (record order) → plan
+        metas = [tcache.read_meta(c.url, c.n_parts).to_pydict() for c in caches]
+        arrays = [{k: _column(v) for k, v in m.items()} for m in metas]
+        sources = [
+            SourceDocs(
+                name=s.name, modality=s.modality, weight=s.weight,
+                upsample=s.upsample if s.upsample is not None else mix.upsample,
+                n_tokens=arrays[i]["n_tokens"].astype(np.int64),
+            )
+            for i, s in enumerate(recipe.sources)
+        ]
+        plan = make_plan(
+            sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
+            ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
+        )
+        planned = {
+            k: np.concatenate([arrays[s][k][plan.doc[plan.source == s]] for s in range(len(sources))])
+            for k in ("n_tokens", "n_loss_tokens", "n_images", "n_tiles", "n_vision_tokens", "truncated", "modality",
+                      "image_tiles")
+        }
+        # restore plan order (the concatenation above is grouped by source)
+        order = np.concatenate([np.flatnonzero(plan.source == s) for s in range(len(sources))])
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        planned = {k: v[inv] for k, v in planned.items()}
+        planned["source"] = np.array([s.name for s in recipe.sources], dtype=object)[plan.source]
+        part_of = np.concatenate([arrays[s]["part"] for s in range(len(sources))])
+        row_of = np.concatenate([arrays[s]["row"] for s in range(len(sources))])
+        base = np.cumsum([0] + [len(a["n_tokens"]) for a in arrays])[:-1]
+        flat = base[plan.source] + plan.doc
+        doc_part, doc_row = part_of[flat], row_of[flat]
+
+        # ---- pack, then a seeded row order so rows are not sorted by length
+        packing = pack(plan.n_tokens, planned["n_images"], seq_len=mix.seq_len, max_images=mix.max_images_per_row,
+                       buffer_tokens=mix.pack_buffer_tokens)
+        packing = packing.permuted(np.random.default_rng([mix.seed, ROWS_SEED_SALT]).permutation(packing.n_rows))
+        bounds = _shard_bounds(packing.row_tokens, recipe.shards.target_tokens)
+        n_shards = bounds.size - 1
+
+        # ---- shards (parallel Ray tasks; finished ones are kept)
+        shard_infos = _write_shards(
+            out_url, packing, bounds, plan.source, doc_part, doc_row, [c.url for c in caches],
+            fingerprint, mix.seq_len, progress,
+        )
+        for stale in fs.glob(f"{root}/shards/shard-*.tar*"):  # from an earlier build with more shards
+            if Path(stale).name not in {Path(s["name"]).name for s in shard_infos}:
+                fs.rm(stale)
+
+        # ---- stats, report, rejected, manifest (last)
+        summaries, rejected, dropped = {}, [], []
+        for s, c in zip(recipe.sources, caches):
+            parts = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
+            rej = [r for p in parts for r in p.rejected]
+            drp = [d for p in parts for d in p.dropped]
+            summaries[s.name] = {"read": sum(p.read for p in parts), "accepted": sum(p.accepted for p in parts),
+                                 "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts)}
+            rejected += rej
+            dropped += drp
+        stats = compute_stats(
+            seq_len=mix.seq_len, plan=plan, planned=planned, packing=packing, source_summaries=summaries,
+            rejected=rejected, dropped=dropped, n_shards=n_shards, fingerprint=fingerprint,
+        )
+        _write_text(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
+        _write_text(f"{out_url}/report.md", render_report(stats))
+        _write_text(f"{out_url}/rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
+        manifest = {
+            "version": 1,
+            "recipe": recipe.to_dict(),
+            "fingerprint": fingerprint,
+            "seed": mix.seed,
+            "seq_len": mix.seq_len,
+            "family_config": family_config,
+            "images": {"pre_resized": bool(recipe.shards.pre_resize)},
+            "totals": {
+                "rows": packing.n_rows,
+                "tokens": int(packing.row_tokens.sum()),
+                "loss_tokens": int(sum(s["loss_tokens"] for s in shard_infos)),
+                "tokens_by_modality": stats["tokens"]["by_modality"],
+                "documents": len(plan),
+            },
+            "shards": shard_infos,
+        }
+        _write_text(f"{out_url}/{MANIFEST}", json.dumps(manifest, indent=2) + "\n")
+        if progress:
+            console.print(
+                f"built {packing.n_rows} rows in {n_shards} shards → {out}: {stats['tokens']['total']:,} tokens, "
+                f"text ratio {stats['ratio_achieved']:.4f} (target {mix.ratio.text}), "
+                f"packing {stats['packing_efficiency']:.4f}"
+            )
+        return stats
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_row, cache_urls, fingerprint,
+                  seq_len, progress) -> list[dict]:
+    import ray
+
+    fs, root = _fs(out_url)
+    remote = ray.remote(num_cpus=1)(write_shard)
+    infos: list[dict | None] = [None] * (bounds.size - 1)
+    refs = {}
+    with _progress(progress) as bar:
+        task = bar.add_task("write shards", total=len(infos), rate="")
+        t0, tokens = time.perf_counter(), 0
+        for k in range(len(infos)):
+            r0, r1 = int(bounds[k]), int(bounds[k + 1])
+            a, b = int(packing.offsets[r0]), int(packing.offsets[r1])
+            items = packing.items[a:b]
+            rows = {
+                "offsets": (packing.offsets[r0 : r1 + 1] - a).astype(np.int64),
+                "source": doc_source[items].astype(np.int64),
+                "part": doc_part[items].astype(np.int64),
+                "row": doc_row[items].astype(np.int64),
+            }
+            h = hashlib.sha256(f"{fingerprint}:{seq_len}:{k}".encode())
+            for v in rows.values():
+                h.update(np.ascontiguousarray(v).tobytes())
+            sidecar = {"plan": h.hexdigest()}
+            done = _finished_shard(fs, root, k, sidecar["plan"])
+            if done is not None:
+                infos[k] = done
+                bar.update(task, advance=1)
+                continue
+            refs[remote.remote(out_url, k, rows, cache_urls, sidecar, seq_len)] = k
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            info = ray.get(ready[0])
+            infos[refs[ready[0]]] = info
+            tokens += info["tokens"]
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, rate=f"{tokens / dt:,.0f} tok/s")
+    return infos  # type: ignore[return-value]
+
+
+def _finished_shard(fs, root: str, index: int, plan_hash: str) -> dict | None:
+    """The record of a shard an earlier run finished with this exact plan (sha256 re-checked), else None."""
+    side = f"{root}/{PROGRESS_DIR}/shard-{index:06d}.json"
+    final = f"{root}/{shard_name(index)}"
+    if not (fs.exists(side) and fs.exists(final)):
+        return None
+    with fs.open(side, "r") as f:
+        meta = json.load(f)
+    if meta.get("plan") != plan_hash:
+        return None
+    if sha256_of(fs.unstrip_protocol(final)) != meta["shard"]["sha256"]:
+        return None
+    return meta["shard"]
+
+
+# ---------------------------------------------------------------- CLI
+def default_out(recipe_path: str) -> str:
+    return str(Path("out") / Path(recipe_path).stem)
+
+
+def build_command(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        build(recipe, args.out or default_out(args.recipe), workers=args.workers, address=args.address,
+              cache_dir=args.cache, progress=True)
+    except BuildError as err:
+        from mlan.cli import UserError
+
+        raise UserError(str(err)) from None
+    except ValueError as err:  # PlanError and friends: one line, exit 2
+        from mlan.mixture.plan import PlanError
+
+        if isinstance(err, PlanError):
+            from mlan.cli import UserError
+
+            raise UserError(str(err)) from None
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from mlan.cli import main
+
+    sys.exit(main(["build", *sys.argv[1:]]))

@@ -1,0 +1,270 @@
+"""The tokenized-document cache: Parquet parts per source, keyed by a fingerprint of everything that shapes them.
+
+One folder per source: `<cache>/<fingerprint>/part-NNNNNN.parquet` (one row per document, record order)
+with a `part-NNNNNN.json` sidecar (records read, rejected with reasons, dropped, truncated), and
+`_SUCCESS` once every part is there. The fingerprint covers the source's content (file bytes, image
+folder listing), its spec (format, template, image root, limit), the model spec (family, tokenizer,
+template, image tokens), the render options (seq_len, overlong) and the code that renders, so any
+change rebuilds and anything else (ratio, budget, weights, seed) reuses. Parts are written atomically,
+so a killed tokenization resumes from the parts already written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mlan.render import Document
+from mlan.sources.records import RecordError
+
+CACHE_VERSION = "1"
+SUCCESS = "_SUCCESS"
+# columns the planner reads (no token arrays, no image bytes)
+META_COLUMNS = (
+    "index", "doc_id", "modality", "n_tokens", "n_loss_tokens", "n_images", "n_image_tokens", "n_tiles",
+    "n_vision_tokens", "truncated", "image_tiles",
+)
+# the code whose output lands in the cache: a change to any of it rebuilds
+_CODE_PATHS = ("render.py", "tokenizer.py", "sources", "families", "mixture/cache.py")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MLAN_TOKENIZED_CACHE") or str(Path.home() / ".cache" / "mlan" / "tokenized")
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _hash_path(path: str, h: "hashlib._Hash", with_bytes: bool) -> bool:
+    """Feed a file's bytes (or a folder's listing) into `h`; False when the path is not on any filesystem."""
+    try:
+        fs, p = _fs(path)
+        if not fs.exists(p):
+            return False
+    except Exception:  # noqa: BLE001 - an unknown protocol: treat as a hub id
+        return False
+    if fs.isdir(p):
+        for name, info in sorted(fs.find(p, detail=True).items()):
+            rel = name[len(p.rstrip("/")) + 1 :]
+            h.update(f"{rel}\0{info.get('size')}\0{info.get('mtime', info.get('LastModified', ''))}\n".encode())
+            if with_bytes and info.get("size", 0) <= (64 << 20) and rel.endswith((".json", ".jsonl", ".parquet", ".arrow", ".csv", ".txt")):
+                with fs.open(name, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+    else:
+        with fs.open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return True
+
+
+def code_fingerprint() -> str:
+    """sha256 over the rendering code (mlan/render.py, sources/, families/, tokenizer.py, this file)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in _CODE_PATHS:
+        p = root / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
+        for f in files:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | None = None) -> str:
+    """The cache key of one source under one recipe's model and render options."""
+    spec = source.model_dump(mode="json")
+    for key in ("weight", "upsample"):  # mixing knobs: never change the documents
+        spec.pop(key, None)
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {
+                "version": CACHE_VERSION,
+                "source": spec,
+                "model": recipe.model.model_dump(mode="json"),
+                "seq_len": recipe.mixture.seq_len,
+                "overlong": recipe.mixture.overlong,
+                "pre_resize": recipe.shards.pre_resize,
+                "tokenizer": tokenizer_fp,
+                "code": code_fp if code_fp is not None else code_fingerprint(),
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    h.update(b"content\0")
+    if not _hash_path(source.path, h, with_bytes=True):
+        h.update(f"hub:{source.path}:{source.subset}:{source.split}".encode())
+    if source.images:
+        h.update(b"images\0")
+        _hash_path(source.images, h, with_bytes=False)
+    return h.hexdigest()[:24]
+
+
+def combine_fingerprints(fps: list[str]) -> str:
+    return hashlib.sha256("\n".join(fps).encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- parts
+def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    np_type = value_type.to_pandas_dtype()
+    values = np.concatenate(arrays).astype(np_type) if arrays else np.zeros(0, np_type)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def docs_to_table(docs: list[Document], indices: list[int]) -> pa.Table:
+    """Documents as one Arrow table (design.md's cache row), in the given order."""
+    return pa.table(
+        {
+            "index": pa.array(indices, pa.int64()),
+            "doc_id": pa.array([d.doc_id for d in docs], pa.string()),
+            "source": pa.array([d.source for d in docs], pa.string()),
+            "modality": pa.array([d.modality for d in docs], pa.string()),
+            "input_ids": _list_array([np.asarray(d.input_ids, np.uint32) for d in docs], pa.uint32()),
+            "loss_mask": _list_array([np.asarray(d.loss_mask, np.uint8) for d in docs], pa.uint8()),
+            "image_positions": pa.array([list(map(int, d.image_positions)) for d in docs], pa.list_(pa.int64())),
+            "images": pa.array([list(d.images) for d in docs], pa.list_(pa.binary())),
+            "image_exts": pa.array([list(d.image_exts) for d in docs], pa.list_(pa.string())),
+            "image_sizes": pa.array(
+                [[list(map(int, s)) for s in d.image_sizes] for d in docs], pa.list_(pa.list_(pa.int64()))
+            ),
+            "n_tokens": pa.array([d.n_tokens for d in docs], pa.int64()),
+            "n_loss_tokens": pa.array([d.n_loss_tokens for d in docs], pa.int64()),
+            "n_images": pa.array([d.n_images for d in docs], pa.int64()),
+            "n_image_tokens": pa.array([d.n_image_tokens for d in docs], pa.int64()),
+            "n_tiles": pa.array([d.n_tiles for d in docs], pa.int64()),
+            "n_vision_tokens": pa.array([d.n_vision_tokens for d in docs], pa.int64()),
+            "truncated": pa.array([bool(d.truncated) for d in docs], pa.bool_()),
+            "image_tiles": pa.array([list(map(int, getattr(d, "image_tiles", []))) for d in docs], pa.list_(pa.int64())),
+        }
+    )
+
+
+@dataclass
+class PartSummary:
+    """What tokenizing one batch of records produced, besides the documents."""
+
+    part: int
+    read: int
+    accepted: int
+    rejected: list[dict]  # {source, index, file, field, reason}
+    dropped: list[dict]  # {source, index, reason}: valid records left out by the overlong policy
+    truncated: int
+    tokens: int
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def part_paths(cache: str, part: int) -> tuple[str, str]:
+    base = f"{cache.rstrip('/')}/part-{part:06d}"
+    return base + ".parquet", base + ".json"
+
+
+def write_part(cache: str, part: int, docs: list[Document], indices: list[int], summary: PartSummary) -> None:
+    """Parquet then sidecar, each via a temporary name: the sidecar's presence means the part is complete."""
+    fs, root = _fs(cache)
+    fs.makedirs(root, exist_ok=True)
+    pq_url, js_url = part_paths(root, part)
+    with fs.open(pq_url + ".tmp", "wb") as f:
+        pq.write_table(docs_to_table(docs, indices), f, compression="zstd")
+    fs.mv(pq_url + ".tmp", pq_url)
+    with fs.open(js_url + ".tmp", "w") as f:
+        json.dump(summary.to_json(), f)
+    fs.mv(js_url + ".tmp", js_url)
+
+
+def read_part_summary(cache: str, part: int) -> PartSummary | None:
+    fs, root = _fs(cache)
+    _, js_url = part_paths(root, part)
+    if not fs.exists(js_url):
+        return None
+    with fs.open(js_url, "r") as f:
+        return PartSummary(**json.load(f))
+
+
+def mark_complete(cache: str, n_parts: int, info: dict) -> None:
+    fs, root = _fs(cache)
+    with fs.open(f"{root}/{SUCCESS}", "w") as f:
+        json.dump({"parts": n_parts, **info}, f)
+
+
+def read_complete(cache: str) -> dict | None:
+    """The cache's completion record, or None when it was never finished."""
+    fs, root = _fs(cache)
+    path = f"{root}/{SUCCESS}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def read_meta(cache: str, n_parts: int) -> pa.Table:
+    """Per-document counts of a whole source (record order), with each document's part and row in it."""
+    fs, root = _fs(cache)
+    tables = []
+    for part in range(n_parts):
+        with fs.open(part_paths(root, part)[0], "rb") as f:
+            t = pq.read_table(f, columns=list(META_COLUMNS))
+        t = t.append_column("part", pa.array(np.full(t.num_rows, part, np.int64)))
+        t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+        tables.append(t)
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in (*META_COLUMNS, "part", "row")})
+
+
+def read_part(cache: str, part: int) -> pa.Table:
+    fs, root = _fs(cache)
+    with fs.open(part_paths(root, part)[0], "rb") as f:
+        return pq.read_table(f)
+
+
+def table_docs(table: pa.Table, rows: np.ndarray) -> list[Document]:
+    """Rebuild `Document`s for the given rows of a part table (rows may repeat; order kept)."""
+    t = table.take(pa.array(np.asarray(rows, np.int64)))
+    ids_col = t.column("input_ids").combine_chunks()
+    loss_col = t.column("loss_mask").combine_chunks()
+    off = ids_col.offsets.to_numpy()
+    ids_val = ids_col.values.to_numpy()
+    loss_off, loss_val = loss_col.offsets.to_numpy(), loss_col.values.to_numpy()
+    cols = {c: t.column(c).to_pylist() for c in (
+        "doc_id", "source", "modality", "image_positions", "images", "image_exts", "image_sizes",
+        "n_image_tokens", "n_tiles", "n_vision_tokens", "truncated", "image_tiles")}
+    out = []
+    for r in range(t.num_rows):
+        out.append(
+            Document(
+                doc_id=cols["doc_id"][r],
+                source=cols["source"][r],
+                modality=cols["modality"][r],
+                input_ids=ids_val[off[r] : off[r + 1]],
+                loss_mask=loss_val[loss_off[r] : loss_off[r + 1]],
+                image_positions=cols["image_positions"][r],
+                images=cols["images"][r],
+                image_exts=cols["image_exts"][r],
+                image_sizes=[tuple(s) for s in cols["image_sizes"][r]],
+                n_image_tokens=cols["n_image_tokens"][r],
+                n_tiles=cols["n_tiles"][r],
+                n_vision_tokens=cols["n_vision_tokens"][r],
+                truncated=cols["truncated"][r],
+                image_tiles=cols["image_tiles"][r],
+            )
+        )
+    return out
+
+
+def rejected_entry(source: str, err: RecordError, index: int | None = None) -> dict:
+    """A rejected.jsonl line: source, record index (the source's numbering), file, field, reason."""
+    entry = {"source": source, **err.to_json()}
+    if index is not None:
+        entry["index"] = index
+    return entry
