@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mlan.recipe import ModelSpec
 
 OVERLONG = ("truncate", "drop")
+RENDER_VERSION = "1"  # bump when rendering changes the documents it produces for the same inputs
 
 
 class DocumentDropped(Exception):
@@ -145,6 +146,49 @@ class Renderer:
         self._special = self.tokenizer.backend_tokenizer
         self._tiktoken = llama3_tiktoken() if fast_bpe and is_offline_llama3(self.tokenizer) else None
         self._image_seq = self.family.image_seq_tokens()
+        self._check_piece_boundaries()
+
+    def _check_piece_boundaries(self) -> None:
+        """Pieces tokenized apart must equal the whole rendered string tokenized at once, or masks would lie.
+
+        True for byte-level BPE tokenizers (Llama-3, tiktoken-style); SentencePiece tokenizers that prepend
+        a space to every encode call are not, and are refused here with a clear message.
+        """
+        from mlan.sources.records import Message, Text
+
+        probe = Conversation("probe:0:0", "probe", (
+            Message("system", (Text("You are terse."),)),
+            Message("user", (Text("What's 12+30?\n\nAnswer  in words, please:"),)),
+            Message("assistant", (Text("Forty-two.\n(42)"),)),
+            Message("user", (Text("Again"),)),
+            Message("assistant", (Text("42 !"),)),
+        ))
+        pieces = self.template.pieces(probe)
+        encoded = self._encode_pieces([pieces])[0]
+        ids = [i for p, e in zip(pieces, encoded) for i in (e if p.kind == "text" else p.ids)]
+        whole = "".join(p.text if p.kind == "text" else self.tokenizer.decode(list(p.ids)) for p in pieces)
+        if ids != _encode(self.tokenizer.backend_tokenizer, [whole])[0]:
+            raise ValueError(
+                f"tokenizer {self.tokenizer.name_or_path!r} does not split at the boundaries of template "
+                f"{self.template.name!r} (tokenizing the pieces apart differs from tokenizing the whole text), "
+                "so loss masks would be inexact; use a byte-level BPE tokenizer (Llama-3) with this template"
+            )
+
+    def fingerprint(self) -> str:
+        """Everything that changes the documents: tokenizer, template, family sizes, seq_len, overlong policy."""
+        import hashlib
+
+        from mlan.tokenizer import tokenizer_fingerprint
+
+        key = {
+            "version": RENDER_VERSION,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "template": self.template.name,
+            "family": self.family.family_config(),
+            "seq_len": self.seq_len,
+            "overlong": self.overlong,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def _plain(self):
@@ -164,37 +208,36 @@ class Renderer:
 
         convs = list(convs)
         pieces: list = []
-        plain_texts: list[str] = []
-        special_texts: list[str] = []
         for conv in convs:
             try:
                 check_conversation(conv)
-                ps = self.template.pieces(conv)
+                pieces.append(self.template.pieces(conv))
             except RecordError as err:
                 pieces.append(err)
-                continue
-            for p in ps:
-                if p.kind == "text":
-                    (special_texts if p.special else plain_texts).append(p.text)
-            pieces.append(ps)
-        if self._tiktoken is not None:
-            plain = iter(_encode_plain_tiktoken(self._tiktoken, self._plain, plain_texts))
-        else:
-            plain = iter(_encode(self._plain, plain_texts))
-        special = iter(_encode(self._special, special_texts))
+        encoded = iter(self._encode_pieces([ps for ps in pieces if not isinstance(ps, RecordError)]))
         results: list[Document | RecordError | DocumentDropped] = []
         for conv, ps in zip(convs, pieces):
             if isinstance(ps, RecordError):
                 results.append(ps)
                 continue
-            encoded = [next(special if p.special else plain) if p.kind == "text" else None for p in ps]
             try:
-                results.append(self._assemble(conv, ps, encoded))
+                results.append(self._assemble(conv, ps, next(encoded)))
             except (RecordError, DocumentDropped) as err:
                 results.append(err)
         return results
 
     # ------------------------------------------------------------------ internals
+    def _encode_pieces(self, docs: list[list]) -> list[list]:
+        """Token ids of every text piece of every document (None for other pieces), in one tokenizer call each."""
+        plain_texts = [p.text for ps in docs for p in ps if p.kind == "text" and not p.special]
+        special_texts = [p.text for ps in docs for p in ps if p.kind == "text" and p.special]
+        if self._tiktoken is not None:
+            plain = iter(_encode_plain_tiktoken(self._tiktoken, self._plain, plain_texts))
+        else:
+            plain = iter(_encode(self._plain, plain_texts))
+        special = iter(_encode(self._special, special_texts))
+        return [[next(special if p.special else plain) if p.kind == "text" else None for p in ps] for ps in docs]
+
     def _assemble(self, conv: Conversation, pieces: list, encoded: list) -> Document:
         image_id = self.family.image_token_id if conv.images else -1
         chunks: list[np.ndarray] = []

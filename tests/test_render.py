@@ -312,3 +312,28 @@ def test_format_document_marks_trained_spans(llama3_tokenizer):
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n[[Hello!<|eot_id|>]]"
     )
+
+
+def test_fingerprint_follows_what_changes_documents(llama3_tokenizer):
+    base = _renderer(llama3_tokenizer)
+    assert base.fingerprint() == _renderer(llama3_tokenizer).fingerprint()
+    others = [_renderer(llama3_tokenizer, "vicuna_v1"), _renderer(llama3_tokenizer, seq_len=4096),
+              _renderer(llama3_tokenizer, overlong="drop"), _renderer(llama3_tokenizer, family="mllama"),
+              _renderer(llama3_tokenizer, config="x", image_tokens=32)]
+    prints = {base.fingerprint(), *(r.fingerprint() for r in others)}
+    assert len(prints) == 1 + len(others)
+
+
+def test_tokenizers_that_do_not_split_at_piece_boundaries_are_refused(tmp_path):
+    """A SentencePiece-style tokenizer (a space prepended to every encode call) would make masks inexact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")  # as Llama-2's
+    corpus = ["USER: What's 12+30? ASSISTANT: Forty-two. (42)", "You are terse. Answer in words, please: Again 42 !"]
+    backend.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.save_pretrained(tmp_path / "sp")
+    with pytest.raises(ValueError, match="does not split at the boundaries"):
+        Renderer(ModelSpec(tokenizer=str(tmp_path / "sp"), template="vicuna_v1", config="x"), 512)
