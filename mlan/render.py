@@ -157,13 +157,15 @@ class Renderer:
         from mlan.sources.records import Message, Text
 
         probe = Conversation("probe:0:0", "probe", (
-            Message("system", (Text("You are terse."),)),
             Message("user", (Text("What's 12+30?\n\nAnswer  in words, please:"),)),
             Message("assistant", (Text("Forty-two.\n(42)"),)),
             Message("user", (Text("Again"),)),
             Message("assistant", (Text("42 !"),)),
         ))
-        pieces = self.template.pieces(probe)
+        try:
+            pieces = self.template.pieces(probe)
+        except RecordError as err:
+            raise ValueError(f"template {self.template.name!r} cannot render a plain two-turn chat: {err.reason}") from None
         encoded = self._encode_pieces([pieces])[0]
         ids = [i for p, e in zip(pieces, encoded) for i in (e if p.kind == "text" else p.ids)]
         whole = "".join(p.text if p.kind == "text" else self.tokenizer.decode(list(p.ids)) for p in pieces)
