@@ -203,7 +203,11 @@ def llama3_tiktoken():
 def is_offline_llama3(tok: PreTrainedTokenizerFast) -> bool:
     """True when `tok` is (a copy of) the offline llama3 tokenizer, so `llama3_tiktoken` gives its ids."""
     if getattr(tok, "_mlan_is_llama3", None) is None:
-        same = tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer("llama3"))
+        same = (
+            len(tok) == 128257  # cheap checks first: no conversion for tokenizers that cannot be it
+            and tok.convert_ids_to_tokens(128256) == IMAGE_TOKEN
+            and tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer("llama3"))
+        )
         try:
             tok._mlan_is_llama3 = same
         except AttributeError:

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from mlan.tokenizer import IMAGE_TOKEN, llama3_special_tokens, load_tokenizer, tokenizer_fingerprint
+from mlan.tokenizer import (
+    IMAGE_TOKEN,
+    is_offline_llama3,
+    llama3_special_tokens,
+    llama3_tiktoken,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +132,11 @@ def test_other_names_load_from_local_path(tmp_path, llama3_tokenizer):
     )["input_ids"]
     with pytest.raises((OSError, ValueError)):
         load_tokenizer(str(tmp_path / "does-not-exist"))
+    # a saved copy is still recognised as the offline tokenizer (the renderer then encodes with tiktoken)
+    assert is_offline_llama3(tok) and is_offline_llama3(llama3_tokenizer)
+
+
+def test_tiktoken_fast_path_matches(llama3_tokenizer, tiktoken_reference):
+    enc = llama3_tiktoken()
+    for text in EDGE_TEXTS + ["Say <|eot_id|> and <|image|> as text."]:
+        assert enc.encode_ordinary(text) == tiktoken_reference.model.encode_ordinary(text)
