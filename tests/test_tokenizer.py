@@ -107,6 +107,7 @@ def test_chat_template_is_llama3(llama3_tokenizer, tiktoken_reference):
     assert ours == ref
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_concurrent_first_conversion_is_safe(tmp_path, llama3_tokenizer):
     """Two processes converting into an empty cache at once both succeed and agree with each other."""
