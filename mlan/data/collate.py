@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from mlan.data.images import decode_image, llava_pixel_values, mllama_images
 from mlan.mixture.shards import PackedRow
@@ -218,7 +219,7 @@ class FamilyCollator:
             return {}
         slots = max(n_img, 1)
         b = len(rows)
-        pixel_values = torch.zeros(b, slots, tiles, 3, t, t)
+        pixel_values = _zeros_for_transfer((b, slots, tiles, 3, t, t))
         aspect_ratio_ids = torch.zeros(b, slots, dtype=torch.long)
         aspect_ratio_mask = torch.zeros(b, slots, tiles, dtype=torch.long)
         aspect_ratio_mask[:, :, 0] = 1  # empty slots: one "valid" tile, as transformers' processor pads
@@ -239,6 +240,16 @@ class FamilyCollator:
             "aspect_ratio_mask": aspect_ratio_mask,
             "cross_attention_mask": torch.from_numpy(xmask),
         }
+
+
+def _zeros_for_transfer(shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 zeros; in a DataLoader worker, allocated in shared memory so the hand-over to the main process
+    does not copy it again (as torch's default_collate does). Mllama pixel batches are ~100 MB."""
+    if get_worker_info() is None:
+        return torch.zeros(shape)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * 4)
+    return torch.empty(0).set_(storage, 0, shape).zero_()
 
 
 def family_collate(family_config: FamilyConfig | dict[str, Any], seq_len: int | None = None,
