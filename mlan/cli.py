@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: a complete small ablation on this machine")
     p.add_argument("--out", default="demo-out")
+    p.add_argument("--ratios", default=None, help="comma-separated text ratios (default 0,0.5,1.0)")
+    p.add_argument("--nproc", type=int, default=2)
+    _add_set(p)
 
     p = sub.add_parser("merge", help="training-free task-vector merge of a VLM's language tower with its base LLM")
     p.add_argument("--vlm", required=True)

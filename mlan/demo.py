@@ -55,7 +55,10 @@ def demo_command(args) -> int:
     """CLI entry: `mlan demo [--out demo-out]`."""
     t0 = time.perf_counter()
     out = Path(args.out)
-    rows = run_demo(out, overrides=getattr(args, "overrides", ()) or ())
+    from mlan.ablate import parse_ratios
+
+    ratios = parse_ratios(args.ratios) if getattr(args, "ratios", None) else DEMO_RATIOS
+    rows = run_demo(out, ratios, nproc=getattr(args, "nproc", 2), overrides=getattr(args, "overrides", ()) or ())
     ablation = out / "ablation"
     lang_up, vis_up = trend(rows)
     print()
