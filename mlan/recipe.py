@@ -146,7 +146,8 @@ class TrainSpec(_Strict):
 class EvalTaskSpec(_Strict):
     name: str
     path: str
-    kind: Literal["choice", "generate", "image"] | None = None  # None: inferred from the file
+    # choice: log-likelihood of each option; generate: greedy generation + answer extraction. None: by format
+    kind: Literal["choice", "generate"] | None = None
     format: str | None = None  # None: inferred from the file
     group: Literal["language", "vision"] | None = None
     images: str | None = None

@@ -292,3 +292,17 @@ def test_choice_accuracy_is_argmax_of_independent_loglikelihoods(lm, tmp_path) -
         want += int(np.argmax(lls) == rec["answer"])
         assert r["prediction"] == rec["choices"][int(np.argmax(lls))]
     assert t["accuracy"] == pytest.approx(100.0 * want / len(recs))
+
+
+def test_recipe_task_spec_overrides_kind_and_group(lm, shared_data) -> None:
+    from mlan.eval.harness import _as_task
+    from mlan.recipe import EvalTaskSpec
+
+    spec = EvalTaskSpec(name="boolq_gen", path=str(shared_data / "eval" / "boolq_test.json"), kind="generate",
+                        group="vision", limit=2)
+    task = _as_task(spec, limit=None, images=None)
+    assert (task.name, task.kind, task.group, len(task.items)) == ("boolq_gen", "generate", "vision", 2)
+    res = evaluate_tasks(lm, [task], batch_size=2, max_new_tokens=3, keep_records=True)
+    recs = res["tasks"]["boolq_gen"]["records"]
+    assert all("generation" in r for r in recs) and res["vision_avg"] == res["tasks"]["boolq_gen"]["accuracy"]
+    assert res["language_avg"] is None
