@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mlan.data.images import ImageDecodeError
+from mlan.data.collate import family_collate
 from mlan.data.loader import ShardError, make_loader, plan_batches
 from mlan.mixture.shards import PackedRow
 
@@ -142,3 +143,85 @@ def test_undecodable_image_names_shard_and_key(tmp_path):
     out = write_build(tmp_path / "b", rows, MLLAMA_FC, rows_per_shard=5)
     with pytest.raises(ImageDecodeError, match=r"shards/shard-000001.tar: row '000001-000002': img0.jpg"):
         list(make_loader(str(out), 0, 1, batch_rows=2, workers=1, seed=0))
+
+
+# ---------------------------------------------------------------- on a real `mlan build`
+@pytest.fixture(scope="module")
+def real_build(tmp_path_factory, shared_data, repo_root) -> Path:
+    """recipes/tiny-mllama.yaml built by the real `mlan build` (smaller budget and rows, for test time)."""
+    from mlan.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-mllama")
+    rc = main(["build", str(repo_root / "recipes" / "tiny-mllama.yaml"), "--out", str(out), "--workers", "2",
+               "--cache", str(tmp_path_factory.mktemp("cache")),
+               "--set", "mixture.budget.tokens=30000", "--set", "mixture.seq_len=256"])
+    assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_real_build_two_ranks_two_workers(real_build):
+    manifest = json.loads((real_build / "manifest.json").read_text())
+    fc = manifest["family_config"]
+    assert fc["family"] == "mllama" and fc["tile_size"] == 56 and fc["max_tiles"] == 4
+    assert fc["image_token_id"] == 128256 and fc["vocab_size"] == 128256
+    keys, tokens, by_mod, images = [], 0, {"text": 0, "image_text": 0}, 0
+    lengths = set()
+    for rank in range(2):
+        loader = make_loader(str(real_build), rank, 2, batch_rows=2, workers=2, seed=42, verify=True)
+        lengths.add(len(loader))
+        for b in loader:
+            meta = b["meta"]
+            keys += meta["keys"]; tokens += meta["n_tokens"]; images += meta["n_images"]
+            for m, n in meta["tokens_by_modality"].items():
+                by_mod[m] += n
+            xm, pos = b["cross_attention_mask"], b["position_ids"]
+            # every image's visible span lies inside one document (positions restart where documents do)
+            doc_id = (pos == 0).cumsum(-1)
+            for i in range(xm.shape[0]):
+                for j in range(xm.shape[2]):
+                    seen = doc_id[i][xm[i, :, j].any(-1)]
+                    assert seen.numel() == 0 or int(seen.min()) == int(seen.max())
+    assert len(lengths) == 1
+    assert sorted(keys) == sorted(manifest_keys(real_build))
+    assert tokens == manifest["totals"]["tokens"]
+    assert by_mod == manifest["totals"]["tokens_by_modality"]
+    assert images > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_real_build_row_loss_equals_its_documents(real_build):
+    """Isolation on a real packed row of real data: the tiny Mllama's summed loss equals its documents' alone."""
+    from transformers import MllamaForConditionalGeneration
+
+    from mlan.families import tiny
+    from mlan.families.mllama_patch import apply_reference_cross_attention
+    from shardkit import Doc
+    from test_isolation import TOL, mllama_alone, rel_gap, summed_loss
+
+    loader = make_loader(str(real_build), 0, 1, batch_rows=1, workers=0, seed=0)
+    reader = loader.reader
+    row = next(r for r in (reader.read(g) for g in range(len(reader)))
+               if len(r.docs) >= 3 and "image_text" in r.modalities and "text" in r.modalities)
+    torch.manual_seed(0)
+    model = apply_reference_cross_attention(MllamaForConditionalGeneration(tiny.tiny_mllama_config()).eval())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                p.fill_(0.8)
+    batch = family_collate(manifest_fc(real_build))([row])
+    batch.pop("meta")
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        packed = summed_loss(model(**batch, use_cache=False).logits, labels)
+    starts = np.cumsum(row.docs) - row.docs
+    docs = [Doc(row.ids[a:a + n], row.loss[a:a + n], [img for img, d in zip(row.images, row.image_docs) if d == k])
+            for k, (a, n) in enumerate(zip(starts, row.docs))]
+    alone = sum(mllama_alone(model, d) for d in docs)
+    assert rel_gap(packed, alone) < TOL, (packed, alone)
+
+
+def manifest_fc(build_dir: Path) -> dict:
+    return json.loads((build_dir / "manifest.json").read_text())["family_config"]
