@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--images", default=None, help="image root for image tasks")
+    p.add_argument("--keep-models", action="store_true", help="keep every merged checkpoint (default: delete "
+                   "each once it is evaluated; `mlan merge` rebuilds any point bit for bit)")
     return parser
 
 

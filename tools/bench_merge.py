@@ -1,7 +1,8 @@
 """Peak memory of `mlan merge` against a whole-model in-memory merge, each in its own process.
 
-Each merge runs in a fresh subprocess that measures its own peak RSS (`ru_maxrss`) once its imports
-are done (the interpreter) and again after merging; `merge RSS` is the difference. The streaming
+Each merge runs in a fresh subprocess that measures its own RSS once its imports are done and torch's
+kernels are warm (the interpreter), then its peak RSS after merging (VmHWM, reset at the start of the
+window; `ru_maxrss` where /proc is absent); `merge RSS` is the difference. The streaming
 merge should stay below 3× the largest tensor; the in-memory baseline (load both state dicts, merge,
 save) grows with the model.
 
@@ -26,15 +27,38 @@ sys.path.insert(0, str(REPO))
 MiB = 1 << 20
 
 
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS: ru_maxrss (KiB on Linux), cross-checked against /proc's VmHWM."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_bytes(field: str) -> int | None:
     status = Path("/proc/self/status")
-    if status.is_file():
-        hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
-        if hwm:
-            peak = max(peak, int(hwm[0].split()[1]) * 1024)
-    return peak
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_peak() -> int:
+    """Start a fresh peak-RSS window; returns the RSS now (the interpreter).
+
+    On Linux ru_maxrss carries the parent's high-water mark over fork + exec, so a child started by a
+    big process (pytest holding models) would report its parent's peak. Writing 5 to
+    /proc/self/clear_refs resets this process's VmHWM to its current RSS instead.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    now = _status_bytes("VmRSS")
+    return now if now is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS since `_reset_peak`: VmHWM on Linux, else ru_maxrss (KiB on Linux, bytes on macOS)."""
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def _warm_up_torch() -> None:
@@ -61,7 +85,7 @@ def child(args: argparse.Namespace) -> None:
 
         from mlan.merge import plan_merge
     _warm_up_torch()
-    interpreter = _peak_rss_bytes()
+    interpreter = _reset_peak()
     t0 = time.perf_counter()
     if args.child == "streaming":
         merge_checkpoints(args.vlm, args.llm, args.out,
