@@ -318,6 +318,8 @@ def test_mismatches_are_errors_naming_the_tensor(llava_pair, tmp_path, capsys):
         MergeConfig(alpha=0.1, density=1.5)
     assert main(args + [str(tmp_path / "o3"), "--llm", str(tmp_path / "nowhere" / "x")]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+    assert main(args + [str(tmp_path / "o4"), "--llm", "nobody-here/no-such-model"]) == 2  # HF_HUB_OFFLINE=1
+    assert "nobody-here/no-such-model: no such folder, and the hub download failed" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- Mllama ↔ Llama-3.1 layer map
