@@ -14,8 +14,10 @@ Isolation rests on three things, each tested in tests/test_isolation.py:
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ class FamilyConfig:
     pad_token_id: int = 0  # any id the embedding has; padding is never attended to by real tokens
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FamilyConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FamilyConfig:
         """Build from a manifest dict; unknown keys are ignored, missing required ones named."""
         fam = d.get("family")
         if fam not in ("llava", "mllama"):
@@ -88,7 +90,7 @@ def document_image_spans(ids: np.ndarray, docs: Sequence[int], image_token_id: i
     for length in docs:
         end = start + int(length)
         locs = [start + int(i) for i in np.flatnonzero(ids[start:end] == image_token_id)]
-        doc_spans = [[a, b] for a, b in zip(locs[:-1], locs[1:])]
+        doc_spans = [[a, b] for a, b in itertools.pairwise(locs)]
         if locs:
             doc_spans.append([locs[-1], end])
         last_end = end

@@ -17,31 +17,38 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def token_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, real_vocab: int, soft_targets: float = 0.0
-) -> torch.Tensor:
-    """Summed per-token loss; Soft Targets in closed form, never building an N-sized target tensor.
+def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor, real_vocab: int,
+                    soft_targets: float = 0.0) -> torch.Tensor:
+    """Summed loss of logits (…, V) against next-token `targets` (same leading shape, −100 = ignored).
 
     Soft Targets (Srivastava et al.): the target token gets 1 − α, every other real-vocabulary token
     α/(N−1). With nll_v = −log p_v:  loss = (1 − α)·nll_y + α/(N−1)·Σ_{v≠y} nll_v
                                        = (1 − α − α/(N−1))·nll_y + α/(N−1)·Σ_v nll_v,
-    and Σ_v nll_v = N·logsumexp(z) − Σ_v z_v over the real slice. That equals torch's label_smoothing
-    ε = α·N/(N−1) over the same N classes. `labels` are aligned with input_ids (the model shifts).
+    and Σ_v nll_v = N·logsumexp(z) − Σ_v z_v over the real slice: no N-sized target tensor is ever built.
+    That equals torch's label_smoothing ε = α·N/(N−1) over the same N classes.
     """
-    targets = shift_labels(labels).reshape(-1)
+    targets = targets.reshape(-1)
+    z = logits.reshape(-1, logits.shape[-1])
     keep = targets != IGNORE_INDEX
-    z = logits.reshape(-1, logits.shape[-1])[keep][:, :real_vocab].float()
-    y = targets[keep]
-    if y.numel() and int(y.max()) >= real_vocab:
-        raise ValueError(f"label id {int(y.max())} is outside the real vocabulary (N = {real_vocab})")
+    if not bool(keep.all()):
+        z, targets = z[keep], targets[keep]
+    z = z[:, :real_vocab].float()
+    if targets.numel() and int(targets.max()) >= real_vocab:
+        raise ValueError(f"label id {int(targets.max())} is outside the real vocabulary (N = {real_vocab})")
     lse = torch.logsumexp(z, dim=-1)
-    nll_y = lse - z.gather(1, y[:, None]).squeeze(1)
+    nll_y = lse - z.gather(1, targets[:, None]).squeeze(1)
     if not soft_targets:
         return nll_y.sum()
-    alpha = float(soft_targets)
-    n = real_vocab
+    alpha, n = float(soft_targets), real_vocab
     sum_nll = n * lse - z.sum(dim=-1)
     return ((1.0 - alpha - alpha / (n - 1)) * nll_y + (alpha / (n - 1)) * sum_nll).sum()
+
+
+def token_loss_sum(
+    logits: torch.Tensor, labels: torch.Tensor, real_vocab: int, soft_targets: float = 0.0
+) -> torch.Tensor:
+    """Summed loss of full-sequence logits (B, L, V) against labels aligned with input_ids (the model shifts)."""
+    return target_loss_sum(logits, shift_labels(labels), real_vocab, soft_targets)
 
 
 def count_loss_tokens(labels: torch.Tensor) -> int:

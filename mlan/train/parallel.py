@@ -98,4 +98,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    # a parameter a rank did not use this step (e.g. the projector on a text-only micro-batch) still
+    # takes part in the reduce-scatter, with a zero gradient: every rank issues the same collectives
+    model.set_reduce_scatter_unused_params(True)
     return model

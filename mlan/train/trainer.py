@@ -26,7 +26,7 @@ from torch import nn
 from mlan.families import modeling
 from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
-from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, token_loss_sum
+from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, target_loss_sum
 from mlan.train.metrics import MetricsLog, Progress, peak_flops
 from mlan.train.parallel import DistEnv, ParallelConfig, init_distributed, parallelize, resolve_precision
 from mlan.train.schedule import STAGE_LR, TokenSchedule
@@ -38,13 +38,13 @@ class TrainError(RuntimeError):
 
 # ---------------------------------------------------------------- inputs
 def read_manifest(build_dir: str | Path) -> dict[str, Any]:
-    path = Path(build_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest (is --shards a `mlan build` output directory?)")
-    manifest = json.loads(path.read_text())
-    for key in ("family_config", "totals", "seq_len"):
+    """The build's manifest.json (local path or fsspec URL), checked for the keys training needs."""
+    from mlan.data.loader import read_manifest as _read
+
+    manifest = _read(str(build_dir))
+    for key in ("family_config", "totals"):
         if key not in manifest:
-            raise TrainError(f"{path}: manifest has no {key!r}")
+            raise TrainError(f"{build_dir}/manifest.json: missing key {key!r}")
     return manifest
 
 
@@ -71,25 +71,15 @@ def deal_budget(counts: torch.Tensor, remaining: int) -> torch.Tensor:
     return allot
 
 
-def row_token_counts(batch: dict[str, Any], meta: dict[str, Any], pad_id: int | None) -> list[int]:
-    """Real (unpadded) tokens per row: from meta, an attention mask, or right padding checked against meta."""
+def row_token_counts(batch: dict[str, Any], meta: dict[str, Any]) -> list[int]:
+    """Real (unpadded, non-filler) tokens per row: the loader's `meta.row_tokens`, else an attention mask."""
     if "row_tokens" in meta:
         return [int(n) for n in meta["row_tokens"]]
-    ids = batch["input_ids"]
     if "attention_mask" in batch:
         return [int(n) for n in batch["attention_mask"].sum(dim=1)]
-    if ids.shape[0] == 1:
+    if batch["input_ids"].shape[0] == 1:
         return [int(meta["n_tokens"])]
-    lengths = []
-    for row, labels in zip(ids, batch["labels"]):
-        n = row.shape[0]
-        while n > 0 and pad_id is not None and int(row[n - 1]) == pad_id and int(labels[n - 1]) == IGNORE_INDEX:
-            n -= 1
-        lengths.append(n)
-    if sum(lengths) != int(meta["n_tokens"]):
-        raise TrainError(f"cannot tell padding from tokens in batch {meta.get('keys')}: "
-                         f"{sum(lengths)} vs meta n_tokens {meta['n_tokens']}")
-    return lengths
+    raise TrainError(f"batch {meta.get('keys')}: no meta.row_tokens; cannot cut it to the token budget")
 
 
 def modality_counts(ids: torch.Tensor, position_ids: torch.Tensor, lengths: list[int], kept: list[int],
@@ -106,10 +96,10 @@ def modality_counts(ids: torch.Tensor, position_ids: torch.Tensor, lengths: list
     return out
 
 
-def truncate_batch(batch: dict[str, Any], meta: dict[str, Any], keep_tokens: int, pad_id: int | None,
+def truncate_batch(batch: dict[str, Any], meta: dict[str, Any], keep_tokens: int,
                    image_token_id: int) -> dict[str, Any]:
     """Keep the first `keep_tokens` real tokens (row by row); later positions get no loss. Returns new meta."""
-    lengths = row_token_counts(batch, meta, pad_id)
+    lengths = row_token_counts(batch, meta)
     labels = batch["labels"].clone()
     kept, left = [], keep_tokens
     for i, n in enumerate(lengths):
@@ -120,6 +110,32 @@ def truncate_batch(batch: dict[str, Any], meta: dict[str, Any], keep_tokens: int
     batch["labels"] = labels
     by_mod = modality_counts(batch["input_ids"], batch["position_ids"], lengths, kept, image_token_id)
     return {**meta, "n_tokens": keep_tokens, "tokens_by_modality": by_mod}
+
+
+# ---------------------------------------------------------------- same modules on every rank
+def add_llava_dummy_image(batch: dict[str, Any], family_config: dict[str, Any]) -> torch.Tensor | None:
+    """A text-only LLaVA micro-batch gets one blank image as a document of its own; returns its positions.
+
+    FSDP needs every rank to run the same modules (design invariant 5): a rank whose micro-batch holds no
+    image would skip the vision tower's all-gathers while the others run them. The image's placeholders
+    go in new columns at the end of row 0 with positions restarting at 0 (their own document, after every
+    real token, so causal attention hides them) and labels −100; the trainer adds 0 × their logits to the
+    loss so the backward reaches the projector on every rank too.
+    """
+    if family_config.get("family") != "llava" or "pixel_values" in batch:
+        return None
+    n, size = int(family_config["image_tokens"]), int(family_config["image_size"])
+    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+    b = ids.shape[0]
+    new_ids = torch.zeros(b, n, dtype=ids.dtype)
+    new_ids[0] = int(family_config["image_token_id"])
+    batch["input_ids"] = torch.cat([ids, new_ids], dim=1)
+    batch["labels"] = torch.cat([labels, torch.full((b, n), IGNORE_INDEX, dtype=labels.dtype)], dim=1)
+    batch["position_ids"] = torch.cat([pos, torch.arange(n, dtype=pos.dtype).expand(b, n)], dim=1)
+    batch["pixel_values"] = torch.zeros(1, 3, size, size)
+    dummy = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    dummy[0, -n:] = True
+    return dummy
 
 
 # ---------------------------------------------------------------- one step
@@ -142,6 +158,7 @@ class StepResult:
     loss: float
     loss_tokens: int
     grad_norm: float
+    text_only_microbatches: int
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -162,9 +179,10 @@ class Stepper:
     """Runs one optimizer step over a list of micro-batches; every rank calls it with the same count."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistEnv, spec: TrainSpec,
-                 real_vocab: int, image_token_id: int, pad_id: int | None):
+                 real_vocab: int, family_config: dict[str, Any]):
         self.model, self.optimizer, self.env, self.spec = model, optimizer, env, spec
-        self.real_vocab, self.image_token_id, self.pad_id = real_vocab, image_token_id, pad_id
+        self.real_vocab, self.family_config = real_vocab, family_config
+        self.image_token_id = int(family_config["image_token_id"])
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _all_gather_counts(self, counts: list[int]) -> torch.Tensor:
@@ -184,13 +202,16 @@ class Stepper:
     def step(self, micro: list[dict[str, Any]], tokens_before: int, budget: int, lr: float | None,
              schedule: TokenSchedule) -> StepResult:
         metas = [b.pop("meta") for b in micro]
-        counts = self._all_gather_counts([int(m["n_tokens"]) for m in metas])
+        table = self._all_gather_counts([int(m["n_tokens"]) for m in metas] + [int(m.get("n_images", 0)) for m in metas])
+        counts, images = table[:, :len(metas)], table[:, len(metas):]
+        # micro-batches without any real image (Mllama runs them on a dummy image: same modules on every rank)
+        text_only = int((images == 0).sum())
         step_tokens = int(counts.sum())
         if step_tokens > budget - tokens_before:  # the last step: consume exactly what is left
             allot = deal_budget(counts, budget - tokens_before)
             for j, (b, m) in enumerate(zip(micro, metas)):
                 if int(allot[self.env.rank, j]) < int(m["n_tokens"]):
-                    metas[j] = truncate_batch(b, m, int(allot[self.env.rank, j]), self.pad_id, self.image_token_id)
+                    metas[j] = truncate_batch(b, m, int(allot[self.env.rank, j]), self.image_token_id)
             step_tokens = int(allot.sum())
         lr = schedule.for_step(tokens_before, step_tokens) if lr is None else lr
         for group in self.optimizer.param_groups:
@@ -202,10 +223,17 @@ class Stepper:
         denom = max(global_loss_tokens, 1.0)
         loss_sum = 0.0
         for b in micro:
+            dummy = add_llava_dummy_image(b, self.family_config)
             b = to_device(b, self.env.device)
-            labels = b.pop("labels")
-            logits = self.model(**b, use_cache=False).logits
-            loss = token_loss_sum(logits, labels, self.real_vocab, self.spec.soft_targets or 0.0)
+            targets = shift_labels(b.pop("labels"))
+            keep = targets != IGNORE_INDEX  # the lm_head runs only where a loss is taken
+            if dummy is not None:
+                dummy = dummy.to(self.env.device)
+                keep = keep | dummy
+            logits = self.model(**b, use_cache=False, logits_to_keep=keep).logits
+            loss = target_loss_sum(logits, targets[keep], self.real_vocab, self.spec.soft_targets or 0.0)
+            if dummy is not None:  # keep the vision tower and projector in every rank's backward
+                loss = loss + 0.0 * logits.reshape(-1, logits.shape[-1])[dummy[keep]].float().sum()
             (loss / denom).backward()
             loss_sum += float(loss.detach())
             del logits, loss
@@ -214,7 +242,8 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         (global_loss_sum,) = self._all_reduce([loss_sum])
         return StepResult(tokens=step_tokens, tokens_text=int(text), tokens_image_text=int(img),
-                          loss=global_loss_sum / denom, loss_tokens=int(global_loss_tokens), grad_norm=grad_norm)
+                          loss=global_loss_sum / denom, loss_tokens=int(global_loss_tokens), grad_norm=grad_norm,
+                          text_only_microbatches=text_only)
 
     def _clip(self) -> float:
         max_norm = self.spec.grad_clip if self.spec.grad_clip is not None else math.inf
@@ -245,7 +274,7 @@ def prepare_model(recipe: Recipe, family_config: dict[str, Any]) -> nn.Module:
 
 
 def make_loader(shards: str, env: DistEnv, spec: TrainSpec):
-    from mlan.data import make_loader as _make_loader
+    from mlan.data.loader import make_loader as _make_loader
 
     return _make_loader(str(shards), rank=env.rank, world_size=env.world_size, batch_rows=spec.batch_rows,
                         workers=spec.loader_workers, seed=spec.seed)
@@ -310,8 +339,7 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
     progress = Progress(budget, state.tokens, enabled=env.is_main)
     peak = peak_flops(env.device)
     stepper = Stepper(model, optimizer, env, spec, real_vocab,
-                      image_token_id=int(family_config.get("image_token_id", modeling.unwrap(model).config.image_token_id)),
-                      pad_id=getattr(modeling.unwrap(model).config.get_text_config(), "pad_token_id", None))
+                      family_config=family_config)
     every = spec.checkpoint_every_tokens
     it = iter(loader)
     model.train()
@@ -338,14 +366,15 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
                 record = {"step": state.step, "tokens": state.tokens, "tokens_text": state.tokens_text,
                           "tokens_image_text": state.tokens_image_text, "loss": res.loss, "lr": lr,
                           "grad_norm": res.grad_norm, "tokens_per_s": res.tokens / dt,
-                          "step_tokens": res.tokens, "loss_tokens": res.loss_tokens}
+                          "step_tokens": res.tokens, "loss_tokens": res.loss_tokens,
+                          "text_only_microbatches": res.text_only_microbatches}
                 if peak:
                     record["mfu"] = flops.per_token(manifest["seq_len"]) * res.tokens / dt / \
                         (peak * env.world_size)
                 if state.step % spec.log_every == 0 or state.tokens >= budget:
                     log.write(record)
                 progress.update(state.tokens, record)
-            if every and state.tokens // every > before // every and state.tokens < budget:
+            if every and (state.tokens // every > before // every or state.tokens >= budget):
                 ckpt.save_checkpoint(paths.run, state.step, model, optimizer, asdict(state), loader.state_dict())
     finally:
         progress.close()
@@ -401,10 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlan.data.loader import ManifestError, ShardError
+
     args = build_parser().parse_args(argv)
     try:
         train(args.recipe, args.shards, args.out, args.resume, args.overrides)
-    except (RecipeError, TrainError, FileNotFoundError, modeling.ModelBuildError) as err:
+    except (RecipeError, TrainError, FileNotFoundError, modeling.ModelBuildError, ManifestError, ShardError) as err:
         print(f"mlan train: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -1,0 +1,226 @@
+"""mlan train: exact token budget, global loss normalization, exact resume, LoRA, export (tiny models, CPU, gloo).
+
+Multi-process tests launch real torchrun workers (`mlan.train.launch.run_training`) over build directories
+written with tests/shardkit.py (the build-output contract); tests/test_train_real.py trains on real builds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlan.train import trainer
+from mlan.train.launch import run_training, worker_command
+from mlan.train.metrics import read_metrics
+from mlan.train.schedule import TokenSchedule
+from mlan.recipe import RecipeError, TrainSpec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import shardkit  # noqa: E402
+
+IMG = shardkit.LLAVA_FC["image_token_id"]
+
+
+# ---------------------------------------------------------------- units
+def test_schedule_warmup_then_cosine_over_tokens():
+    s = TokenSchedule(lr=1e-3, budget_tokens=10_000, warmup_ratio=0.1, min_lr_ratio=0.1)
+    assert s.at(0) == 0.0 and math.isclose(s.at(500), 5e-4) and math.isclose(s.at(1000), 1e-3)
+    assert math.isclose(s.at(5500), 1e-4 + 0.9e-3 * 0.5)  # cosine midpoint
+    assert math.isclose(s.at(10_000), 1e-4) and math.isclose(s.at(20_000), 1e-4)
+    assert math.isclose(s.for_step(0, 400), s.at(200))  # a step's lr is taken at its token midpoint
+    assert s.for_step(9_600, 400) > 1e-4  # never exactly the floor on the last step
+
+
+def test_deal_budget_in_microbatch_then_rank_order():
+    counts = torch.tensor([[10, 7], [8, 9]])  # (world, micro)
+    allot = trainer.deal_budget(counts, 25)
+    assert allot.tolist() == [[10, 7], [8, 0]]
+    assert int(trainer.deal_budget(counts, 34).sum()) == 34
+    assert trainer.deal_budget(counts, 0).sum() == 0
+
+
+def test_truncate_batch_keeps_exact_tokens_and_counts_modalities():
+    # row 0: a text doc (5) then an image doc (4: image token inside); row 1: an image doc (3) + padding (3)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 9, IMG, 7, 8], [IMG, 6, 6, 0, 0, 0, 0, 0, 0]])
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 0, 1, 2, 3, 4, 5]])
+    labels = ids.clone()
+    labels[1, 3:] = -100
+    batch = {"input_ids": ids, "labels": labels.clone(), "position_ids": pos}
+    meta = {"n_tokens": 12, "row_tokens": [9, 3], "tokens_by_modality": {"text": 5, "image_text": 7}, "keys": []}
+    new = trainer.truncate_batch(batch, meta, 7, IMG)
+    assert new["n_tokens"] == 7 and new["tokens_by_modality"] == {"text": 5, "image_text": 2}
+    assert (batch["labels"][0, 7:] == -100).all() and torch.equal(batch["labels"][0, :7], labels[0, :7])
+    assert (batch["labels"][1] == -100).all()
+    new = trainer.truncate_batch({**batch, "labels": labels.clone()}, meta, 10, IMG)
+    assert new["tokens_by_modality"] == {"text": 5, "image_text": 5}
+
+
+def test_budget_over_the_build_is_a_recipe_error():
+    manifest = {"totals": {"tokens": 1000}}
+    assert trainer.resolve_budget(TrainSpec(), manifest) == 1000
+    assert trainer.resolve_budget(TrainSpec(budget_tokens=600), manifest) == 600
+    with pytest.raises(RecipeError, match="budget_tokens = 2000: the build holds only 1000"):
+        trainer.resolve_budget(TrainSpec(budget_tokens=2000), manifest)
+
+
+def test_worker_command_is_torchrun():
+    cmd = worker_command("r.yaml", "b", "o", 2, True, ["train.lr=1e-3"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in cmd
+    assert cmd[cmd.index("-m", 3) + 1] == "mlan.train.trainer" and "--resume" in cmd
+    assert cmd[-2:] == ["--set", "train.lr=1e-3"]
+
+
+# ---------------------------------------------------------------- multi-process runs
+TINY_LLAVA_RECIPE = """
+model: {family: llava, config: tiny}
+train:
+  lr: 3.0e-3
+  warmup_ratio: 0.1
+  batch_rows: 1
+  grad_accum: 1
+  loader_workers: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def llava_build(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    rows = shardkit.random_rows(24, seed=3, family_config=shardkit.LLAVA_FC)
+    shardkit.write_build(root / "build", rows, shardkit.LLAVA_FC, seq_len=64, rows_per_shard=8)
+    (root / "recipe.yaml").write_text(TINY_LLAVA_RECIPE)
+    return root
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(llava_build) -> Path:
+    """2 ranks × 1 row, checkpoints every 150 tokens, budget = 700 of the build's tokens (a cut last step)."""
+    out = llava_build / "run-2x1"
+    run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2,
+                 overrides=["train.budget_tokens=700", "train.checkpoint_every_tokens=150"])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_budget_is_exact_and_export_reloads(two_rank_run, llava_build):
+    from transformers import LlavaForConditionalGeneration
+
+    lines = read_metrics(two_rank_run / "metrics.jsonl")
+    assert lines[-1]["tokens"] == 700 and all(a["tokens"] < 700 for a in lines[:-1])
+    assert [r["step"] for r in lines] == list(range(1, len(lines) + 1))
+    assert all(r["tokens"] == r["tokens_text"] + r["tokens_image_text"] for r in lines)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+    manifest = json.loads((llava_build / "build" / "manifest.json").read_text())
+    assert manifest["totals"]["tokens"] > 700  # the budget really cut the build
+    model = LlavaForConditionalGeneration.from_pretrained(two_rank_run / "final")
+    assert model.get_input_embeddings().weight.shape[0] == IMG + 1
+    assert (two_rank_run / "final" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_ranks_equal_one_rank_with_grad_accumulation(two_rank_run, llava_build):
+    out = llava_build / "run-1x2"
+    run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=1,
+                 overrides=["train.budget_tokens=700", "train.grad_accum=2"])
+    a, b = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    assert [r["loss_tokens"] for r in a] == [r["loss_tokens"] for r in b]
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * max(1.0, abs(ra["loss"])), (ra, rb)
+    # weights agree to Adam's amplification of fp32 summation-order noise (update ≈ lr·sign for tiny grads)
+    wa, wb = _weights(two_rank_run), _weights(out)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-4
+
+
+def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, timeout: float = 200) -> None:
+    """Start a run and SIGKILL its whole process group once a checkpoint exists and a later step is logged."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ckpts = sorted((out / "checkpoints").glob("step-*[0-9]"))
+            steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")] if ckpts else []
+            if ckpts and steps and max(steps) > int(ckpts[0].name.split("-")[1]):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended (status {proc.returncode}) before it could be killed")
+            time.sleep(0.02)
+        raise AssertionError("no checkpoint within the timeout")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_then_resume_equals_uninterrupted(two_rank_run, llava_build):
+    out = llava_build / "run-killed"
+    overrides = ["train.budget_tokens=700", "train.checkpoint_every_tokens=150"]
+    cmd = worker_command(str(llava_build / "recipe.yaml"), str(llava_build / "build"), str(out), 2, False, overrides)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    _kill_after_checkpoint(cmd, out, env)
+    assert not (out / "final").exists()
+    with pytest.raises(Exception):  # a run folder with checkpoints refuses a fresh start
+        run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, overrides=overrides)
+    run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True, overrides=overrides)
+    ref, got = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert [r["tokens"] for r in got] == [r["tokens"] for r in ref] and got[-1]["tokens"] == 700
+    for ra, rb in zip(ref, got):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * max(1.0, abs(ra["loss"]))
+    wa, wb = _weights(two_rank_run), _weights(out)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_lora_changes_only_adapters_and_projector_then_merges(llava_build):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import LlavaForConditionalGeneration
+
+    from mlan.families import modeling
+    from mlan.recipe import load_recipe
+
+    out = llava_build / "run-lora"
+    overrides = ["train.lora.enabled=true", "train.budget_tokens=400", "train.checkpoint_every_tokens=100000"]
+    run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, overrides=overrides)
+    recipe = load_recipe(llava_build / "recipe.yaml", overrides)
+    fc = shardkit.LLAVA_FC
+    initial = trainer.prepare_model(recipe, fc)  # the same seeded build the workers started from
+    start = {k: v.detach().clone() for k, v in initial.state_dict().items()}
+    ckpt = sorted((out / "checkpoints").glob("step-*[0-9]"))[-1]
+    dcp_to_torch_save(ckpt, out / "ckpt.pt")
+    trained = torch.load(out / "ckpt.pt", weights_only=False)["model"]
+    changed = {k for k in start if not torch.equal(start[k], trained[k])}
+    assert changed and all("lora_" in k or "multi_modal_projector" in k for k in changed), sorted(changed)[:5]
+    assert any("lora_B" in k for k in changed) and any("multi_modal_projector" in k for k in changed)
+    exported = LlavaForConditionalGeneration.from_pretrained(out / "final")
+    names = [n for n, _ in exported.named_parameters()]
+    assert not any("lora" in n for n in names)
+    # the merge is W + scale·B·A (rsLoRA: alpha / sqrt(r)); check one projection by hand
+    initial.load_state_dict(trained)
+    key = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+    r = modeling.lora_rank(initial, recipe.train.lora)
+    scale = recipe.train.lora.alpha / math.sqrt(r)
+    want = trained[f"{key}.base_layer.weight"] + scale * trained[f"{key}.lora_B.default.weight"] @ \
+        trained[f"{key}.lora_A.default.weight"]
+    got = exported.model.language_model.layers[0].self_attn.q_proj.weight
+    assert torch.allclose(got, want, atol=1e-6)
