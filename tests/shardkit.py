@@ -129,8 +129,8 @@ def write_build(out: Path, rows: list[PackedRow], family_config: dict, seq_len: 
         })
         totals["rows"] += len(chunk); totals["tokens"] += tokens; totals["loss_tokens"] += loss_tokens
         totals["documents"] += sum(len(r.docs) for r in chunk)
-        for m in by_mod:
-            totals["tokens_by_modality"][m] += by_mod[m]
+        for m, n in by_mod.items():
+            totals["tokens_by_modality"][m] += n
     manifest = {
         "version": 1, "recipe": {}, "fingerprint": "test", "seed": seed, "seq_len": seq_len,
         "family_config": family_config, "images": {"pre_resized": False}, "totals": totals, "shards": shards,

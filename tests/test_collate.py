@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from shardkit import LLAVA_FC, MLLAMA_FC, make_doc, pack
 from transformers.models.mllama.processing_mllama import (
     convert_sparse_cross_attention_mask_to_dense,
     get_cross_attention_token_mask,
@@ -18,8 +19,6 @@ from mlan.data.collate import (
 )
 from mlan.data.images import decode_image, llava_pixel_values, mllama_images
 from mlan.families import tiny
-
-from shardkit import LLAVA_FC, MLLAMA_FC, make_doc, pack
 
 IMG = tiny.IMAGE_TOKEN_ID
 

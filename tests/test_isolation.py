@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from shardkit import LLAVA_FC, MLLAMA_FC, Doc, make_doc, pack
 from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
 from transformers.models.mllama.processing_mllama import (
     convert_sparse_cross_attention_mask_to_dense,
@@ -22,8 +23,6 @@ from mlan.data.collate import family_collate
 from mlan.data.images import decode_image, llava_pixel_values, mllama_images
 from mlan.families import tiny
 from mlan.families.mllama_patch import apply_reference_cross_attention, has_reference_cross_attention
-
-from shardkit import LLAVA_FC, MLLAMA_FC, Doc, make_doc, pack
 
 TOL = 1e-5
 

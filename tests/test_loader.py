@@ -7,13 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shardkit import LLAVA_FC, MLLAMA_FC, random_rows, write_build
 
-from mlan.data.images import ImageDecodeError
 from mlan.data.collate import family_collate
+from mlan.data.images import ImageDecodeError
 from mlan.data.loader import ShardError, make_loader, plan_batches
 from mlan.mixture.shards import PackedRow
-
-from shardkit import LLAVA_FC, MLLAMA_FC, random_rows, write_build
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +193,12 @@ def test_real_build_two_ranks_two_workers(real_build):
 @pytest.mark.timeout(300)
 def test_real_build_row_loss_equals_its_documents(real_build):
     """Isolation on a real packed row of real data: the tiny Mllama's summed loss equals its documents' alone."""
+    from shardkit import Doc
+    from test_isolation import TOL, mllama_alone, rel_gap, summed_loss
     from transformers import MllamaForConditionalGeneration
 
     from mlan.families import tiny
     from mlan.families.mllama_patch import apply_reference_cross_attention
-    from shardkit import Doc
-    from test_isolation import TOL, mllama_alone, rel_gap, summed_loss
 
     loader = make_loader(str(real_build), 0, 1, batch_rows=1, workers=0, seed=0)
     reader = loader.reader

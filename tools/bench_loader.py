@@ -26,7 +26,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlan.data.loader import make_loader  # noqa: E402
+from mlan.data.loader import make_loader
 
 H100_BF16_DENSE_FLOPS = 989e12
 MFU = 0.40
@@ -63,7 +63,7 @@ def make_bench_build(out: Path, data: Path, n_rows: int, seq_len: int, tile: int
 
     tok = load_tokenizer("llama3")
     image_id = tok.convert_tokens_to_ids("<|image|>")
-    header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"  # noqa: E731
+    header = lambda role: f"<|start_header_id|>{role}<|end_header_id|>\n\n"
     texts = []
     for rec in json.loads((data / "text" / "alpaca_en_demo.json").read_text()):
         texts.append((f"{rec['instruction']}\n{rec.get('input', '')}".strip(), rec["output"]))
