@@ -95,7 +95,8 @@ def _weight_files(directory: Path) -> list[Path]:
         return sorted({directory / f for f in weight_map.values()})
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise MergeError(f"{directory}: no *.safetensors weights (convert .bin checkpoints with save_pretrained)")
+        raise MergeError(f"{directory}: no *.safetensors weights "
+                         "(convert a .bin checkpoint once with from_pretrained + save_pretrained)")
     return files
 
 
@@ -405,7 +406,7 @@ class _Merger:
                 out.write(raw)  # same names, dtypes, shapes and offsets as the VLM's shard
                 for entry in entries:
                     if out.tell() != entry.offset:
-                        raise MergeError(f"{file}: tensor {entry.name!r} is not contiguous with the one before")
+                        raise MergeError(f"{file}: tensor {entry.name!r} does not follow the one before it")
                     item = self.plan.items.get(entry.name)
                     if item is None:
                         self.copy(out, file, entry.offset, entry.nbytes)
@@ -439,7 +440,7 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
 
 
 def _copy_side_files(vlm_dir: Path, out_dir: Path) -> None:
-    """Config, generation config, tokenizer, processor, chat template and the index: everything but weights."""
+    """Config, generation config, tokenizer, processor, chat template, the index: all but weights."""
     for src in sorted(vlm_dir.iterdir()):
         if src.is_file() and not src.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".partial")):
             shutil.copy2(src, out_dir / src.name)
@@ -474,7 +475,8 @@ def merge_checkpoints(vlm: str | Path, llm: str | Path, out: str | Path, config:
 def merge_command(args) -> int:
     """`mlan merge`: one merge, with a progress bar and a one-line summary."""
     try:
-        config = MergeConfig(alpha=args.alpha, density=args.density, scope=args.scope, direction=args.direction)
+        config = MergeConfig(alpha=args.alpha, density=args.density, scope=args.scope,
+                             direction=args.direction)
         report = merge_checkpoints(args.vlm, args.llm, args.out, config, progress=sys.stderr.isatty())
     except MergeError as err:
         print(f"mlan merge: error: {err}", file=sys.stderr)
@@ -520,7 +522,8 @@ class SweepSpec:
 
 def _claim_sweep_folder(spec: SweepSpec) -> None:
     """Record what the folder's points were scored with; resuming with other settings would mix them."""
-    what = {k: v for k, v in asdict(spec).items() if k not in ("alphas", "densities", "out", "keep_models")}
+    free = ("alphas", "densities", "out", "keep_models", "batch_size")  # may change between runs
+    what = {k: v for k, v in asdict(spec).items() if k not in free}
     what["tasks"] = list(what["tasks"])
     marker = spec.out / "sweep-spec.json"
     if marker.is_file():

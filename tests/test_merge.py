@@ -87,7 +87,7 @@ MLLAMA_SELF_TO_BASE = {0: 0, 1: 1, 2: 2, 4: 3, 5: 4, 6: 5, 7: 6, 9: 7}
 
 @pytest.fixture(scope="module")
 def mllama_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """bf16 Mllama (10 text layers, cross-attention at 3 and 8, 128264 embedding rows) and an 8-layer Llama."""
+    """bf16 Mllama (10 text layers, cross-attention at 3, 8; 128264 embedding rows) and an 8-layer Llama."""
     root = tmp_path_factory.mktemp("mllama")
     torch.manual_seed(0)
     config = tiny_mllama_config(num_layers=10, hidden=HIDDEN)
@@ -103,7 +103,8 @@ def mllama_pair(tmp_path_factory) -> tuple[Path, Path]:
                 rename[name] = f"model.layers.{MLLAMA_SELF_TO_BASE[int(i)]}.{rest}"
         elif tower_to_llama(name):
             rename[name] = tower_to_llama(name)
-    llm = base_from_tower(weights, rename, tiny_llama_config(8, HIDDEN, vocab_size=LLAMA3_VOCAB), torch.bfloat16, 2)
+    base_config = tiny_llama_config(8, HIDDEN, vocab_size=LLAMA3_VOCAB)
+    llm = base_from_tower(weights, rename, base_config, torch.bfloat16, seed=2)
     llm.save_pretrained(root / "llm", max_shard_size="6MB")
     assert len(list((root / "vlm").glob("*.safetensors"))) >= 3
     return root / "vlm", root / "llm"
@@ -130,7 +131,8 @@ def test_layer_map_on_the_real_11b_pattern():
                f"{other}vision_model.patch_embedding.weight", f"{other}multi_modal_projector.weight"]
         for i in range(40):
             if i in cross:
-                vlm += [f"{body}layers.{i}.cross_attn.q_proj.weight", f"{body}layers.{i}.cross_attn_attn_gate",
+                vlm += [f"{body}layers.{i}.cross_attn.q_proj.weight",
+                        f"{body}layers.{i}.cross_attn_attn_gate",
                         f"{body}layers.{i}.mlp.down_proj.weight", f"{body}layers.{i}.input_layernorm.weight"]
             else:
                 vlm += [f"{body}layers.{i}.{p}" for p in parts]
@@ -178,7 +180,8 @@ def test_full_step_gives_the_llm_and_leaves_vision_alone(llava_pair, tmp_path):
     for name, t in vlm.items():
         expected = llm[pairs[name]] if name in pairs else t
         assert torch.equal(merged[name], expected), name
-    assert any(n.startswith("vision_tower.") for n in vlm) and any(n.startswith("multi_modal_projector.") for n in vlm)
+    assert any(n.startswith("vision_tower.") for n in vlm)
+    assert any(n.startswith("multi_modal_projector.") for n in vlm)
     assert sorted(p.name for p in (tmp_path / "m").glob("*.safetensors")) == \
         sorted(p.name for p in vlm_dir.glob("*.safetensors"))
 
@@ -186,7 +189,8 @@ def test_full_step_gives_the_llm_and_leaves_vision_alone(llava_pair, tmp_path):
 def test_tensor_scope_keeps_exactly_ceil_k_n_largest_entries(llava_pair, tmp_path):
     vlm_dir, llm_dir = llava_pair
     density = 0.3  # 0.3 · 64 = 19.2 → 20 entries of each norm vector
-    merge_checkpoints(vlm_dir, llm_dir, tmp_path / "m", MergeConfig(alpha=1.0, density=density, scope="tensor"))
+    config = MergeConfig(alpha=1.0, density=density, scope="tensor")
+    merge_checkpoints(vlm_dir, llm_dir, tmp_path / "m", config)
     vlm, llm, merged = load_all(vlm_dir), load_all(llm_dir), load_all(tmp_path / "m")
     for name, lname in llava_pairs(vlm).items():
         v, b, m = vlm[name].flatten(), llm[lname].flatten(), merged[name].flatten()
@@ -309,8 +313,8 @@ def test_mismatches_are_errors_naming_the_tensor(llava_pair, tmp_path, capsys):
     _rewrite(llm_dir, tmp_path / "gap", lambda t: {n: x for n, x in t.items() if n != name})
     args = ["merge", "--vlm", str(vlm_dir), "--alpha", "0.1", "--out"]
     assert main(args + [str(tmp_path / "o1"), "--llm", str(tmp_path / "short")]) == 2
-    assert "shape mismatch: VLM tensor 'language_model.model.layers.1.mlp.up_proj.weight' [64, 32] vs base LLM tensor " \
-        in capsys.readouterr().err
+    want = "shape mismatch: VLM tensor 'language_model.model.layers.1.mlp.up_proj.weight' [64, 32] vs base"
+    assert want in capsys.readouterr().err
     assert main(args + [str(tmp_path / "o2"), "--llm", str(tmp_path / "gap")]) == 2
     assert f"maps to '{name}', which the base LLM checkpoint lacks" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
@@ -338,7 +342,8 @@ def test_mllama_layer_map_end_to_end(mllama_pair, tmp_path):
                 continue
             lname = f"model.layers.{MLLAMA_SELF_TO_BASE[int(i)]}.{rest}"
         elif name == "language_model.model.embed_tokens.weight":
-            assert t.shape[0] == LLAMA3_VOCAB + 8 and llm["model.embed_tokens.weight"].shape[0] == LLAMA3_VOCAB
+            assert t.shape[0] == LLAMA3_VOCAB + 8
+            assert llm["model.embed_tokens.weight"].shape[0] == LLAMA3_VOCAB
             assert torch.equal(merged[name][:LLAMA3_VOCAB], llm["model.embed_tokens.weight"])
             assert torch.equal(merged[name][LLAMA3_VOCAB:], t[LLAMA3_VOCAB:])  # the 8 extra rows stay
             checked.add("model.embed_tokens.weight")

@@ -53,7 +53,7 @@ def _reset_peak() -> int:
 
 
 def _peak_rss_bytes() -> int:
-    """This process's peak RSS since `_reset_peak`: VmHWM on Linux, else ru_maxrss (KiB on Linux, bytes on macOS)."""
+    """Peak RSS since `_reset_peak`: VmHWM on Linux, else ru_maxrss (KiB on Linux, bytes on macOS)."""
     hwm = _status_bytes("VmHWM")
     if hwm is not None:
         return hwm
@@ -139,7 +139,8 @@ def build_pair(root: Path, hidden: int, layers: int, dtype: str, shard_size: str
 
 def run_child(kind: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--vlm", str(args.vlm), "--llm", str(args.llm),
-           "--out", str(out), "--alpha", str(args.alpha), "--density", str(args.density), "--scope", args.scope]
+           "--out", str(out), "--alpha", str(args.alpha), "--density", str(args.density),
+           "--scope", args.scope]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"bench_merge: the {kind} merge failed:\n{res.stderr}")
@@ -171,8 +172,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
         root = Path(tmp)
         if not (args.vlm and args.llm):  # built in a subprocess: a child inherits its parent's ru_maxrss
-            cmd = [sys.executable, __file__, "--child", "build", "--out", str(root), "--hidden", str(args.hidden),
-                   "--layers", str(args.layers), "--dtype", args.dtype, "--shard-size", args.shard_size]
+            cmd = [sys.executable, __file__, "--child", "build", "--out", str(root),
+                   "--hidden", str(args.hidden), "--layers", str(args.layers), "--dtype", args.dtype,
+                   "--shard-size", args.shard_size]
             subprocess.run(cmd, check=True, capture_output=True)
             args.vlm, args.llm = root / "vlm", root / "llm"
         entries = read_checkpoint(Path(args.vlm))
@@ -184,8 +186,10 @@ def main() -> None:
 
     bound = 3 * largest.nbytes
     print(f"model              {model_bytes / MiB:9.1f} MiB in {shards} shards ({len(entries)} tensors)")
-    print(f"largest tensor     {largest.nbytes / MiB:9.1f} MiB  {largest.name} {list(largest.shape)} {largest.dtype}")
-    print(f"interpreter RSS    {streaming['interpreter_rss_bytes'] / MiB:9.1f} MiB  (python + torch, before merging)")
+    print(f"largest tensor     {largest.nbytes / MiB:9.1f} MiB  "
+          f"{largest.name} {list(largest.shape)} {largest.dtype}")
+    print(f"interpreter RSS    {streaming['interpreter_rss_bytes'] / MiB:9.1f} MiB  "
+          "(python + torch, before merging)")
     print(f"streaming merge    {streaming['merge_rss_bytes'] / MiB:9.1f} MiB above the interpreter "
           f"(peak {streaming['peak_rss_bytes'] / MiB:.1f} MiB, {streaming['seconds']:.2f} s, "
           f"scope={args.scope} K={args.density})")
@@ -197,7 +201,8 @@ def main() -> None:
               f"({baseline['seconds']:.2f} s, K=1)  -> streaming uses "
               f"{baseline['merge_rss_bytes'] / max(streaming['merge_rss_bytes'], 1):.1f}x less")
     if args.json:
-        print(json.dumps({"model_bytes": model_bytes, "shards": shards, "largest_tensor_bytes": largest.nbytes,
+        print(json.dumps({"model_bytes": model_bytes, "shards": shards,
+                          "largest_tensor_bytes": largest.nbytes,
                           "largest_tensor": largest.name, **streaming, "bound_bytes": bound,
                           "baseline": baseline, "within_bound": streaming["merge_rss_bytes"] < bound,
                           "merge_over_largest": round(streaming["merge_rss_bytes"] / largest.nbytes, 3)}))

@@ -101,7 +101,8 @@ def map_names(vlm_names: Sequence[str], llm_names: Sequence[str]) -> NameMap:
     layout = detect_layout(vlm_names)
     llm = set(llm_names)
     if not any(n.startswith(LLM_BODY + "layers.") for n in llm):
-        raise NameMapError(f"base LLM checkpoint has no {LLM_BODY}layers.* tensors (is it a LlamaForCausalLM?)")
+        raise NameMapError(f"base LLM checkpoint has no {LLM_BODY}layers.* tensors "
+                           "(is it a LlamaForCausalLM?)")
     text_layers = {hit[0] for n in vlm_names if (hit := _layer_index(n, layout.body))}
     num_layers = max(text_layers) + 1
     cross = cross_attention_layers_of(vlm_names, layout)
