@@ -240,8 +240,9 @@ def test_eval_command_on_real_tasks(tiny_llava_dir, shared_data, tmp_path, capsy
     assert main(["eval", *args]) == 0
     res = json.loads(out.read_text())
     assert set(res["tasks"]) == {"arc", "boolq_test", "gsm8k", "nlvr"}
-    for name, t in res["tasks"].items():
-        assert t["n"] == 3 and 0 <= t["accuracy"] <= 100 and t["accuracy"] * 3 / 100 == pytest.approx(round(t["accuracy"] * 3 / 100))
+    for t in res["tasks"].values():
+        assert t["n"] == 3 and 0 <= t["accuracy"] <= 100
+        assert t["accuracy"] * 3 / 100 == pytest.approx(round(t["accuracy"] * 3 / 100))  # k of 3 correct
     lang = [res["tasks"][n]["accuracy"] for n in ("arc", "boolq_test", "gsm8k")]
     assert res["language_avg"] == pytest.approx(sum(lang) / 3)
     assert res["vision_avg"] == pytest.approx(res["tasks"]["nlvr"]["accuracy"])
@@ -306,3 +307,45 @@ def test_recipe_task_spec_overrides_kind_and_group(lm, shared_data) -> None:
     recs = res["tasks"]["boolq_gen"]["records"]
     assert all("generation" in r for r in recs) and res["vision_avg"] == res["tasks"]["boolq_gen"]["accuracy"]
     assert res["language_avg"] is None
+
+
+def test_mllama_choice_with_image_equals_processor_built_forward(tmp_path, colour_png) -> None:
+    """Mllama: one <|image|> token, tiles, and a cross-attention mask; the reference builds its inputs with
+    transformers' own Mllama helpers (image processor + sparse→dense cross-attention mask)."""
+    from PIL import Image
+    from transformers import MllamaForConditionalGeneration
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    from mlan.families.tiny import tiny_mllama_config
+    from mlan.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    MllamaForConditionalGeneration(tiny_mllama_config(num_layers=5)).save_pretrained(tmp_path)
+    load_tokenizer("llama3").save_pretrained(tmp_path)
+    mm = load_model(str(tmp_path))
+    assert mm.family == "mllama"
+    prompt = prompt_ids(mm, "What colour is this picture?", n_images=1)
+    assert prompt.count(128256) == 1
+    options = [mm.tokenizer.encode(t, add_special_tokens=False) for t in ("red", "light blue")]
+    got = choice_loglikelihoods(mm, prompt, options, image=colour_png, batch_size=2)
+
+    proc = MllamaImageProcessorPil(size={"height": mm.image_size, "width": mm.image_size}, max_image_tiles=mm.max_tiles)
+    with Image.open(colour_png) as im:
+        px = proc(images=[[im.convert("RGB")]], return_tensors="pt")
+    want = []
+    for o in options:
+        ids = prompt + o
+        sparse = [get_cross_attention_token_mask(ids, 128256)]
+        cross = torch.tensor(convert_sparse_cross_attention_mask_to_dense(
+            sparse, px["num_tiles"], mm.max_tiles, len(ids)))
+        with torch.no_grad():
+            logits = mm.model(input_ids=torch.tensor([ids]), pixel_values=px["pixel_values"],
+                              aspect_ratio_ids=px["aspect_ratio_ids"], aspect_ratio_mask=px["aspect_ratio_mask"],
+                              cross_attention_mask=cross, use_cache=False).logits[0].double()
+        want.append(sum(float(logits[len(prompt) - 1 + k, t] - torch.logsumexp(logits[len(prompt) - 1 + k], 0))
+                        for k, t in enumerate(o)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)

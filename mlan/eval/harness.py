@@ -22,7 +22,6 @@ from mlan.cli import UserError
 from mlan.eval.forgetting import forgetting
 from mlan.eval.tasks import Item, Task, load_task, parse_task_arg
 
-
 # ---------------------------------------------------------------- answer extraction
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _DIRECT = re.compile(r"the (?:direct |correct |final )?answer is\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
@@ -178,9 +177,9 @@ def prompt_ids(lm: Loaded, text: str, n_images: int = 0) -> list[int]:
         image_ids = [lm.image_token_id] * (lm.image_tokens * n_images)
     text = text.strip()
     if _has_llama3_headers(tok):
-        enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+        enc = lambda s: tok.encode(s, add_special_tokens=False)
         tid = tok.convert_tokens_to_ids
-        head = lambda role: [tid("<|start_header_id|>"), *enc(role), tid("<|end_header_id|>"), *enc("\n\n")]  # noqa: E731
+        head = lambda role: [tid("<|start_header_id|>"), *enc(role), tid("<|end_header_id|>"), *enc("\n\n")]
         body = image_ids + enc(("\n" + text) if image_ids else text)
         return [tid("<|begin_of_text|>"), *head("user"), *body, tid("<|eot_id|>"), *head("assistant")]
     if tok.chat_template:
@@ -347,7 +346,7 @@ def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_t
             if task.group == "vision" and lm.family == "text":
                 raise UserError(f"{task.path}: image task, but the model is a text-only causal LM")
             tid = bar.add_task(f"eval {task.name}", total=len(task.items))
-            step = lambda n, tid=tid: bar.advance(tid, n)  # noqa: E731
+            step = lambda n, tid=tid: bar.advance(tid, n)
             if task.kind == "choice":
                 acc, records = score_choice(lm, task, batch_size, step)
             else:
