@@ -116,6 +116,10 @@ class TokenizeWorker:
         tcache.write_part(cache_url, part, docs, indices, summary)
         return summary.to_json()
 
+    def write_shard(self, *args) -> dict:
+        """Shards are written by the already-warm tokenizer actors when a build tokenized anything."""
+        return write_shard(*args)
+
 
 def _pre_resize(doc, renderer):
     """Store images at the family's resolution (smaller shards, no resize in the loader)."""
@@ -230,16 +234,30 @@ def _start_ray(workers: int | None, address: str | None) -> bool:
 
 
 def _tokenizer_fp(recipe: Recipe) -> str:
-    try:
-        from mlan.tokenizer import load_tokenizer, tokenizer_fingerprint
+    """A cache key for the tokenizer from its files (no transformers import in the driver)."""
+    import importlib.util
 
-        return tokenizer_fingerprint(load_tokenizer(recipe.model.tokenizer))
-    except Exception:  # noqa: BLE001 - an unloadable tokenizer fails later with the renderer's own message
-        return f"unloaded:{recipe.model.tokenizer}"
+    name = recipe.model.tokenizer
+    h = hashlib.sha256(name.encode())
+    if name == "llama3":
+        spec = importlib.util.find_spec("llama_models")
+        files = [Path(spec.origin).parent / "llama3" / "tokenizer.model"] if spec and spec.origin else []
+    else:
+        p = Path(name)
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.stat().st_size < (64 << 20)) if p.is_dir() else (
+            [p] if p.is_file() else [])  # a hub id: its name (and the code fingerprint) is the key
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
-def tokenize_sources(recipe: Recipe, cache_root: str, workers: int, progress: bool) -> list[SourceCache]:
-    """Fill (or reuse) each source's cache on a pool of Ray actors; reports cache hits."""
+def tokenize_sources(
+    recipe: Recipe, cache_root: str, workers: int, progress: bool, keep_actors: list | None = None
+) -> list[SourceCache]:
+    """Fill (or reuse) each source's cache on a pool of Ray actors; reports cache hits.
+
+    With `keep_actors`, the (warm) actors are appended to it instead of being killed.
+    """
     import ray
 
     from mlan.sources import iter_source
@@ -309,8 +327,11 @@ def tokenize_sources(recipe: Recipe, cache_root: str, workers: int, progress: bo
                 part += 1
             c.n_parts = part
         collect(block=True)
-    for a in actors:
-        ray.kill(a)
+    if keep_actors is not None:
+        keep_actors.extend(actors)
+    else:
+        for a in actors:
+            ray.kill(a)
     for i in todo:
         c = caches[i]
         sums = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
@@ -370,10 +391,14 @@ def build(
     cache_root = cache_dir or tcache.default_cache_dir()
     family_config = _family_config(recipe)
 
+    clock = [("start", time.perf_counter())]
     started = _start_ray(workers, address)
+    clock.append(("ray", time.perf_counter()))
     try:
         n_workers = workers or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-        caches = tokenize_sources(recipe, cache_root, n_workers, progress)
+        actors: list = []
+        caches = tokenize_sources(recipe, cache_root, n_workers, progress, keep_actors=actors)
+        clock.append(("tokenize", time.perf_counter()))
         fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
 
         # ---- per-source document tables (record order) → plan
@@ -415,15 +440,19 @@ def build(
         bounds = _shard_bounds(packing.row_tokens, recipe.shards.target_tokens)
         n_shards = bounds.size - 1
 
+        clock.append(("plan+pack", time.perf_counter()))
         # ---- shards (parallel Ray tasks; finished ones are kept)
         shard_infos = _write_shards(
             out_url, packing, bounds, plan.source, doc_part, doc_row, [c.url for c in caches],
-            fingerprint, mix.seq_len, progress,
+            fingerprint, mix.seq_len, progress, actors,
         )
+        for a in actors:
+            ray.kill(a)
         for stale in fs.glob(f"{root}/shards/shard-*.tar*"):  # from an earlier build with more shards
             if Path(stale).name not in {Path(s["name"]).name for s in shard_infos}:
                 fs.rm(stale)
 
+        clock.append(("write", time.perf_counter()))
         # ---- stats, report, rejected, manifest (last)
         summaries, rejected, dropped = {}, [], []
         for s, c in zip(recipe.sources, caches):
@@ -465,6 +494,8 @@ def build(
                 f"text ratio {stats['ratio_achieved']:.4f} (target {mix.ratio.text}), "
                 f"packing {stats['packing_efficiency']:.4f}"
             )
+            clock.append(("report", time.perf_counter()))
+            console.print("time: " + ", ".join(f"{name} {t - clock[i][1]:.1f}s" for i, (name, t) in enumerate(clock[1:])))
         return stats
     finally:
         if started:
@@ -472,13 +503,15 @@ def build(
 
 
 def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_row, cache_urls, fingerprint,
-                  seq_len, progress) -> list[dict]:
+                  seq_len, progress, actors: list) -> list[dict]:
+    """Write the shards not already finished, on the warm actors if any, else as Ray tasks (≤ 2 per CPU queued)."""
     import ray
 
     fs, root = _fs(out_url)
     remote = ray.remote(num_cpus=1)(write_shard)
     infos: list[dict | None] = [None] * (bounds.size - 1)
-    refs = {}
+    refs: dict = {}
+    jobs: list = []
     with _progress(progress) as bar:
         task = bar.add_task("write shards", total=len(infos), rate="")
         t0, tokens = time.perf_counter(), 0
@@ -501,12 +534,24 @@ def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_r
                 infos[k] = done
                 bar.update(task, advance=1)
                 continue
-            refs[remote.remote(out_url, k, rows, cache_urls, sidecar, seq_len)] = k
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            jobs.append((out_url, k, rows, cache_urls, sidecar, seq_len))
+        idle = list(actors)
+        limit = max(2 * len(actors), 2 * int(ray.cluster_resources().get("CPU", 1)))
+        jobs.reverse()
+        while jobs or refs:
+            while jobs and len(refs) < limit and (idle or not actors):
+                job = jobs.pop()
+                if actors:
+                    actor = idle.pop()
+                    refs[actor.write_shard.remote(*job)] = (job[1], actor)
+                else:
+                    refs[remote.remote(*job)] = (job[1], None)
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            k, actor = refs.pop(ready[0])
+            if actor is not None:
+                idle.append(actor)
             info = ray.get(ready[0])
-            infos[refs[ready[0]]] = info
+            infos[k] = info
             tokens += info["tokens"]
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, rate=f"{tokens / dt:,.0f} tok/s")
