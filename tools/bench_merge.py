@@ -88,8 +88,8 @@ def child(args: argparse.Namespace) -> None:
     interpreter = _reset_peak()
     t0 = time.perf_counter()
     if args.child == "streaming":
-        merge_checkpoints(args.vlm, args.llm, args.out,
-                          MergeConfig(alpha=args.alpha, density=args.density, scope=args.scope))
+        merge_checkpoints(args.vlm, args.llm, args.out, MergeConfig(
+            alpha=args.alpha, density=args.density, scope=args.scope, threads=args.threads))
     else:  # the obvious in-memory merge: whole state dicts, T for every tensor, one save per shard
         plan = plan_merge(Path(args.vlm), Path(args.llm))
         vlm, llm = {}, {}
@@ -140,7 +140,7 @@ def build_pair(root: Path, hidden: int, layers: int, dtype: str, shard_size: str
 def run_child(kind: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--vlm", str(args.vlm), "--llm", str(args.llm),
            "--out", str(out), "--alpha", str(args.alpha), "--density", str(args.density),
-           "--scope", args.scope]
+           "--scope", args.scope, "--threads", str(args.threads)]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"bench_merge: the {kind} merge failed:\n{res.stderr}")
@@ -157,6 +157,7 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--density", type=float, default=0.25)
     p.add_argument("--scope", choices=["tensor", "global"], default="global")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the streaming merge")
     p.add_argument("--no-baseline", action="store_true", help="skip the in-memory merge")
     p.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
     p.add_argument("--child", choices=["build", "streaming", "baseline"], help=argparse.SUPPRESS)
@@ -192,14 +193,15 @@ def main() -> None:
           "(python + torch, before merging)")
     print(f"streaming merge    {streaming['merge_rss_bytes'] / MiB:9.1f} MiB above the interpreter "
           f"(peak {streaming['peak_rss_bytes'] / MiB:.1f} MiB, {streaming['seconds']:.2f} s, "
-          f"scope={args.scope} K={args.density})")
+          f"scope={args.scope} K={args.density}, {args.threads} thread(s))")
     print(f"bound              {bound / MiB:9.1f} MiB  (3 x largest tensor)  "
           f"-> {'within' if streaming['merge_rss_bytes'] < bound else 'ABOVE'} "
           f"({streaming['merge_rss_bytes'] / largest.nbytes:.2f} x largest tensor)")
     if baseline:
         print(f"in-memory merge    {baseline['merge_rss_bytes'] / MiB:9.1f} MiB above the interpreter "
               f"({baseline['seconds']:.2f} s, K=1)  -> streaming uses "
-              f"{baseline['merge_rss_bytes'] / max(streaming['merge_rss_bytes'], 1):.1f}x less")
+              f"{baseline['merge_rss_bytes'] / max(streaming['merge_rss_bytes'], 1):.1f}x less memory, "
+              f"{streaming['seconds'] / baseline['seconds']:.2f}x the time")
     if args.json:
         print(json.dumps({"model_bytes": model_bytes, "shards": shards,
                           "largest_tensor_bytes": largest.nbytes,
