@@ -33,6 +33,17 @@ class ModelSpec(_Strict):
     image_size: int | None = Field(None, ge=8)  # llava: vision input side; mllama: tile side (560 real)
     max_tiles: int = Field(4, ge=1, le=16)  # mllama
 
+    @model_validator(mode="before")
+    @classmethod
+    def _compose_from_parts(cls, data: Any) -> Any:
+        """`llm` + `vision_tower` mean "compose LLaVA from parts": config reads `compose`, never `tiny`."""
+        if isinstance(data, dict) and (data.get("llm") or data.get("vision_tower")):
+            if data.get("config") in (None, "tiny", "compose"):
+                data = {**data, "config": "compose"}
+            else:
+                raise ValueError("give either config (a full checkpoint) or llm + vision_tower (compose), not both")
+        return data
+
 
 # ---------------------------------------------------------------- sources
 class TemplateSpec(_Strict):

@@ -38,7 +38,7 @@ def build_model(model_spec: ModelSpec, family_config: dict[str, Any] | None = No
     if family != model_spec.family:
         raise ModelBuildError(
             f"model.family: recipe says {model_spec.family!r}, the build's manifest says {family!r}")
-    if model_spec.llm or model_spec.vision_tower:
+    if model_spec.llm or model_spec.vision_tower or model_spec.config == "compose":
         model = compose_llava(model_spec, family_config)
     elif model_spec.config == "tiny":
         model = build_tiny(family, family_config)
@@ -123,7 +123,7 @@ def compose_llava(model_spec: ModelSpec, fc: dict[str, Any]) -> nn.Module:
         raise ModelBuildError("model.llm/model.vision_tower: composing from parts is for family llava only")
     if not (model_spec.llm and model_spec.vision_tower):
         raise ModelBuildError("model: composing LLaVA needs both model.llm and model.vision_tower")
-    if model_spec.config != "tiny":
+    if model_spec.config not in ("compose", "tiny"):
         raise ModelBuildError(
             f"model.config = {model_spec.config!r}: give either a full checkpoint in model.config "
             "or model.llm + model.vision_tower, not both")
