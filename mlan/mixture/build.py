@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,43 @@ class TokenizeWorker:
 
     def write_shard(self, *args) -> dict:
         """Shards are written by the already-warm tokenizer actors when a build tokenized anything."""
-        return write_shard(*args)
+        if not hasattr(self, "tables"):
+            self.tables = PartTables()
+        return write_shard(*args, tables=self.tables)
+
+
+class PartTables:
+    """Decoded cache parts kept by a shard writer between shards: every shard draws rows from every part,
+    so without this each shard would re-read the whole cache. LRU, bounded in bytes."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes or int(os.environ.get("MLAN_BUILD_PART_CACHE_BYTES", 1 << 30))
+        self.tables: OrderedDict = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, url: str, part: int):
+        key = (url, part)
+        table = self.tables.get(key)
+        if table is not None:
+            self.tables.move_to_end(key)
+            return table
+        table = tcache.read_part(url, part)
+        self.tables[key] = table
+        self.nbytes += table.nbytes
+        while self.nbytes > self.max_bytes and len(self.tables) > 1:
+            _, old = self.tables.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return table
+
+
+class ShardWriter:
+    """A Ray actor that writes shards (used when the build tokenized nothing, so no tokenizer actor is warm)."""
+
+    def __init__(self):
+        self.tables = PartTables()
+
+    def write_shard(self, *args) -> dict:
+        return write_shard(*args, tables=self.tables)
 
 
 def _pre_resize(doc, renderer):
@@ -151,7 +188,8 @@ def _pre_resize(doc, renderer):
     return doc
 
 
-def write_shard(out: str, index: int, rows: dict, caches: list[str], sidecar: dict, seq_len: int) -> dict:
+def write_shard(out: str, index: int, rows: dict, caches: list[str], sidecar: dict, seq_len: int,
+                tables: PartTables | None = None) -> dict:
     """Build one shard's packed rows from the cache and write it (tmp → sidecar → rename)."""
     from collections import defaultdict
 
@@ -161,7 +199,7 @@ def write_shard(out: str, index: int, rows: dict, caches: list[str], sidecar: di
         need[key].append(i)
     docs: list = [None] * len(src)
     for (s, p), positions in sorted(need.items()):
-        table = tcache.read_part(caches[s], p)
+        table = tables.get(caches[s], p) if tables is not None else tcache.read_part(caches[s], p)
         for pos, doc in zip(positions, tcache.table_docs(table, prow[positions])):
             docs[pos] = doc
     samples = []
@@ -282,7 +320,7 @@ def tokenize_sources(
     recipe_json = recipe.model_dump(mode="json")
     Worker = ray.remote(num_cpus=1)(TokenizeWorker)
     actors = [Worker.remote(recipe_json) for _ in range(max(1, workers))]
-    idle = list(actors)
+    idle = list(actors) * 2  # two batches queued per actor: it never waits for the driver
     inflight: dict = {}
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
@@ -404,6 +442,17 @@ def build(
         # ---- per-source document tables (record order) → plan
         metas = [tcache.read_meta(c.url, c.n_parts).to_pydict() for c in caches]
         arrays = [{k: _column(v) for k, v in m.items()} for m in metas]
+        too_many: list[list[dict]] = []  # documents with more images than a row may hold: rejected here
+        for s, a in zip(recipe.sources, arrays):
+            over = a["n_images"] > mix.max_images_per_row if a["n_images"].size else np.zeros(0, bool)
+            too_many.append([
+                {"source": s.name, "index": int(i), "file": None, "field": "images",
+                 "reason": f"{int(n)} images, more than mixture.max_images_per_row = {mix.max_images_per_row}"}
+                for i, n in zip(a["index"][over].tolist(), a["n_images"][over].tolist())
+            ])
+            if over.any():
+                for k in a:
+                    a[k] = a[k][~over]
         sources = [
             SourceDocs(
                 name=s.name, modality=s.modality, weight=s.weight,
@@ -444,7 +493,7 @@ def build(
         # ---- shards (parallel Ray tasks; finished ones are kept)
         shard_infos = _write_shards(
             out_url, packing, bounds, plan.source, doc_part, doc_row, [c.url for c in caches],
-            fingerprint, mix.seq_len, progress, actors,
+            fingerprint, mix.seq_len, progress, actors, n_workers,
         )
         for a in actors:
             ray.kill(a)
@@ -455,11 +504,13 @@ def build(
         clock.append(("write", time.perf_counter()))
         # ---- stats, report, rejected, manifest (last)
         summaries, rejected, dropped = {}, [], []
-        for s, c in zip(recipe.sources, caches):
+        for s, c, extra in zip(recipe.sources, caches, too_many):
             parts = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
-            rej = [r for p in parts for r in p.rejected]
+            rej = sorted([r for p in parts for r in p.rejected] + extra,
+                         key=lambda r: (r["index"] is None, r["index"] or 0))
             drp = [d for p in parts for d in p.dropped]
-            summaries[s.name] = {"read": sum(p.read for p in parts), "accepted": sum(p.accepted for p in parts),
+            summaries[s.name] = {"read": sum(p.read for p in parts),
+                                 "accepted": sum(p.accepted for p in parts) - len(extra),
                                  "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts)}
             rejected += rej
             dropped += drp
@@ -503,12 +554,11 @@ def build(
 
 
 def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_row, cache_urls, fingerprint,
-                  seq_len, progress, actors: list) -> list[dict]:
-    """Write the shards not already finished, on the warm actors if any, else as Ray tasks (≤ 2 per CPU queued)."""
+                  seq_len, progress, actors: list, workers: int) -> list[dict]:
+    """Write the shards not already finished, on the warm tokenizer actors if any, else on `workers` writer actors."""
     import ray
 
     fs, root = _fs(out_url)
-    remote = ray.remote(num_cpus=1)(write_shard)
     infos: list[dict | None] = [None] * (bounds.size - 1)
     refs: dict = {}
     jobs: list = []
@@ -535,26 +585,26 @@ def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_r
                 bar.update(task, advance=1)
                 continue
             jobs.append((out_url, k, rows, cache_urls, sidecar, seq_len))
-        idle = list(actors)
-        limit = max(2 * len(actors), 2 * int(ray.cluster_resources().get("CPU", 1)))
+        own = []
+        if jobs and not actors:
+            own = [ray.remote(num_cpus=1)(ShardWriter).remote() for _ in range(max(1, min(workers, len(jobs))))]
+        pool = actors or own
+        idle = list(pool) * 2
         jobs.reverse()
         while jobs or refs:
-            while jobs and len(refs) < limit and (idle or not actors):
-                job = jobs.pop()
-                if actors:
-                    actor = idle.pop()
-                    refs[actor.write_shard.remote(*job)] = (job[1], actor)
-                else:
-                    refs[remote.remote(*job)] = (job[1], None)
+            while jobs and idle:
+                job, actor = jobs.pop(), idle.pop()
+                refs[actor.write_shard.remote(*job)] = (job[1], actor)
             ready, _ = ray.wait(list(refs), num_returns=1)
             k, actor = refs.pop(ready[0])
-            if actor is not None:
-                idle.append(actor)
+            idle.append(actor)
             info = ray.get(ready[0])
             infos[k] = info
             tokens += info["tokens"]
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=1, rate=f"{tokens / dt:,.0f} tok/s")
+    for a in own:
+        ray.kill(a)
     return infos  # type: ignore[return-value]
 
 
