@@ -195,8 +195,8 @@ def main() -> int:
 
     ceil = rate(ceiling)
     print()
-    print(f"| run | tokens | wall s | tokens/s | × ceiling | packing efficiency |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| run | tokens | wall s | tokens/s | × ceiling | packing efficiency |")
+    print("|---|---:|---:|---:|---:|---:|")
     print(f"| tokenizer ceiling (encode_batch, {cores} cores) | {ceiling['tokens']:,} | {ceiling['wall']:.2f} | "
           f"{ceil:,.0f} | 1.00 | — |")
     print(f"| mlan build end to end ({args.workers} workers, cold cache) | {mlan['tokens']:,} | {mlan['wall']:.2f} | "

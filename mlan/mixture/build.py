@@ -22,7 +22,16 @@ from mlan.mixture import cache as tcache
 from mlan.mixture.pack import Packing, pack
 from mlan.mixture.plan import SourceDocs, check_modalities, make_plan
 from mlan.mixture.report import compute_stats, render_report
-from mlan.mixture.shards import MANIFEST, PackedRow, join_url, row_key, row_to_sample, sha256_of, shard_name, write_tar
+from mlan.mixture.shards import (
+    MANIFEST,
+    PackedRow,
+    join_url,
+    row_key,
+    row_to_sample,
+    sha256_of,
+    shard_name,
+    write_tar,
+)
 from mlan.recipe import Recipe, load_recipe
 
 RECORDS_PER_PART = 512
@@ -129,7 +138,7 @@ class PartTables:
     so without this each shard would re-read the whole cache. LRU, bounded in bytes."""
 
     def __init__(self, max_bytes: int | None = None):
-        self.max_bytes = max_bytes or int(os.environ.get("MLAN_BUILD_PART_CACHE_BYTES", 1 << 30))
+        self.max_bytes = max_bytes or int(os.environ.get("MLAN_BUILD_PART_CACHE_BYTES", str(1 << 30)))
         self.tables: OrderedDict = OrderedDict()
         self.nbytes = 0
 
@@ -347,7 +356,7 @@ def tokenize_sources(
                 console.print(f"tokenizing source {src.name!r} → cache {c.fingerprint}")
             part, batch = 0, []
 
-            def submit(part: int, batch: list) -> None:
+            def submit(part: int, batch: list, src=src, c=c) -> None:
                 if tcache.read_part_summary(c.url, part) is not None:  # written by an earlier, killed run
                     bar.update(task, advance=len(batch))
                     return

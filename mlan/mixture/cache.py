@@ -44,7 +44,7 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def _hash_path(path: str, h: "hashlib._Hash", with_bytes: bool) -> bool:
+def _hash_path(path: str, h: hashlib._Hash, with_bytes: bool) -> bool:
     """Feed a file's bytes (or a folder's listing) into `h`; False when the path is not on any filesystem."""
     try:
         fs, p = _fs(path)

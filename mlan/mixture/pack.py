@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, insort
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class Packing:
     def row(self, r: int) -> np.ndarray:
         return self.items[self.offsets[r] : self.offsets[r + 1]]
 
-    def permuted(self, order: np.ndarray) -> "Packing":
+    def permuted(self, order: np.ndarray) -> Packing:
         """The same rows in another order (e.g. a seeded shuffle so rows are not sorted by length)."""
         sizes = np.diff(self.offsets)[order]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -116,7 +117,7 @@ def pack(
         cuts = np.searchsorted(cs, np.arange(buffer_tokens, int(cs[-1]) if cs.size else 0, buffer_tokens), side="right")
         bounds = [0, *sorted(set(cuts.tolist()) - {0, lengths.size}), lengths.size]
     all_rows: list[np.ndarray] = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in pairwise(bounds):
         for row in _bfd(lengths[a:b], images[a:b], seq_len, max_images):
             all_rows.append(np.asarray(row, dtype=np.int64) + a)
     sizes = np.array([r.size for r in all_rows], dtype=np.int64)

@@ -106,7 +106,7 @@ def _select(src: SourceDocs, target: float, by: str, seed: int) -> tuple[np.ndar
         )
     perm = _rng(seed, src.name).permutation(n)
     if by == "examples":
-        want = int(round(target))
+        want = round(target)
         repeats, k = divmod(want, n)
     else:
         repeats = int(target // total)

@@ -110,8 +110,8 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
     unit = b["unit"]
     lines = [f"# mlan build report{(' — ' + recipe_name) if recipe_name else ''}", ""]
     lines += [
-        f"Fingerprint `{stats['fingerprint']}` · seq_len {stats['seq_len']} · {stats['rows']} rows in "
-        f"{stats['shards']} shards",
+        (f"Fingerprint `{stats['fingerprint']}` · seq_len {stats['seq_len']} · {stats['rows']} rows in "
+         f"{stats['shards']} shards"),
         "",
         "## Target vs achieved",
         "",

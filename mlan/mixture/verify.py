@@ -121,8 +121,8 @@ def describe_row(manifest: dict, row: PackedRow, tokenizer=None) -> str:
     image_id = manifest.get("family_config", {}).get("image_token_id")
     seq_len = manifest["seq_len"]
     lines = [
-        f"row {row.key}: {len(row)} tokens of {seq_len} ({len(row) / seq_len:.1%}), {len(row.docs)} documents, "
-        f"{int(row.loss.sum())} trained tokens, {len(row.images)} images"
+        (f"row {row.key}: {len(row)} tokens of {seq_len} ({len(row) / seq_len:.1%}), {len(row.docs)} documents, "
+         f"{int(row.loss.sum())} trained tokens, {len(row.images)} images")
     ]
     bounds = np.concatenate([[0], np.cumsum(row.docs.astype(np.int64))])
     for j in range(len(row.docs)):
