@@ -64,6 +64,31 @@ def test_truncate_batch_keeps_exact_tokens_and_counts_modalities():
     assert new["tokens_by_modality"] == {"text": 5, "image_text": 5}
 
 
+def test_llava_dummy_image_leaves_the_loss_unchanged():
+    """A text-only LLaVA micro-batch runs the vision tower on a blank image without touching the real tokens."""
+    from mlan.families.modeling import build_model, real_vocab_size
+    from mlan.recipe import ModelSpec
+    from mlan.train.losses import token_loss_sum
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(family="llava"), shardkit.LLAVA_FC)
+    ids = torch.randint(0, 120000, (2, 11))
+    pos = torch.tensor([list(range(6)) + list(range(5)), list(range(11))])
+    labels = ids.clone()
+    labels[:, 0] = -100
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    dummy = trainer.add_llava_dummy_image(batch, shardkit.LLAVA_FC)
+    assert batch["input_ids"].shape == (2, 11 + 16) and int(dummy.sum()) == 16
+    assert batch["pixel_values"].shape == (1, 3, 56, 56) and (batch["labels"][:, 11:] == -100).all()
+    n = real_vocab_size(model)
+    with torch.no_grad():
+        plain = token_loss_sum(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels, n)
+        lab = batch.pop("labels")
+        padded = model(**batch, use_cache=False).logits
+    assert torch.allclose(token_loss_sum(padded, lab, n), plain, rtol=1e-6)
+    assert trainer.add_llava_dummy_image(batch, shardkit.LLAVA_FC) is None  # has pixel_values now
+
+
 def test_budget_over_the_build_is_a_recipe_error():
     manifest = {"totals": {"tokens": 1000}}
     assert trainer.resolve_budget(TrainSpec(), manifest) == 1000
