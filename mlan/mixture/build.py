@@ -39,8 +39,8 @@ PROGRESS_DIR = ".progress"  # per-shard sidecars: planned content + sha256 (what
 ROWS_SEED_SALT = 0x726F7773  # "rows": the seeded row shuffle after packing
 
 
-class BuildError(ValueError):
-    """A build that cannot proceed; one line saying why."""
+class BuildError(RuntimeError):
+    """A broken build invariant (a bug, not bad input); one line saying what."""
 
 
 # ---------------------------------------------------------------- helpers
@@ -638,22 +638,10 @@ def default_out(recipe_path: str) -> str:
 
 
 def build_command(args) -> int:
+    """`mlan build`; an impossible plan is a PlanError (a RecipeError): one line, exit status 2."""
     recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        build(recipe, args.out or default_out(args.recipe), workers=args.workers, address=args.address,
-              cache_dir=args.cache, progress=True)
-    except BuildError as err:
-        from mlan.cli import UserError
-
-        raise UserError(str(err)) from None
-    except ValueError as err:  # PlanError and friends: one line, exit 2
-        from mlan.mixture.plan import PlanError
-
-        if isinstance(err, PlanError):
-            from mlan.cli import UserError
-
-            raise UserError(str(err)) from None
-        raise
+    build(recipe, args.out or default_out(args.recipe), workers=args.workers, address=args.address,
+          cache_dir=args.cache, progress=True)
     return 0
 
 

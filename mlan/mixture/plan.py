@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mlan.recipe import RecipeError
+
 MODALITIES = ("text", "image_text")
 
 
-class PlanError(ValueError):
-    """A mixture that cannot be built from these sources; the message says what is missing."""
+class PlanError(RecipeError):
+    """A mixture that cannot be built from these sources; the message says what is missing (exit status 2)."""
 
 
 @dataclass(frozen=True)

@@ -156,11 +156,10 @@ def _load_tokenizer(manifest: dict):
 
 
 def inspect_command(args) -> int:
-    from mlan.cli import UserError
-
     try:
         manifest, row = find_row(args.build_dir, args.row)
     except IndexError as err:
-        raise UserError(str(err)) from None
+        print(f"mlan inspect: error: {err}", file=sys.stderr)
+        return 2
     print(describe_row(manifest, row, _load_tokenizer(manifest)))
     return 0
