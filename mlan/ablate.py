@@ -71,6 +71,26 @@ class RatioDir:
         return self.root / "result.json"
 
 
+def export_complete(final: Path) -> bool:
+    """A `save_pretrained` folder with a config, a tokenizer and weight files whose headers and sizes agree."""
+    if not (final / "config.json").is_file() or not (final / "tokenizer.json").is_file():
+        return False
+    weights = sorted(final.glob("*.safetensors"))
+    if not weights:
+        return False
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as f:  # truncated files fail the header/size check
+                names = list(f.keys())
+        except Exception:  # noqa: BLE001 - any unreadable file means: not complete
+            return False
+        if not names:
+            return False
+    return True
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -105,9 +125,16 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
         if workers:
             args += ["--workers", str(workers)]
         _mlan(args, log)
-    if not (d.final / "config.json").is_file():
-        _mlan(["train", str(recipe_path), "--shards", str(d.build), "--out", str(d.run), "--nproc", str(nproc),
-               "--resume", *_sets(sets)], log)
+    if not export_complete(d.final):
+        train = ["train", str(recipe_path), "--shards", str(d.build), "--out", str(d.run), "--nproc", str(nproc),
+                 "--resume", *_sets(sets)]
+        try:
+            _mlan(train, log)
+        except UserError:
+            # a worker that dies at shutdown, after the export was written, still left a usable model
+            if not export_complete(d.final):
+                raise
+            log(f"training workers exited non-zero after a complete export to {d.final}; continuing")
     if d.eval.is_file():
         results = json.loads(d.eval.read_text())
     else:

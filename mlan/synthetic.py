@@ -32,7 +32,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
     "purple": (140, 40, 170), "orange": (250, 140, 20), "black": (20, 20, 20), "white": (235, 235, 235),
 }
-TEXT_PROMPTS = ("Which group does the word {w} belong to?", "What kind of thing is a {w}?",
+# the word is always the prompt's last word: its distance to the answer is fixed, which a tiny model learns fast
+TEXT_PROMPTS = ("Which group does this word belong to: {w}?", "What kind of thing is a {w}?",
                 "Classify the word {w}.", "Tell me the category of {w}.")
 IMAGE_PROMPTS = ("What colour is this picture?", "Which colour fills the image?", "Name the colour of this image.")
 EVAL_TEXT_PROMPT = TEXT_PROMPTS[0]
@@ -51,7 +52,7 @@ class DemoData:
     eval_vision: Path  # mc JSONL with images (paths relative to the eval file's folder)
 
 
-def word_facts(words_per_category: int = 20) -> list[tuple[str, str]]:
+def word_facts(words_per_category: int = 12) -> list[tuple[str, str]]:
     """(word, category) pairs, the knowledge the text documents teach."""
     return [(w, c) for c, words in CATEGORIES.items() for w in words[:words_per_category]]
 
@@ -74,7 +75,7 @@ def _jsonl(path: Path, records: list[dict]) -> None:
 
 
 def generate_demo_data(out: str | Path, *, n_text: int = 600, n_image: int = 240, n_eval_vision: int = 80,
-                       words_per_category: int = 20, image_size: int = 56, seed: int = 0) -> DemoData:
+                       words_per_category: int = 12, image_size: int = 56, seed: int = 0) -> DemoData:
     """Write the demo's training and evaluation files under `out` (deterministic for a seed)."""
     root = Path(out)
     images = root / "images"

@@ -145,3 +145,23 @@ def test_ratio_parsing() -> None:
         with pytest.raises(UserError):
             parse_ratios(bad)
     assert ratio_tag(0.25) == "ratio-0.25" and ratio_tag(0.0) == "ratio-0.0" and ratio_tag(0.125) == "ratio-0.125"
+
+
+def test_export_complete_rejects_partial_exports(tmp_path) -> None:
+    from transformers import LlamaForCausalLM
+
+    from mlan.ablate import export_complete
+    from mlan.families.tiny import tiny_llama_config
+
+    final = tmp_path / "final"
+    cfg = tiny_llama_config()
+    cfg.vocab_size, cfg.pad_token_id = 512, 0  # small: this test is about files, not the model
+    LlamaForCausalLM(cfg).save_pretrained(final)
+    assert not export_complete(final)  # no tokenizer yet
+    (final / "tokenizer.json").write_text("{}")
+    assert export_complete(final)
+    w = final / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) - 100])  # killed while writing
+    assert not export_complete(final)
+    assert not export_complete(tmp_path / "missing")

@@ -60,10 +60,10 @@ def test_eval_files_are_balanced_four_way_choices(demo) -> None:
     lang = load_task(demo / "data" / "eval_language.jsonl")
     vis = load_task(demo / "data" / "eval_vision.jsonl")
     assert (lang.kind, lang.group, vis.kind, vis.group) == ("choice", "language", "choice", "vision")
-    assert len(lang.items) == len(word_facts()) == 80
+    assert len(lang.items) == len(word_facts()) == 48  # 12 words in each of 4 groups
     for task in (lang, vis):
         assert all(len(it.choices) == 4 and it.answer in it.choices for it in task.items)
-    assert set(Counter(it.answer for it in lang.items).values()) == {20}
+    assert set(Counter(it.answer for it in lang.items).values()) == {12}
     assert set(Counter(it.answer for it in vis.items).values()) == {10}  # 80 items over 8 colours
     assert all(Path(it.image).is_file() for it in vis.items)
     # eval images are new pictures, not copies of training images
