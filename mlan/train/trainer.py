@@ -312,7 +312,7 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
     flops = modeling.flops_model(model)
     real_vocab = modeling.real_vocab_size(model)
     precision = resolve_precision(spec.precision, env.device)
-    model.to(env.device)
+    # no model.to(device): fully_shard moves each block to the GPU as it shards it (peak = one block, not the model)
     parallelize(model, ParallelConfig(precision=precision, activation_checkpointing=spec.activation_checkpointing,
                                       compile=spec.compile))
     optimizer = make_optimizer(model, spec)
