@@ -360,3 +360,34 @@ def test_impossible_plan_fails_before_work(tmp_path, shared_data):
     t = time.time()
     assert main(["build", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert time.time() - t < 30 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.timeout(300)
+def test_mllama_build_one_image_token_per_image(local_ray, shared_data, tmp_path):
+    import yaml
+
+    from mlan.mixture.build import build
+    from mlan.recipe import load_recipe
+
+    path = small_recipe(tmp_path, shared_data)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"] = {"family": "mllama", "tokenizer": "llama3"}
+    for s in raw["sources"]:
+        s["limit"] = 40
+    raw["mixture"]["budget"] = {"examples": 100}
+    path.write_text(yaml.safe_dump(raw))
+    stats = build(load_recipe(path), str(tmp_path / "out"), workers=1, cache_dir=str(tmp_path / "c"), progress=False)
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    fc = manifest["family_config"]
+    assert fc["family"] == "mllama" and fc["image_token_id"] == 128256 and fc["image_tokens"] == 1
+    fig = tar_figures(tmp_path / "out")
+    n_images = 0
+    for r in fig["rows"]:
+        bounds = np.concatenate([[0], np.cumsum(r["docs"])]).astype(int).tolist()
+        for j, mod in enumerate(r["modalities"]):
+            ids = r["ids"][bounds[j] : bounds[j + 1]]
+            want = sum(1 for d in r["image_docs"] if d == j)
+            assert int((ids == 128256).sum()) == want and (want > 0) == (mod == "image_text")
+            assert not r["loss"][bounds[j] : bounds[j + 1]][ids == 128256].any()  # image token never trained
+        n_images += len(r["images"])
+    assert n_images == stats["images"] == 25 and sum(stats["tiles"].values()) == 25
