@@ -185,24 +185,22 @@ class Stepper:
         self.image_token_id = int(family_config["image_token_id"])
         self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def _all_gather_counts(self, counts: list[int]) -> torch.Tensor:
-        local = torch.tensor(counts, dtype=torch.int64)
+    def all_gather_counts(self, counts: list[int]) -> torch.Tensor:
+        """(world, len(counts)) table of every rank's integers (on the backend's device: NCCL needs CUDA)."""
+        local = torch.tensor(counts, dtype=torch.int64, device=self.env.device)
         out = [torch.zeros_like(local) for _ in range(self.env.world_size)]
-        dist.all_gather(out, local.to(self._comm_device()))  # noqa: counts travel on the backend's device
-        return torch.stack([o.cpu() for o in out])
-
-    def _comm_device(self) -> torch.device:
-        return self.env.device
+        dist.all_gather(out, local)
+        return torch.stack(out).cpu()
 
     def _all_reduce(self, values: list[float], dtype=torch.float64) -> list[float]:
-        t = torch.tensor(values, dtype=dtype, device=self._comm_device())
+        t = torch.tensor(values, dtype=dtype, device=self.env.device)
         dist.all_reduce(t)
         return t.cpu().tolist()
 
     def step(self, micro: list[dict[str, Any]], tokens_before: int, budget: int, lr: float | None,
              schedule: TokenSchedule) -> StepResult:
         metas = [b.pop("meta") for b in micro]
-        table = self._all_gather_counts([int(m["n_tokens"]) for m in metas] + [int(m.get("n_images", 0)) for m in metas])
+        table = self.all_gather_counts([int(m["n_tokens"]) for m in metas] + [int(m.get("n_images", 0)) for m in metas])
         counts, images = table[:, :len(metas)], table[:, len(metas):]
         # micro-batches without any real image (Mllama runs them on a dummy image: same modules on every rank)
         text_only = int((images == 0).sum())
@@ -346,7 +344,7 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
     try:
         while state.tokens < budget:
             micro = take(it, spec.grad_accum)
-            have = stepper._all_gather_counts([len(micro)])
+            have = stepper.all_gather_counts([len(micro)])
             if int(have.min()) != int(have.max()):
                 raise TrainError(f"ranks hold different numbers of micro-batches this step: {have.flatten().tolist()}"
                                  " (the loader must give every rank the same number of batches)")
