@@ -216,9 +216,9 @@ def write_plot(rows: list[dict], path: Path, title: str = "") -> None:
     ax.set_xlabel("text share of the token budget (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xlim(-5, 105)
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-2, 105)  # points at 0 or 100 stay visible
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Generated demo data: a text skill and a vision skill that a tiny model learns in minutes on a CPU.
 
-- Language (text-only instructions): "which group does the word W belong to?" → animal | fruit | tool |
+- Language (text-only instructions): "which group does this word belong to: W?" → animal | fruit | tool |
   place, over a fixed vocabulary of words. Knowledge that only text documents teach.
 - Vision (image-text instructions): a flat-coloured picture with a little noise → its colour name. A skill
   that only image documents teach.
