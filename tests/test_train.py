@@ -18,14 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mlan.recipe import RecipeError, TrainSpec
 from mlan.train import trainer
-from mlan.train.launch import run_training, worker_command
+from mlan.train.launch import TrainingFailed, run_training, worker_command
 from mlan.train.metrics import read_metrics
 from mlan.train.schedule import TokenSchedule
-from mlan.recipe import RecipeError, TrainSpec
 
 sys.path.insert(0, str(Path(__file__).parent))
-import shardkit  # noqa: E402
+import shardkit
 
 IMG = shardkit.LLAVA_FC["image_token_id"]
 
@@ -207,7 +207,7 @@ def test_sigkill_then_resume_equals_uninterrupted(two_rank_run, llava_build):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     _kill_after_checkpoint(cmd, out, env)
     assert not (out / "final").exists()
-    with pytest.raises(Exception):  # a run folder with checkpoints refuses a fresh start
+    with pytest.raises(TrainingFailed):  # a run folder with checkpoints refuses a fresh start
         run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, overrides=overrides)
     run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True, overrides=overrides)
     ref, got = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
@@ -235,7 +235,7 @@ def test_lora_changes_only_adapters_and_projector_then_merges(llava_build):
     fc = shardkit.LLAVA_FC
     initial = trainer.prepare_model(recipe, fc)  # the same seeded build the workers started from
     start = {k: v.detach().clone() for k, v in initial.state_dict().items()}
-    ckpt = sorted((out / "checkpoints").glob("step-*[0-9]"))[-1]
+    ckpt = max((out / "checkpoints").glob("step-*[0-9]"))
     dcp_to_torch_save(ckpt, out / "ckpt.pt")
     trained = torch.load(out / "ckpt.pt", weights_only=False)["model"]
     changed = {k for k in start if not torch.equal(start[k], trained[k])}
@@ -286,7 +286,7 @@ def _same_logits_after_export(run: Path, recipe_path: Path, overrides: list[str]
     recipe = load_recipe(recipe_path, overrides)
     fc = json.loads((build_dir / "manifest.json").read_text())["family_config"]
     trained = trainer.prepare_model(recipe, fc)
-    dcp_to_torch_save(sorted((run / "checkpoints").glob("step-*[0-9]"))[-1], run / "final.pt")
+    dcp_to_torch_save(max((run / "checkpoints").glob("step-*[0-9]")), run / "final.pt")
     trained.load_state_dict(torch.load(run / "final.pt", weights_only=False)["model"])
     cls = {"llava": LlavaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}[fc["family"]]
     assert AutoConfig.from_pretrained(run / "final").model_type == fc["family"]

@@ -25,14 +25,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlan.data.collate import family_collate  # noqa: E402
-from mlan.data.loader import RowReader, manifest_shards, read_manifest  # noqa: E402
-from mlan.families import modeling  # noqa: E402
-from mlan.mixture.shards import PackedRow  # noqa: E402
-from mlan.recipe import LoraSpec, ModelSpec, TrainSpec  # noqa: E402
-from mlan.train.losses import IGNORE_INDEX, shift_labels, target_loss_sum  # noqa: E402
-from mlan.train.metrics import peak_flops  # noqa: E402
-from mlan.train.trainer import add_llava_dummy_image  # noqa: E402
+from mlan.data.collate import family_collate
+from mlan.data.loader import RowReader, manifest_shards, read_manifest
+from mlan.families import modeling
+from mlan.mixture.shards import PackedRow
+from mlan.recipe import ModelSpec
+from mlan.train.losses import IGNORE_INDEX, shift_labels, target_loss_sum
+from mlan.train.metrics import peak_flops
+from mlan.train.trainer import add_llava_dummy_image
 
 
 def split_documents(row: PackedRow) -> list[PackedRow]:

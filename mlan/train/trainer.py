@@ -11,13 +11,13 @@ accumulation do not change it. Worker entry point: `python -m mlan.train.trainer
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
