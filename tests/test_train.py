@@ -324,3 +324,12 @@ def test_tiny_recipe_trains_on_a_real_build(real_builds, repo_root, family, budg
     assert sum(r["text_only_microbatches"] for r in lines) > 0
     _same_logits_after_export(run, recipe, overrides, build_dir)
     assert (final / "model.safetensors").is_file()
+
+
+def test_launcher_fails_fast_before_starting_workers(llava_build, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        run_training(llava_build / "recipe.yaml", tmp_path / "missing", tmp_path / "run", nproc=2)
+    with pytest.raises(RecipeError, match="budget_tokens = 10000000"):
+        run_training(llava_build / "recipe.yaml", llava_build / "build", tmp_path / "run", nproc=2,
+                     overrides=["train.budget_tokens=10000000"])
+    assert not (tmp_path / "run").exists()

@@ -29,11 +29,21 @@ def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
     return cmd
 
 
+def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[str]) -> None:
+    """Fail fast, before any worker starts, on a bad recipe, a missing build or an impossible budget."""
+    from mlan.recipe import load_recipe
+    from mlan.train.trainer import read_manifest, resolve_budget
+
+    recipe = load_recipe(recipe_path, list(overrides))
+    resolve_budget(recipe.train, read_manifest(str(shards)))
+
+
 def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, nproc: int = 2,
                  resume: bool = False, overrides: Iterable[str] = ()) -> Path:
     """Launch a run on this machine and wait; returns RUN/final (a save_pretrained folder)."""
     if nproc < 1:
         raise ValueError(f"--nproc {nproc}: need at least one process")
+    preflight(recipe_path, shards, overrides)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -46,11 +56,16 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
 
 def train_command(args) -> int:
     """cli.py dispatches `mlan train RECIPE --shards DIR --out RUN [--nproc N] [--resume] [--set K=V]` here."""
+    from mlan.data.loader import ManifestError
+
     try:
         final = run_training(args.recipe, args.shards, args.out, nproc=args.nproc, resume=args.resume,
                              overrides=args.overrides)
     except TrainingFailed as err:
         print(err, file=sys.stderr)
         return 1
+    except ManifestError as err:  # a manifest that breaks the build-output contract (RecipeError: cli.py)
+        print(f"mlan train: error: {err}", file=sys.stderr)
+        return 2
     print(f"mlan train: exported {final}")
     return 0
