@@ -31,7 +31,7 @@ META_COLUMNS = (
     "n_vision_tokens", "truncated", "image_tiles",
 )
 # the code whose output lands in the cache: a change to any of it rebuilds
-_CODE_PATHS = ("render.py", "tokenizer.py", "sources", "families", "mixture/cache.py")
+_CODE_PATHS = ("render.py", "templates.py", "tokenizer.py", "sources", "families", "mixture/cache.py")
 
 
 def default_cache_dir() -> str:
