@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -375,6 +376,7 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
             if every and (state.tokens // every > before // every or state.tokens >= budget):
                 ckpt.save_checkpoint(paths.run, state.step, model, optimizer, asdict(state), loader.state_dict())
     finally:
+        it.close()  # stop the DataLoader workers now, not during interpreter teardown
         progress.close()
         if log is not None:
             log.close()
@@ -431,16 +433,23 @@ def main(argv: list[str] | None = None) -> int:
     from mlan.data.loader import ManifestError, ShardError
 
     args = build_parser().parse_args(argv)
+    rc = 0
     try:
         train(args.recipe, args.shards, args.out, args.resume, args.overrides)
     except (RecipeError, TrainError, FileNotFoundError, modeling.ModelBuildError, ManifestError, ShardError) as err:
         print(f"mlan train: error: {err}", file=sys.stderr)
-        return 2
+        rc = 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return rc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # A torchrun worker whose work is done and flushed leaves at once: C++ threads of the process group or
+    # the loader torn down during interpreter finalization can abort ("terminate called without an active
+    # exception") and turn a finished run into a failed one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
