@@ -128,13 +128,7 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
     if not export_complete(d.final):
         train = ["train", str(recipe_path), "--shards", str(d.build), "--out", str(d.run), "--nproc", str(nproc),
                  "--resume", *_sets(sets)]
-        try:
-            _mlan(train, log)
-        except UserError:
-            # a worker that dies at shutdown, after the export was written, still left a usable model
-            if not export_complete(d.final):
-                raise
-            log(f"training workers exited non-zero after a complete export to {d.final}; continuing")
+        _mlan(train, log)
     if d.eval.is_file():
         results = json.loads(d.eval.read_text())
     else:
