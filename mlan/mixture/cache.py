@@ -31,7 +31,13 @@ META_COLUMNS = (
     "n_vision_tokens", "truncated", "image_tiles",
 )
 # the code whose output lands in the cache: a change to any of it rebuilds
-_CODE_PATHS = ("render.py", "templates.py", "tokenizer.py", "sources", "families", "mixture/cache.py")
+# Only the code that shapes tokenized documents: editing the trainer, the merge map or the Mllama patch
+# (also under families/) must not re-tokenize every source.
+_CODE_PATHS = (
+    "render.py", "templates.py", "tokenizer.py", "sources",
+    "families/__init__.py", "families/base.py", "families/llava.py", "families/mllama.py", "families/tiny.py",
+    "mixture/cache.py",
+)
 
 
 def default_cache_dir() -> str:
@@ -68,7 +74,7 @@ def _hash_path(path: str, h: hashlib._Hash, with_bytes: bool) -> bool:
 
 
 def code_fingerprint() -> str:
-    """sha256 over the rendering code (mlan/render.py, sources/, families/, tokenizer.py, this file)."""
+    """sha256 over the rendering code (`_CODE_PATHS`: render, templates, tokenizer, sources, family accounting)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for rel in _CODE_PATHS:
