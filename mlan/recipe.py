@@ -74,7 +74,7 @@ class SourceSpec(_Strict):
     upsample: bool | None = None  # overrides mixture.upsample for this source
 
     @model_validator(mode="after")
-    def _template_needs_spec(self) -> "SourceSpec":
+    def _template_needs_spec(self) -> SourceSpec:
         if self.format == "template" and self.template is None:
             raise ValueError("format 'template' needs a `template:` block (prompts, response)")
         return self
@@ -86,7 +86,7 @@ class BudgetSpec(_Strict):
     examples: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "BudgetSpec":
+    def _exactly_one(self) -> BudgetSpec:
         if (self.tokens is None) == (self.examples is None):
             raise ValueError("give exactly one of budget.tokens or budget.examples")
         return self

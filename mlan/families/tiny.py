@@ -63,35 +63,35 @@ def tiny_llava_config(num_layers: int = 2, hidden: int = 64) -> LlavaConfig:
 def tiny_mllama_config(num_layers: int = 10, hidden: int = 64) -> MllamaConfig:
     """Cross-attention at 3, 8, 13, … like the 11B model's [3, 8, …, 38] over 40 layers."""
     cross = list(range(3, num_layers, 5))
-    text = dict(
-        vocab_size=LLAMA3_VOCAB,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        cross_attention_layers=cross,
-        max_position_embeddings=131072,
-        rope_parameters={
+    text = {
+        "vocab_size": LLAMA3_VOCAB,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "cross_attention_layers": cross,
+        "max_position_embeddings": 131072,
+        "rope_parameters": {
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
         },
-        bos_token_id=BOS_ID,
-        eos_token_id=[128001, 128008, EOT_ID],
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_global_layers=1,
-        attention_heads=2,
-        image_size=TINY_MLLAMA_TILE,
-        patch_size=TINY_MLLAMA_PATCH,
-        max_num_tiles=TINY_MLLAMA_MAX_TILES,
-        intermediate_layers_indices=[0, 1],
-        vision_output_dim=32 * 3,
-        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
-    )
+        "bos_token_id": BOS_ID,
+        "eos_token_id": [128001, 128008, EOT_ID],
+        "pad_token_id": PAD_ID,
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_global_layers": 1,
+        "attention_heads": 2,
+        "image_size": TINY_MLLAMA_TILE,
+        "patch_size": TINY_MLLAMA_PATCH,
+        "max_num_tiles": TINY_MLLAMA_MAX_TILES,
+        "intermediate_layers_indices": [0, 1],
+        "vision_output_dim": 32 * 3,
+        "supported_aspect_ratios": [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+    }
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Literal, Union
+from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -71,7 +71,7 @@ class Image:
     ref: ImageRef
 
 
-Part = Union[Text, Image]
+Part = Text | Image
 
 
 @dataclass(frozen=True)
