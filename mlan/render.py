@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -113,11 +113,16 @@ def _encode(backend, texts: list[str]) -> list[list[int]]:
 TIKTOKEN_MAX_CHARS = 20_000  # longer texts go to the Rust tokenizer (tiktoken is slow on very long pieces)
 
 
-def _encode_plain_tiktoken(enc, backend, texts: list[str]) -> list[list[int]]:
-    """Ordinary text (no special-token parsing) with tiktoken; the rare very long text with `backend`."""
+def _encode_plain_tiktoken(enc, backend: Callable[[], Any], texts: list[str]) -> list[list[int]]:
+    """Ordinary text (no special-token parsing) with tiktoken; the rare very long text with `backend()`.
+
+    `backend` is a callable so the Rust copy (≈0.4 s to build) is made only when a long text needs it.
+    """
     out: list[list[int] | None] = [enc.encode_ordinary(t) if len(t) <= TIKTOKEN_MAX_CHARS else None for t in texts]
     long_ = [i for i, ids in enumerate(out) if ids is None]
-    for i, ids in zip(long_, _encode(backend, [texts[i] for i in long_])):
+    if not long_:
+        return out  # type: ignore[return-value]
+    for i, ids in zip(long_, _encode(backend(), [texts[i] for i in long_])):
         out[i] = ids
     return out  # type: ignore[return-value]
 
@@ -234,7 +239,7 @@ class Renderer:
         plain_texts = [p.text for ps in docs for p in ps if p.kind == "text" and not p.special]
         special_texts = [p.text for ps in docs for p in ps if p.kind == "text" and p.special]
         if self._tiktoken is not None:
-            plain = iter(_encode_plain_tiktoken(self._tiktoken, self._plain, plain_texts))
+            plain = iter(_encode_plain_tiktoken(self._tiktoken, lambda: self._plain, plain_texts))
         else:
             plain = iter(_encode(self._plain, plain_texts))
         special = iter(_encode(self._special, special_texts))

@@ -133,22 +133,53 @@ class TokenizeWorker:
         return write_shard(*args, tables=self.tables)
 
 
+@dataclass
+class PartColumns:
+    """One cache part decoded once into what rows are cut from: flat token arrays with offsets, and lists."""
+
+    offsets: np.ndarray  # int64 (n_docs + 1,): document k is ids[offsets[k]:offsets[k + 1]]
+    ids: np.ndarray  # uint32, every document of the part back to back
+    loss: np.ndarray  # uint8, aligned with ids
+    doc_id: list[str]
+    source: list[str]
+    modality: list[str]
+    images: list[list[bytes]]
+    image_exts: list[list[str]]
+    nbytes: int
+
+    @classmethod
+    def from_table(cls, table) -> PartColumns:
+        ids_col = table.column("input_ids").combine_chunks()
+        loss_col = table.column("loss_mask").combine_chunks()
+        offsets = ids_col.offsets.to_numpy().astype(np.int64)
+        if not np.array_equal(loss_col.offsets.to_numpy(), offsets):
+            raise BuildError("a cache part's loss_mask and input_ids lengths differ")
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        lists = {c: table.column(c).to_pylist() for c in ("doc_id", "source", "modality")}
+        if table.column("n_images").to_numpy().any():
+            images, exts = table.column("images").to_pylist(), table.column("image_exts").to_pylist()
+        else:  # text-only part: skip decoding two list columns of empty lists
+            images = exts = [[] for _ in range(table.num_rows)]
+        return cls(offsets - lo, ids_col.values.to_numpy()[lo:hi], loss_col.values.to_numpy()[lo:hi],
+                   lists["doc_id"], lists["source"], lists["modality"], images, exts, nbytes=int(table.nbytes))
+
+
 class PartTables:
     """Decoded cache parts kept by a shard writer between shards: every shard draws rows from every part,
-    so without this each shard would re-read the whole cache. LRU, bounded in bytes."""
+    so without this each shard would re-read (and re-decode) the whole cache. LRU, bounded in bytes."""
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = max_bytes or int(os.environ.get("MLAN_BUILD_PART_CACHE_BYTES", str(1 << 30)))
         self.tables: OrderedDict = OrderedDict()
         self.nbytes = 0
 
-    def get(self, url: str, part: int):
+    def get(self, url: str, part: int) -> PartColumns:
         key = (url, part)
         table = self.tables.get(key)
         if table is not None:
             self.tables.move_to_end(key)
             return table
-        table = tcache.read_part(url, part)
+        table = PartColumns.from_table(tcache.read_part(url, part))
         self.tables[key] = table
         self.nbytes += table.nbytes
         while self.nbytes > self.max_bytes and len(self.tables) > 1:
@@ -199,35 +230,43 @@ def _pre_resize(doc, renderer):
 
 def write_shard(out: str, index: int, rows: dict, caches: list[str], sidecar: dict, seq_len: int,
                 tables: PartTables | None = None) -> dict:
-    """Build one shard's packed rows from the cache and write it (tmp → sidecar → rename)."""
-    from collections import defaultdict
+    """Cut one shard's packed rows out of the cache and write it (tmp → sidecar → rename).
 
-    offsets, src, part, prow = rows["offsets"], rows["source"], rows["part"], rows["row"]
-    need: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, key in enumerate(zip(src.tolist(), part.tolist())):
-        need[key].append(i)
-    docs: list = [None] * len(src)
-    for (s, p), positions in sorted(need.items()):
-        table = tables.get(caches[s], p) if tables is not None else tcache.read_part(caches[s], p)
-        for pos, doc in zip(positions, tcache.table_docs(table, prow[positions])):
-            docs[pos] = doc
+    Rows are slices of each part's flat token arrays, with no per-document objects, so a shard costs the
+    same however many parts the cache has.
+    """
+    tables = tables if tables is not None else PartTables()
+    offsets = rows["offsets"].tolist()
+    src, part, prow = rows["source"].tolist(), rows["part"].tolist(), rows["row"].tolist()
     samples = []
     info = {"rows": 0, "tokens": 0, "loss_tokens": 0, "tokens_by_modality": {"text": 0, "image_text": 0},
             "tokens_by_source": {}}
+    by_modality, by_source = info["tokens_by_modality"], info["tokens_by_source"]
     for r in range(len(offsets) - 1):
-        row_docs = docs[offsets[r] : offsets[r + 1]]
+        ids, loss, lengths, doc_ids, sources, modalities = [], [], [], [], [], []
         images, exts, image_docs = [], [], []
-        for j, d in enumerate(row_docs):
-            images += d.images
-            exts += d.image_exts
-            image_docs += [j] * len(d.images)
+        for j, i in enumerate(range(offsets[r], offsets[r + 1])):
+            cols, k = tables.get(caches[src[i]], part[i]), prow[i]
+            a, b = int(cols.offsets[k]), int(cols.offsets[k + 1])
+            ids.append(cols.ids[a:b])
+            loss.append(cols.loss[a:b])
+            lengths.append(b - a)
+            doc_ids.append(cols.doc_id[k])
+            sources.append(cols.source[k])
+            modalities.append(cols.modality[k])
+            if cols.images[k]:
+                images += cols.images[k]
+                exts += cols.image_exts[k]
+                image_docs += [j] * len(cols.images[k])
+            by_modality[cols.modality[k]] = by_modality.get(cols.modality[k], 0) + (b - a)
+            by_source[cols.source[k]] = by_source.get(cols.source[k], 0) + (b - a)
         row = PackedRow(
-            ids=np.concatenate([d.input_ids for d in row_docs]).astype(np.uint32),
-            loss=np.concatenate([d.loss_mask for d in row_docs]).astype(np.uint8),
-            docs=np.array([d.n_tokens for d in row_docs], dtype=np.uint32),
-            doc_ids=[d.doc_id for d in row_docs],
-            sources=[d.source for d in row_docs],
-            modalities=[d.modality for d in row_docs],
+            ids=np.concatenate(ids).astype(np.uint32, copy=False),
+            loss=np.concatenate(loss).astype(np.uint8, copy=False),
+            docs=np.array(lengths, dtype=np.uint32),
+            doc_ids=doc_ids,
+            sources=sources,
+            modalities=modalities,
             images=images,
             image_exts=exts,
             image_docs=image_docs,
@@ -240,9 +279,6 @@ def write_shard(out: str, index: int, rows: dict, caches: list[str], sidecar: di
         info["rows"] += 1
         info["tokens"] += len(row)
         info["loss_tokens"] += int(row.loss.sum())
-        for d in row_docs:
-            info["tokens_by_modality"][d.modality] = info["tokens_by_modality"].get(d.modality, 0) + d.n_tokens
-            info["tokens_by_source"][d.source] = info["tokens_by_source"].get(d.source, 0) + d.n_tokens
     info["tokens_by_source"] = dict(sorted(info["tokens_by_source"].items()))
     fs, root = _fs(out)
     final = f"{root}/{shard_name(index)}"

@@ -234,40 +234,6 @@ def read_part(cache: str, part: int) -> pa.Table:
         return pq.read_table(f)
 
 
-def table_docs(table: pa.Table, rows: np.ndarray) -> list[Document]:
-    """Rebuild `Document`s for the given rows of a part table (rows may repeat; order kept)."""
-    t = table.take(pa.array(np.asarray(rows, np.int64)))
-    ids_col = t.column("input_ids").combine_chunks()
-    loss_col = t.column("loss_mask").combine_chunks()
-    off = ids_col.offsets.to_numpy()
-    ids_val = ids_col.values.to_numpy()
-    loss_off, loss_val = loss_col.offsets.to_numpy(), loss_col.values.to_numpy()
-    cols = {c: t.column(c).to_pylist() for c in (
-        "doc_id", "source", "modality", "image_positions", "images", "image_exts", "image_sizes",
-        "n_image_tokens", "n_tiles", "n_vision_tokens", "truncated", "image_tiles")}
-    out = []
-    for r in range(t.num_rows):
-        out.append(
-            Document(
-                doc_id=cols["doc_id"][r],
-                source=cols["source"][r],
-                modality=cols["modality"][r],
-                input_ids=ids_val[off[r] : off[r + 1]],
-                loss_mask=loss_val[loss_off[r] : loss_off[r + 1]],
-                image_positions=cols["image_positions"][r],
-                images=cols["images"][r],
-                image_exts=cols["image_exts"][r],
-                image_sizes=[tuple(s) for s in cols["image_sizes"][r]],
-                n_image_tokens=cols["n_image_tokens"][r],
-                n_tiles=cols["n_tiles"][r],
-                n_vision_tokens=cols["n_vision_tokens"][r],
-                truncated=cols["truncated"][r],
-                image_tiles=cols["image_tiles"][r],
-            )
-        )
-    return out
-
-
 def rejected_entry(source: str, err: RecordError, index: int | None = None) -> dict:
     """A rejected.jsonl line: source, record index (the source's numbering), file, field, reason."""
     entry = {"source": source, **err.to_json()}
