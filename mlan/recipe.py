@@ -147,6 +147,8 @@ class TrainSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False
     compile: bool = False
+    # language-model self-attention: documents = per-document SDPA on packed rows (mlan.train.attention)
+    attention: Literal["documents", "sdpa"] = "documents"
     seed: int = 42
     loader_workers: int = Field(1, ge=0)
     log_every: int = Field(1, ge=1)

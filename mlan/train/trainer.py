@@ -27,6 +27,7 @@ from torch import nn
 from mlan.families import modeling
 from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
+from mlan.train.attention import set_attention
 from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, target_loss_sum
 from mlan.train.metrics import MetricsLog, Progress, peak_flops
 from mlan.train.parallel import DistEnv, ParallelConfig, init_distributed, parallelize, resolve_precision
@@ -262,9 +263,11 @@ def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
 
 
 def prepare_model(recipe: Recipe, family_config: dict[str, Any]) -> nn.Module:
-    """Build (seeded, so every rank is identical), freeze by policy, add LoRA adapters."""
+    """Build (seeded, so every rank is identical), set the LM attention (`train.attention`), freeze by policy, add
+    LoRA adapters."""
     torch.manual_seed(recipe.train.seed)
     model = modeling.build_model(recipe.model, family_config)
+    set_attention(model, recipe.train.attention)
     freeze = modeling.freeze_policy(recipe.train.stage, recipe.train.freeze)
     modeling.apply_freeze(model, freeze)
     if recipe.train.lora.enabled:

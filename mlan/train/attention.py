@@ -1,0 +1,193 @@
+"""Per-document ("varlen") causal self-attention for packed rows: cost Σ nᵢ² per row instead of L².
+
+A packed row (`mlan.data.collate`) holds several documents, each with `position_ids` restarting at 0 (the
+padding tail is a document of its own), and no `attention_mask`. Under transformers' `sdpa`,
+`create_causal_mask` turns such `position_ids` into a dense (B, 1, L, L) block-diagonal mask, and SDPA then
+computes every score of the row, the cross-document blocks it masks away included (and an explicit mask keeps
+SDPA off its flash kernel on GPU). `set_attention(model, "documents")` registers, as a transformers attention
+implementation, an attention function that runs SDPA with `is_causal=True` on each document's own slice, and
+a mask function that builds no mask in that case; then it switches the language model's self-attention to it.
+Everything else (Mllama's cross-attention, an explicit mask, decoding, a KV cache) goes to transformers'
+`sdpa_attention_forward` unchanged, with the mask transformers' `sdpa_mask` builds.
+
+Segment boundaries cost one device→host copy of `position_ids` per forward: every layer receives the same
+`position_ids` tensor, so the spans are cached on that tensor (its identity and in-place version counter).
+`create_causal_mask` itself still runs transformers' `find_packed_sequence_indices`, which syncs once more.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
+
+ATTENTION_CHOICES = ("documents", "sdpa")
+DOCUMENTS_IMPLEMENTATION = "mlan_documents"  # the name registered with transformers
+
+Spans = tuple[tuple[tuple[int, int], ...], ...]  # per row: [start, end) of each document
+
+
+# ---------------------------------------------------------------- segment boundaries
+class _SpanCache:
+    """The spans of the last `position_ids` tensor seen; one entry is enough (layers run one after another,
+    and activation-checkpoint recomputation reuses the same tensor)."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._key: tuple[Any, ...] = ()
+        self._spans: Spans = ()
+
+    def get(self, position_ids: torch.Tensor, batch: int) -> Spans:
+        key = (_version(position_ids), tuple(position_ids.shape), batch)
+        if self._ref is not None and self._ref() is position_ids and key == self._key and key[0] is not None:
+            return self._spans
+        spans = document_spans(position_ids, batch)
+        self._ref, self._key, self._spans = weakref.ref(position_ids), key, spans
+        return spans
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return None
+
+
+def document_spans(position_ids: torch.Tensor, batch: int) -> Spans:
+    """[start, end) of every document of every row: a document starts where `position_ids` is 0 (and at 0).
+
+    One device→host copy. `position_ids` is (B, L) or (1, L) broadcast over the batch.
+    """
+    host = position_ids.detach().to("cpu").numpy()
+    if host.shape[0] != batch:
+        host = host.repeat(batch, axis=0)
+    length = host.shape[1]
+    rows = []
+    for row in host:
+        starts = (row == 0).nonzero()[0].tolist()
+        if not starts or starts[0] != 0:
+            starts.insert(0, 0)
+        rows.append(tuple(zip(starts, starts[1:] + [length])))
+    return tuple(rows)
+
+
+_SPANS = _SpanCache()
+
+
+# ---------------------------------------------------------------- attention
+def _documents_path(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                    is_causal: bool | None, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The packed rows' `position_ids` when this call is causal self-attention over a whole row, else None."""
+    position_ids = kwargs.get("position_ids")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)  # cross-attention: no attr
+    if (attention_mask is not None or not causal or not isinstance(position_ids, torch.Tensor)
+            or kwargs.get("use_cache") or any(kwargs.get(k) is not None for k in ("cache", "position_bias", "softcap"))):
+        return None
+    q_len = query.shape[2]
+    if q_len != key.shape[2] or position_ids.ndim != 2 or position_ids.shape[1] != q_len \
+            or position_ids.shape[0] not in (1, query.shape[0]):
+        return None
+    return position_ids
+
+
+@torch.compiler.disable  # data-dependent segment lengths: run eagerly inside a compiled block, never recompile
+def _attend_documents(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: Spans,
+                      dropout: float, scaling: float | None) -> torch.Tensor:
+    """SDPA (causal) per document slice; returns (B, L, H, D) like `sdpa_attention_forward`."""
+    batch, heads, length, _ = query.shape
+    gqa = {}
+    if key.shape[1] != heads:
+        if use_gqa_in_sdpa(None, key, value):
+            gqa["enable_gqa"] = True
+        else:
+            key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
+    parts = [
+        torch.nn.functional.scaled_dot_product_attention(
+            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+            dropout_p=dropout, is_causal=True, scale=scaling, **gqa)
+        for b, row in enumerate(spans) for s, e in row
+    ]
+    out = torch.cat(parts, dim=2)  # (1, H, B·L, Dv): rows one after another
+    return out[0].transpose(0, 1).reshape(batch, length, heads, out.shape[-1])
+
+
+def documents_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: per-document SDPA for packed causal self-attention, else plain `sdpa`."""
+    position_ids = _documents_path(module, query, key, attention_mask, is_causal, kwargs)
+    if position_ids is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    spans = _SPANS.get(position_ids, query.shape[0])
+    return _attend_documents(query, key, value, spans, dropout, scaling), None
+
+
+def documents_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                   mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                   **kwargs: Any) -> torch.Tensor | None:
+    """transformers mask interface: no mask for a whole row without padding mask (as `flash_attention_mask`);
+    the attention function then splits it by `position_ids`. Anything else: `sdpa_mask`'s mask."""
+    config = kwargs.get("config")
+    windowed = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+    if (attention_mask is None and q_length == kv_length and _is_zero(q_offset) and _is_zero(kv_offset)
+            and not kwargs.get("use_vmap") and not windowed):  # use_vmap: an or/and mask overlay is present
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+
+
+def _is_zero(offset: Any) -> bool:
+    return isinstance(offset, int) and offset == 0
+
+
+# ---------------------------------------------------------------- switching a model
+def register() -> str:
+    """Register the attention and mask functions with transformers (idempotent); returns their name."""
+    AttentionInterface.register(DOCUMENTS_IMPLEMENTATION, documents_attention_forward)
+    AttentionMaskInterface.register(DOCUMENTS_IMPLEMENTATION, documents_mask)
+    return DOCUMENTS_IMPLEMENTATION
+
+
+def _core(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)  # a peft wrapper
+    return get_base() if callable(get_base) else model
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The text decoder of a LLaVA / Mllama model (the model itself for a plain causal LM)."""
+    core = _core(model)
+    inner = getattr(core, "model", core)
+    return getattr(inner, "language_model", inner)
+
+
+def set_attention(model: nn.Module, kind: str) -> None:
+    """Switch the language model's self-attention to `kind` ("documents" or "sdpa"); vision towers are untouched.
+
+    The text sub-config is set through `set_attn_implementation({"text_config": …})`; a LLaVA composed from parts
+    (`mlan.families.modeling.compose_llava`) keeps the base LLM's own config object, so the language model is then
+    set directly as well.
+    """
+    if kind not in ATTENTION_CHOICES:
+        raise ValueError(f"attention: expected one of {', '.join(map(repr, ATTENTION_CHOICES))}, got {kind!r}")
+    impl = register() if kind == "documents" else "sdpa"
+    core = _core(model)
+    core.set_attn_implementation({"text_config": impl} if "text_config" in core.config.sub_configs else impl)
+    lm = language_model(core)
+    if lm.config._attn_implementation != impl:
+        lm.set_attn_implementation(impl)
+    if lm.config._attn_implementation != impl:
+        raise RuntimeError(f"set_attention: {type(lm).__name__} kept attention "
+                           f"{lm.config._attn_implementation!r}, wanted {impl!r}")
