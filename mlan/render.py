@@ -247,26 +247,30 @@ class Renderer:
 
     def _assemble(self, conv: Conversation, pieces: list, encoded: list) -> Document:
         image_id = self.family.image_token_id if conv.images else -1
-        chunks: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
+        # one Python list and one numpy conversion per document (not an array per piece): this loop runs
+        # for every document of every build
+        ids: list[int] = []
+        lengths: list[int] = []
+        trained: list[bool] = []
         image_positions: list[int] = []
         cuts: list[int] = []
-        pos = 0
-        for p, ids in zip(pieces, encoded):
+        image_run = [image_id] * self._image_seq
+        for p, encoded_ids in zip(pieces, encoded):
             if p.kind == "text":
-                arr = np.asarray(ids, dtype=np.uint32)
+                seg = encoded_ids
             elif p.kind == "ids":
-                arr = np.asarray(p.ids, dtype=np.uint32)
+                seg = p.ids
             else:
-                image_positions.append(pos)
-                arr = np.full(self._image_seq, image_id, dtype=np.uint32)
-            chunks.append(arr)
-            masks.append(np.full(arr.shape[0], 1 if p.trained and p.kind != "image" else 0, dtype=np.uint8))
-            pos += arr.shape[0]
+                image_positions.append(len(ids))
+                seg = image_run
+            ids.extend(seg)
+            lengths.append(len(seg))
+            trained.append(p.trained and p.kind != "image")
             if p.turn_end:
-                cuts.append(pos)
-        input_ids = np.concatenate(chunks) if chunks else np.zeros(0, np.uint32)
-        loss_mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+                cuts.append(len(ids))
+        pos = len(ids)
+        input_ids = np.array(ids, dtype=np.uint32)
+        loss_mask = np.repeat(np.array(trained, dtype=np.uint8), lengths)
         n_images = len(conv.images)
         if len(image_positions) != n_images:
             raise self._error(conv, f"template placed {len(image_positions)} image(s) for {n_images}")

@@ -84,6 +84,9 @@ class TokenizeWorker:
     """Renders batches of raw records into documents and writes them as cache parts (one tokenizer per actor)."""
 
     def __init__(self, recipe_json: dict):
+        # one core per actor: set before the Rust tokenizer starts its thread pool (a job-level runtime_env
+        # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from mlan.recipe import Recipe
         from mlan.render import Renderer
 
@@ -306,12 +309,11 @@ def _start_ray(workers: int | None, address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     else:
         # "local": a fresh Ray even when some other cluster runs on this machine (ray would join it otherwise)
-        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, runtime_env=env,
+        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
     return True
 

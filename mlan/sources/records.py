@@ -5,6 +5,7 @@ Nothing downstream of `mlan.sources` knows which file format a record came from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Literal
 
@@ -79,12 +80,12 @@ class Message:
     role: Role
     parts: tuple[Part, ...]
 
-    @property
+    @cached_property  # frozen: computed once (renderers and checks ask for it per piece)
     def text(self) -> str:
         """The message's text with images dropped (for display and checks)."""
         return "".join(p.text for p in self.parts if isinstance(p, Text))
 
-    @property
+    @cached_property
     def images(self) -> tuple[ImageRef, ...]:
         return tuple(p.ref for p in self.parts if isinstance(p, Image))
 
@@ -96,7 +97,7 @@ class Conversation:
     messages: tuple[Message, ...]
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
-    @property
+    @cached_property
     def images(self) -> tuple[ImageRef, ...]:
         return tuple(ref for m in self.messages for ref in m.images)
 
