@@ -218,6 +218,36 @@ def test_every_planned_document_once_per_planned_copy(shared_build):
 
 
 @pytest.mark.timeout(400)
+def test_cache_meta_file_equals_its_parts(shared_build):
+    """The plan reads one meta file (written from what the actors returned); it must equal the parts' columns."""
+    import pyarrow.parquet as pq
+
+    from mlan.mixture import cache as tcache
+    from mlan.mixture.build import _tokenizer_fp
+
+    recipe, tmp, _ = shared_build
+    tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
+    for s in recipe.sources:
+        url = tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp)
+        n_parts = tcache.read_complete(str(url))["parts"]
+        assert (url / tcache.META).exists()
+        meta = tcache.read_meta(str(url), n_parts).to_pydict()
+        for part in range(n_parts):
+            cols = pq.read_table(url / f"part-{part:06d}.parquet", columns=list(tcache.META_COLUMNS)).to_pydict()
+            rows = [r for r, p in enumerate(meta["part"]) if p == part]
+            assert [meta["row"][r] for r in rows] == list(range(len(cols["index"])))
+            for c in tcache.META_COLUMNS:
+                assert [meta[c][r] for r in rows] == cols[c], (s.name, part, c)
+        # a cache finished before meta files existed, and parts written by a killed run, are read back
+        copy = tmp / "meta-copy" / url.name
+        shutil.copytree(url, copy)
+        (copy / tcache.META).unlink()
+        assert tcache.read_meta(str(copy), n_parts).to_pydict() == meta
+        tcache.write_meta(str(copy), n_parts, known={})
+        assert (copy / tcache.META).exists() and tcache.read_meta(str(copy), n_parts).to_pydict() == meta
+
+
+@pytest.mark.timeout(400)
 def test_cache_hit_for_another_ratio_and_verify_inspect(shared_build, capsys):
     from mlan.cli import main
     from mlan.mixture.build import build

@@ -126,8 +126,8 @@ class TokenizeWorker:
             part=part, read=len(items), accepted=len(docs), rejected=rejected, dropped=dropped,
             truncated=truncated, tokens=int(sum(d.n_tokens for d in docs)),
         )
-        tcache.write_part(cache_url, part, docs, indices, summary)
-        return summary.to_json()
+        meta = tcache.write_part(cache_url, part, docs, indices, summary)
+        return {**summary.to_json(), "meta": meta}
 
     def write_shard(self, *args) -> dict:
         """Shards are written by the already-warm tokenizer actors when a build tokenized anything."""
@@ -368,7 +368,8 @@ def tokenize_sources(
     Worker = ray.remote(num_cpus=1)(TokenizeWorker)
     actors = [Worker.remote(recipe_json) for _ in range(max(1, workers))]
     idle = list(actors) * 2  # two batches queued per actor: it never waits for the driver
-    inflight: dict = {}
+    inflight: dict = {}  # ref → (actor, source, part)
+    metas: dict[int, dict] = {i: {} for i in todo}  # source → part → META_COLUMNS the actor returned
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
     with _progress(progress) as bar:
@@ -378,8 +379,9 @@ def tokenize_sources(
             nonlocal n_docs, n_tokens
             while inflight and (block or len(idle) == 0):
                 ready, _ = ray.wait(list(inflight), num_returns=1)
-                actor = inflight.pop(ready[0])
+                actor, source, part = inflight.pop(ready[0])
                 summary = ray.get(ready[0])
+                metas[source][part] = summary["meta"]
                 idle.append(actor)
                 n_docs += summary["read"]
                 n_tokens += summary["tokens"]
@@ -394,13 +396,13 @@ def tokenize_sources(
                 console.print(f"tokenizing source {src.name!r} → cache {c.fingerprint}")
             part, batch = 0, []
 
-            def submit(part: int, batch: list, src=src, c=c) -> None:
+            def submit(part: int, batch: list, src=src, c=c, i=i) -> None:
                 if tcache.read_part_summary(c.url, part) is not None:  # written by an earlier, killed run
                     bar.update(task, advance=len(batch))
                     return
                 collect(block=False)
                 actor = idle.pop()
-                inflight[actor.process.remote(src.name, c.url, part, batch)] = actor
+                inflight[actor.process.remote(src.name, c.url, part, batch)] = (actor, i, part)
 
             for file, index, record in iter_source(src):
                 batch.append((file, index, record))
@@ -420,6 +422,7 @@ def tokenize_sources(
     for i in todo:
         c = caches[i]
         sums = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
+        tcache.write_meta(c.url, c.n_parts, metas[i])  # parts from a killed earlier run are read back
         tcache.mark_complete(c.url, c.n_parts, {
             "source": recipe.sources[i].name,
             "read": sum(s.read for s in sums), "accepted": sum(s.accepted for s in sums),

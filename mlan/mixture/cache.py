@@ -25,6 +25,7 @@ from mlan.sources.records import RecordError
 
 CACHE_VERSION = "1"
 SUCCESS = "_SUCCESS"
+META = "meta.parquet"  # META_COLUMNS of every part with (part, row): what a plan reads, in one file
 # columns the planner reads (no token arrays, no image bytes)
 META_COLUMNS = (
     "index", "doc_id", "modality", "n_tokens", "n_loss_tokens", "n_images", "n_image_tokens", "n_tiles",
@@ -177,17 +178,22 @@ def part_paths(cache: str, part: int) -> tuple[str, str]:
     return base + ".parquet", base + ".json"
 
 
-def write_part(cache: str, part: int, docs: list[Document], indices: list[int], summary: PartSummary) -> None:
-    """Parquet then sidecar, each via a temporary name: the sidecar's presence means the part is complete."""
+def write_part(cache: str, part: int, docs: list[Document], indices: list[int], summary: PartSummary) -> pa.Table:
+    """Parquet then sidecar, each via a temporary name: the sidecar's presence means the part is complete.
+
+    Returns the part's META_COLUMNS, so the driver can write the cache's meta file without re-reading parts.
+    """
     fs, root = _fs(cache)
     fs.makedirs(root, exist_ok=True)
     pq_url, js_url = part_paths(root, part)
+    table = docs_to_table(docs, indices)
     with fs.open(pq_url + ".tmp", "wb") as f:
-        pq.write_table(docs_to_table(docs, indices), f, compression="zstd")
+        pq.write_table(table, f, compression="zstd")
     fs.mv(pq_url + ".tmp", pq_url)
     with fs.open(js_url + ".tmp", "w") as f:
         json.dump(summary.to_json(), f)
     fs.mv(js_url + ".tmp", js_url)
+    return table.select(list(META_COLUMNS))
 
 
 def read_part_summary(cache: str, part: int) -> PartSummary | None:
@@ -215,17 +221,41 @@ def read_complete(cache: str) -> dict | None:
         return json.load(f)
 
 
-def read_meta(cache: str, n_parts: int) -> pa.Table:
-    """Per-document counts of a whole source (record order), with each document's part and row in it."""
-    fs, root = _fs(cache)
-    tables = []
-    for part in range(n_parts):
+def _part_meta(root: str, fs, part: int, meta: pa.Table | None = None) -> pa.Table:
+    if meta is None:
         with fs.open(part_paths(root, part)[0], "rb") as f:
-            t = pq.read_table(f, columns=list(META_COLUMNS))
-        t = t.append_column("part", pa.array(np.full(t.num_rows, part, np.int64)))
-        t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64)))
-        tables.append(t)
-    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in (*META_COLUMNS, "part", "row")})
+            meta = pq.read_table(f, columns=list(META_COLUMNS))
+    meta = meta.append_column("part", pa.array(np.full(meta.num_rows, part, np.int64)))
+    return meta.append_column("row", pa.array(np.arange(meta.num_rows, dtype=np.int64)))
+
+
+def write_meta(cache: str, n_parts: int, known: dict[int, pa.Table] | None = None) -> None:
+    """The cache's meta file: every part's META_COLUMNS (from `known`, else read from the part) in one table."""
+    fs, root = _fs(cache)
+    known = known or {}
+    tables = [_part_meta(root, fs, p, known.get(p)) for p in range(n_parts)]
+    table = pa.concat_tables(tables) if tables else _empty_meta()
+    path = f"{root}/{META}"
+    with fs.open(path + ".tmp", "wb") as f:
+        pq.write_table(table, f)
+    fs.mv(path + ".tmp", path)
+
+
+def _empty_meta() -> pa.Table:
+    return pa.table({c: [] for c in (*META_COLUMNS, "part", "row")})
+
+
+def read_meta(cache: str, n_parts: int) -> pa.Table:
+    """Per-document counts of a whole source (record order), with each document's part and row in it.
+
+    One read of the meta file; a cache finished before meta files existed is read part by part.
+    """
+    fs, root = _fs(cache)
+    if fs.exists(f"{root}/{META}"):
+        with fs.open(f"{root}/{META}", "rb") as f:
+            return pq.read_table(f)
+    tables = [_part_meta(root, fs, p) for p in range(n_parts)]
+    return pa.concat_tables(tables) if tables else _empty_meta()
 
 
 def read_part(cache: str, part: int) -> pa.Table:
