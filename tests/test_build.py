@@ -373,6 +373,7 @@ def test_bad_records_are_rejected_counted_and_listed(local_ray, shared_data, tmp
     assert sorted((r["source"], r["index"]) for r in rejected) == [("pics", 1), ("pics", 3), ("pics", 5)]
     reasons = " | ".join(r["reason"] for r in rejected)
     assert "not found" in reasons and "outside the image root" in reasons
+    assert "malformed JSON on line 2" in reasons  # parsed on the worker, reported as an eager read would
     # no valid record lost: each of the 4 good pictures is in the shards (30 image docs from 4 → all present)
     fig = tar_figures(tmp_path / "out")
     pic_docs = {d for d in fig["docs"] if d.startswith("pics:")}

@@ -97,6 +97,7 @@ class TokenizeWorker:
     def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
         from mlan.render import DocumentDropped
         from mlan.sources import RecordError, to_conversation
+        from mlan.sources.readers import RawLine
 
         spec = self.recipe.source(source_name)
         rejected, dropped, convs, conv_index = [], [], [], []
@@ -104,6 +105,8 @@ class TokenizeWorker:
             try:
                 if isinstance(record, RecordError):
                     raise record
+                if isinstance(record, RawLine):  # JSON lines are parsed here, on the workers
+                    record = record.parse(file, index)
                 convs.append(to_conversation(spec, index, record, file))
                 conv_index.append(index)
             except RecordError as err:
@@ -404,7 +407,7 @@ def tokenize_sources(
                 actor = idle.pop()
                 inflight[actor.process.remote(src.name, c.url, part, batch)] = (actor, i, part)
 
-            for file, index, record in iter_source(src):
+            for file, index, record in iter_source(src, raw_lines=True):
                 batch.append((file, index, record))
                 if len(batch) == RECORDS_PER_PART:
                     submit(part, batch)

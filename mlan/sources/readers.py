@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from mlan.recipe import SourceSpec
@@ -24,6 +25,22 @@ _BATCH = 1024
 
 class SourceError(ValueError):
     """A source that cannot be read at all (path not found, no data files): a recipe problem, not a record's."""
+
+
+@dataclass(frozen=True)
+class RawLine:
+    """A JSON line read but not parsed: a build ships these to its workers, which parse them in parallel
+    (the driver, alone, would be the bottleneck). `parse` gives the record or the same RecordError as an
+    eager read."""
+
+    data: bytes
+    lineno: int
+
+    def parse(self, file: str, index: int) -> Any:
+        try:
+            return json.loads(self.data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RecordError(file, index, f"malformed JSON on line {self.lineno}: {err}") from None
 
 
 def _data_suffix(path: str) -> str:
@@ -87,11 +104,18 @@ def _open(file: str):
     return fsspec.open(file, "rb", compression="infer")
 
 
-def _json_lines(file: str, lines: Iterator[bytes]) -> Iterator[tuple[int, Any]]:
-    """JSON lines: one record per non-blank line; a malformed line is a RecordError and the read goes on."""
+def _json_lines(file: str, lines: Iterator[bytes], raw: bool = False) -> Iterator[tuple[int, Any]]:
+    """JSON lines: one record per non-blank line; a malformed line is a RecordError and the read goes on.
+
+    With `raw`, lines are yielded as `RawLine`s for the consumer to parse.
+    """
     k = 0
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
+            continue
+        if raw:
+            yield k, RawLine(line, lineno)
+            k += 1
             continue
         try:
             yield k, json.loads(line)
@@ -100,7 +124,7 @@ def _json_lines(file: str, lines: Iterator[bytes]) -> Iterator[tuple[int, Any]]:
         k += 1
 
 
-def _read_json(file: str) -> Iterator[tuple[int, Any]]:
+def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
     """A JSON array, a single JSON object, or JSON lines (sniffed: NLVR's dev.json is JSON lines)."""
     with _open(file) as f:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM is not content
@@ -127,7 +151,7 @@ def _read_json(file: str) -> Iterator[tuple[int, Any]]:
                 return
             except (json.JSONDecodeError, UnicodeDecodeError):
                 f.seek(0)
-        yield from _json_lines(file, f)
+        yield from _json_lines(file, f, raw)
 
 
 def _read_parquet(file: str) -> Iterator[tuple[int, Any]]:
@@ -141,18 +165,18 @@ def _read_parquet(file: str) -> Iterator[tuple[int, Any]]:
                 k += 1
 
 
-def _read_file(file: str) -> Iterator[tuple[int, Any]]:
+def _read_file(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
     suffix = _data_suffix(file)
     if suffix == ".parquet":
         return _read_parquet(file)
     if suffix == ".jsonl" or suffix == ".ndjson":
-        return _json_lines_file(file)
-    return _read_json(file)
+        return _json_lines_file(file, raw)
+    return _read_json(file, raw)
 
 
-def _json_lines_file(file: str) -> Iterator[tuple[int, Any]]:
+def _json_lines_file(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
     with _open(file) as f:
-        yield from _json_lines(file, f)
+        yield from _json_lines(file, f, raw)
 
 
 # ---------------------------------------------------------------- datasets
@@ -177,12 +201,15 @@ def _read_hub(path: str, subset: str | None, split: str) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------- public API
-def iter_source(spec: SourceSpec) -> Iterator[tuple[str, int, dict | RecordError]]:
-    """(file, index, record or RecordError) over the whole source; indices are consecutive across files."""
+def iter_source(spec: SourceSpec, raw_lines: bool = False) -> Iterator[tuple[str, int, dict | RecordError | RawLine]]:
+    """(file, index, record or RecordError) over the whole source; indices are consecutive across files.
+
+    With `raw_lines`, a JSON-lines record comes as a `RawLine` (unparsed; `.parse(file, index)` it).
+    """
     path = spec.path
     kind = source_kind(path)
     if kind == "files":
-        streams = ((file, _read_file(file)) for file in data_files(path))
+        streams = ((file, _read_file(file, raw_lines)) for file in data_files(path))
     elif kind == "saved":
         streams = iter([(path, enumerate(_read_saved(path, spec.split)))])
     else:
