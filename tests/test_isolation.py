@@ -3,8 +3,10 @@
 The reference runs each document by itself with transformers' own preprocessing: its tokens, its images
 through the family's image processor, no position_ids (the model's default 0..n-1) and, for Mllama, the
 cross-attention mask made by transformers' processor helpers for that one document. The packed side goes
-through `mlan.data.collate`. Negative controls show the test can fail: the Hugging Face row-level mask,
-the unpatched transformers cross-attention layer, and the default KV cache each break isolation.
+through `mlan.data.collate`, under both `train.attention` choices (transformers' `sdpa` with its block-diagonal
+mask, and mlan's per-document attention, `mlan.train.attention`). Negative controls show the test can fail: the
+Hugging Face row-level mask, the unpatched transformers cross-attention layer, and the default KV cache each break
+isolation.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from mlan.data.collate import family_collate
 from mlan.data.images import decode_image, llava_pixel_values, mllama_images
 from mlan.families import tiny
 from mlan.families.mllama_patch import apply_reference_cross_attention, has_reference_cross_attention
+from mlan.train.attention import ATTENTION_CHOICES, set_attention
 
 TOL = 1e-5
 
@@ -113,17 +116,21 @@ def mllama():
     return model
 
 
+@pytest.mark.parametrize("attention", ATTENTION_CHOICES)
 @pytest.mark.parametrize("case", ["text_only", "one_image", "two_image_docs"])
-def test_llava_packed_loss_equals_documents_alone(llava, case):
+def test_llava_packed_loss_equals_documents_alone(llava, case, attention):
+    set_attention(llava, attention)
     docs = _cases(LLAVA_FC["image_tokens"])[case]
     alone = sum(llava_alone(llava, d) for d in docs)
     packed = packed_loss(llava, docs, LLAVA_FC)
     assert rel_gap(packed, alone) < TOL, (packed, alone)
 
 
+@pytest.mark.parametrize("attention", ATTENTION_CHOICES)
 @pytest.mark.parametrize("case", ["text_only", "one_image", "two_image_docs"])
-def test_mllama_packed_loss_equals_documents_alone(mllama, case):
+def test_mllama_packed_loss_equals_documents_alone(mllama, case, attention):
     apply_reference_cross_attention(mllama)
+    set_attention(mllama, attention)
     docs = _cases(1)[case]
     alone = sum(mllama_alone(mllama, d) for d in docs)
     packed = packed_loss(mllama, docs, MLLAMA_FC)

@@ -95,24 +95,33 @@ def _documents_path(module: nn.Module, query: torch.Tensor, key: torch.Tensor, a
 
 
 @torch.compiler.disable  # data-dependent segment lengths: run eagerly inside a compiled block, never recompile
-def _attend_documents(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: Spans,
+def _attend_documents(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
                       dropout: float, scaling: float | None) -> torch.Tensor:
-    """SDPA (causal) per document slice; returns (B, L, H, D) like `sdpa_attention_forward`."""
+    """SDPA (causal) per document of each row; returns (B, L, H, D) like `sdpa_attention_forward`.
+
+    The documents are cut with one `split` over (B·L, H, D) views, not by indexing: autograd then joins their
+    gradients with one `cat`, where per-slice indexing would give every document a full-size zero gradient.
+    """
     batch, heads, length, _ = query.shape
+    spans = _SPANS.get(position_ids, batch)
     gqa = {}
     if key.shape[1] != heads:
         if use_gqa_in_sdpa(None, key, value):
             gqa["enable_gqa"] = True
         else:
             key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
+    lengths = [e - s for row in spans for s, e in row]  # rows one after another: sums to B·L
+
+    def documents(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (B, H, L, D) → per document (1, H, n, D)
+        flat = t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3])
+        return tuple(d.transpose(0, 1).unsqueeze(0) for d in flat.split(lengths))
+
     parts = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
-            dropout_p=dropout, is_causal=True, scale=scaling, **gqa)
-        for b, row in enumerate(spans) for s, e in row
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                         **gqa)[0].transpose(0, 1)  # (n, H, Dv)
+        for q, k, v in zip(documents(query), documents(key), documents(value))
     ]
-    out = torch.cat(parts, dim=2)  # (1, H, B·L, Dv): rows one after another
-    return out[0].transpose(0, 1).reshape(batch, length, heads, out.shape[-1])
+    return torch.cat(parts).view(batch, length, heads, value.shape[-1])
 
 
 def documents_attention_forward(
@@ -131,8 +140,7 @@ def documents_attention_forward(
     if position_ids is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    spans = _SPANS.get(position_ids, query.shape[0])
-    return _attend_documents(query, key, value, spans, dropout, scaling), None
+    return _attend_documents(query, key, value, position_ids, dropout, scaling), None
 
 
 def documents_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
