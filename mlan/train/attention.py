@@ -8,7 +8,11 @@ SDPA off its flash kernel on GPU). `set_attention(model, "documents")` registers
 implementation, an attention function that runs SDPA with `is_causal=True` on each document's own slice, and
 a mask function that builds no mask in that case; then it switches the language model's self-attention to it.
 Everything else (Mllama's cross-attention, an explicit mask, decoding, a KV cache) goes to transformers'
-`sdpa_attention_forward` unchanged, with the mask transformers' `sdpa_mask` builds.
+`sdpa_attention_forward` unchanged, with the mask transformers' `sdpa_mask` builds; `use_cache=True` counts as a
+KV cache (the trainer passes `use_cache=False`).
+
+A document starts where `position_ids` is 0 (mlan's rules). transformers' dense mask starts one wherever positions
+do not go up by 1; for mlan's rows the two agree, for positions that jump without restarting at 0 they do not.
 
 Segment boundaries cost one device→host copy of `position_ids` per forward: every layer receives the same
 `position_ids` tensor, so the spans are cached on that tensor (its identity and in-place version counter).
