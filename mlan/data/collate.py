@@ -5,8 +5,9 @@ Every batch holds `input_ids`, `labels` (aligned with `input_ids`; the model shi
 (token counts the trainer budgets with; popped before the forward call).
 
 Isolation rests on three things, each tested in tests/test_isolation.py:
-- self-attention: transformers builds a block-diagonal causal mask from `position_ids` when no
-  `attention_mask` and no KV cache are given, so the forward must pass `use_cache=False` and no mask;
+- self-attention: from `position_ids` alone (no `attention_mask`, `use_cache=False`): with
+  `train.attention: documents` (default) each document attends causally within itself
+  (`mlan.train.attention`); with `sdpa`, transformers builds the equivalent block-diagonal mask;
 - labels: a document's first token is never a target (−100), so the last token of one document is
   never trained to predict the first token of the next;
 - mllama cross-attention: `mllama_cross_attention_mask` ends each image's span at its own document's
