@@ -1,18 +1,42 @@
 """Training throughput: packed rows vs pad-to-longest batches of the *same documents*, same model, same run.
 
-Both arms run the trainer's own step (forward with use_cache=False, the loss on loss positions only,
-backward, clip, AdamW) on one process; the documents come from a `mlan build` (its packed rows, and the
-same rows split back into one document per row for the baseline). Real tokens/s counts sequence tokens,
-never padding. With --model 3b on a GPU: a LLaVA with a Llama-3.2-3B-shaped language model (random
-weights, no download) in bf16, reporting tokens/s/GPU and MFU as well.
+Both arms run the trainer's own step (`mlan.train.trainer.Stepper.step` in a one-process group: forward with
+use_cache=False, the loss on loss positions only, backward, clip, AdamW) with the same attention
+implementation (`mlan.train.attention.set_attention`, `--attention documents|sdpa`). The documents come from a
+`mlan build` (default: recipes/tiny-llava.yaml built here at `--seq-len`):
 
-    python tools/bench_train.py --shards out/tiny-llava            # an existing build
-    python tools/bench_train.py                                    # builds recipes/tiny-llava.yaml (small)
-    python tools/bench_train.py --model 3b --seq-len 4096 --batches 10   # GPU
+- packed: the build's packed rows, `--batch-rows` per batch, in the packed loader's seeded order;
+- padded: the same rows split back into one document per row, as an unpacked dataset has, sampled in a seeded
+  random order (`--padded-order shuffled`; `packed` keeps the packed rows' order) and batched with a fixed
+  number of documents per batch, chosen so that both arms have the same average real tokens per batch; each
+  batch is padded to its longest document.
+
+Batches of the two arms alternate (after a warm-up of both), so a change in machine load hits both. Real tokens/s
+counts sequence tokens, never padding.
+
+Models (`--model`):
+- `bench` (default on CPU): the build's family with a body-dominated Llama-3 text model: hidden 512, 8 layers
+  (Mllama: 8 self-attention + 2 cross-attention layers, at 3 and 8), 8 heads / 2 KV heads (GQA, head_dim 64),
+  MLP 1408, RoPE θ 5e5; the vision tower and projector tiny as in mlan.families.tiny. Its vocabulary is compacted
+  to the token ids present in the benchmarked rows (plus the image token), remapped densely, so that — as in a
+  real 3B/8B model — the decoder body, not a 128k-row lm_head and its AdamW state, dominates the step. The
+  FLOPs-per-token split is printed next to Llama-3.2-3B's at the same lengths.
+- `tiny`: the tests' tiny model (2 layers × 64 wide, 128k vocabulary: lm_head- and AdamW-bound).
+- `3b` (default on a GPU): a LLaVA with a Llama-3.2-3B-shaped language model (28 × 3072, 24 / 8 KV heads, MLP
+  8192, 128,256 + 1 vocabulary) and a CLIP-L-wide tower at the build's image geometry; random weights, bf16
+  autocast; adds MFU.
+
+    python tools/bench_train.py                                     # bench model, tiny-llava built at seq 4096
+    python tools/bench_train.py --recipe recipes/tiny-mllama.yaml   # the same for Mllama
+    python tools/bench_train.py --attention sdpa                    # dense block-diagonal masks instead
+    python tools/bench_train.py --shards out/tiny-llava --model tiny
+    python tools/bench_train.py --model 3b --batches 10             # GPU
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import sys
 import tempfile
@@ -21,20 +45,53 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlan.data.collate import family_collate
-from mlan.data.loader import RowReader, manifest_shards, read_manifest
-from mlan.families import modeling
+from mlan.data.loader import RowReader, manifest_shards, plan_batches, read_manifest
+from mlan.families import modeling, tiny
 from mlan.mixture.shards import PackedRow
-from mlan.recipe import ModelSpec
-from mlan.train.losses import IGNORE_INDEX, shift_labels, target_loss_sum
+from mlan.recipe import ModelSpec, TrainSpec
+from mlan.train.attention import ATTENTION_CHOICES, set_attention
 from mlan.train.metrics import peak_flops
-from mlan.train.trainer import add_llava_dummy_image
+from mlan.train.parallel import DistEnv
+from mlan.train.trainer import Stepper, add_llava_dummy_image
 
 
+@dataclasses.dataclass(frozen=True)
+class TextShape:
+    """A Llama-3 text model's shape (vocabulary apart)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def linear_per_layer(self) -> int:
+        """q, k, v, o and the SwiGLU MLP weights of one decoder layer."""
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return attn + 3 * self.hidden * self.intermediate
+
+    def describe(self) -> str:
+        return (f"{self.layers} layers x hidden {self.hidden}, {self.heads} heads / {self.kv_heads} KV heads "
+                f"(head_dim {self.head_dim}), MLP {self.intermediate}")
+
+
+BENCH = TextShape(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408)
+LLAMA32_3B = TextShape(hidden=3072, layers=28, heads=24, kv_heads=8, intermediate=8192)
+LLAMA3_VOCAB = 128256
+
+
+# ---------------------------------------------------------------- documents and batches
 def split_documents(row: PackedRow) -> list[PackedRow]:
     """One packed row → one row per document (with that document's images), as an unpacked dataset has."""
     out, start = [], 0
@@ -49,125 +106,346 @@ def split_documents(row: PackedRow) -> list[PackedRow]:
     return out
 
 
-def make_build(out: Path, tokens: int, seq_len: int) -> Path:
+def compact_vocabulary(rows: list[PackedRow], fc: dict) -> tuple[list[PackedRow], dict, int]:
+    """Remap the rows' token ids densely onto the ids they use: text ids → 0..K-1, the image token → K.
+
+    Returns the remapped rows, a copy of family_config with the new image token id / vocab_size / pad id (for the
+    collator and `add_llava_dummy_image`), and K (the real vocabulary: what the lm_head predicts over)."""
+    image = fc.get("image_token_id")
+    image = -1 if image is None else int(image)
+    used = np.unique(np.concatenate([np.asarray(r.ids, dtype=np.int64) for r in rows]))
+    text_ids = used[used != image]
+    k = len(text_ids)
+    out = []
+    for r in rows:
+        ids = np.asarray(r.ids, dtype=np.int64)
+        new = np.searchsorted(text_ids, ids)
+        new[ids == image] = k
+        out.append(dataclasses.replace(r, ids=new.astype(np.uint32)))
+    has_image_row = int(fc.get("vocab_size") or 0) > image >= 0  # LLaVA: the vocabulary includes the image row
+    new_fc = {**fc, "image_token_id": k, "vocab_size": k + 1 if has_image_row else k, "pad_token_id": 0}
+    return out, new_fc, k
+
+
+def collate_all(collate, items: list[PackedRow], per_batch: int) -> list[dict]:
+    return [collate(items[i:i + per_batch]) for i in range(0, len(items), per_batch)]
+
+
+def build_padding(reader: RowReader, plan, batch_docs: int, order: str, seed: int, limit: int = 4000) -> dict:
+    """Padding fractions of both arms over the whole build (the first `limit` packed batches), from lengths alone:
+    how representative the timed sample is."""
+    rows = [[len(reader.read(int(g))) for g in b] for b in plan.rows[:limit]]
+    docs = [int(n) for b in plan.rows[:limit] for g in b for n in reader.read(int(g)).docs]
+    if order == "shuffled":
+        docs = [docs[i] for i in np.random.default_rng(seed).permutation(len(docs))]
+    tokens = sum(docs)
+    packed = sum(len(b) * max(b) for b in rows)
+    padded = sum(len(docs[i:i + batch_docs]) * max(docs[i:i + batch_docs]) for i in range(0, len(docs), batch_docs))
+    return {"rows": sum(map(len, rows)), "documents": len(docs), "tokens": tokens,
+            "packed_padding_fraction": 1 - tokens / packed, "padded_padding_fraction": 1 - tokens / padded}
+
+
+def make_build(out: Path, recipe: Path, tokens: int, seq_len: int, extra: list[str]) -> Path:
     from mlan.mixture.build import build
     from mlan.recipe import load_recipe
 
-    recipe = load_recipe(REPO / "recipes" / "tiny-llava.yaml",
-                         [f"mixture.budget.tokens={tokens}", f"mixture.seq_len={seq_len}"])
-    build(recipe, str(out), workers=1, cache_dir=str(out.parent / "cache"), progress=False)
+    r = load_recipe(recipe, [f"mixture.budget.tokens={tokens}", f"mixture.seq_len={seq_len}", *extra])
+    build(r, str(out), workers=1, cache_dir=str(out.parent / "cache"), progress=False)
     return out
 
 
-def build_model(kind: str, family_config: dict, device: torch.device) -> torch.nn.Module:
-    """The tiny model of the build's family, or a 3B-class LLaVA (Llama-3.2-3B text shape, CLIP-L/336)."""
+# ---------------------------------------------------------------- models
+def llama_text_config(shape: TextShape, vocab: int, special_ids: bool = True):
+    text = tiny.tiny_llama_config(num_layers=shape.layers, hidden=shape.hidden)
+    text.intermediate_size, text.num_attention_heads = shape.intermediate, shape.heads
+    text.num_key_value_heads, text.head_dim = shape.kv_heads, shape.head_dim
+    if not special_ids:  # a compacted vocabulary: the Llama-3 special ids are outside it
+        text.pad_token_id = text.bos_token_id = text.eos_token_id = None
+    text.vocab_size = vocab
+    return text
+
+
+def build_model(kind: str, fc: dict, real_vocab: int, device: torch.device) -> torch.nn.Module:
+    """`tiny`: the tests' model; `bench`: the family with the BENCH text shape over `real_vocab` ids (image token =
+    real_vocab); `3b`: LLaVA with a Llama-3.2-3B text model and a CLIP-L-wide tower at the build's image geometry."""
     torch.manual_seed(0)
+    family = fc["family"]
     if kind == "tiny":
-        model = modeling.build_model(ModelSpec(family=family_config["family"]), family_config)
-    else:
-        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+        return modeling.build_model(ModelSpec(family=family), fc).to(device)
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MllamaForConditionalGeneration,
+    )
 
-        from mlan.families.tiny import tiny_llama_config
-
-        text = tiny_llama_config(num_layers=28, hidden=3072, vocab_size=128257)
-        text.intermediate_size, text.num_attention_heads, text.num_key_value_heads = 8192, 24, 8
-        text.head_dim = 128
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=128256, image_seq_length=576,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if family == "llava":
+        size, patch = int(fc["image_size"]), int(fc["patch_size"])
+        if kind == "bench":
+            cfg = tiny.tiny_llava_config()
+            cfg.text_config = llama_text_config(BENCH, real_vocab + 1, special_ids=False)
+            cfg.vision_config.image_size, cfg.vision_config.patch_size = size, patch
+            cfg.image_token_index, cfg.image_seq_length = real_vocab, int(fc["image_tokens"])
+        else:
+            vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                      num_attention_heads=16, image_size=size, patch_size=patch, projection_dim=768)
+            cfg = LlavaConfig(vision_config=vision, text_config=llama_text_config(LLAMA32_3B, LLAMA3_VOCAB + 1),
+                              image_token_index=LLAMA3_VOCAB, image_seq_length=int(fc["image_tokens"]),
+                              vision_feature_layer=-2, vision_feature_select_strategy="default")
         with torch.device(device):
             model = LlavaForConditionalGeneration(cfg)
-    modeling.apply_freeze(model, modeling.freeze_policy("stage2", None))
+    elif family == "mllama" and kind == "bench":
+        cfg = tiny.tiny_mllama_config(num_layers=BENCH.layers + 2, hidden=BENCH.hidden)  # cross at 3 and 8
+        t = cfg.text_config
+        t.intermediate_size, t.num_attention_heads, t.num_key_value_heads = BENCH.intermediate, BENCH.heads, \
+            BENCH.kv_heads
+        t.pad_token_id = None  # the Llama-3 special ids are outside the compacted vocabulary (unused in training)
+        t.bos_token_id, t.eos_token_id = 0, [0]
+        t.vocab_size = real_vocab  # the embedding has 8 more rows: the image token is one
+        cfg.image_token_index = real_vocab
+        cfg.vision_config.image_size = int(fc.get("tile_size") or cfg.vision_config.image_size)
+        cfg.vision_config.patch_size = int(fc.get("patch_size") or cfg.vision_config.patch_size)
+        cfg.vision_config.max_num_tiles = int(fc.get("max_tiles") or cfg.vision_config.max_num_tiles)
+        with torch.device(device):
+            model = modeling.reference_cross_attention(MllamaForConditionalGeneration(cfg))
+    else:
+        raise SystemExit(f"--model {kind}: not available for a {family} build (3b is LLaVA only)")
     return model.to(device)
 
 
-def run_arm(model, optimizer, batches, fc, device, real_vocab, dtype) -> dict:
-    """Train on `batches`; returns real tokens, padded tokens and seconds."""
-    tokens = padded = 0
+def body_linear_params(model: torch.nn.Module) -> int:
+    """Weights every sequence position goes through in the decoder layers (Mllama's cross-attention k/v excluded:
+    they run over image tiles, not text positions)."""
+    lm = modeling.module_groups(model)["language_model"][0]
+    return sum(m.weight.numel() for name, m in lm.layers.named_modules() if isinstance(m, torch.nn.Linear)
+               and not ("cross_attn" in name and name.endswith(("k_proj", "v_proj"))))
+
+
+def self_attention_layers(model: torch.nn.Module) -> int:
+    lm = modeling.module_groups(model)["language_model"][0]
+    return sum(1 for layer in lm.layers if not modeling._is_cross_attention_layer(layer))
+
+
+# ---------------------------------------------------------------- FLOPs per real token
+def segments(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the runs that restart at position 0, over every row (documents and padding tails)."""
+    out = []
+    for row in position_ids:
+        starts = (row == 0).nonzero().flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0] + starts
+        out += [e - s for s, e in zip(starts, starts[1:] + [row.numel()])]
+    return out
+
+
+def arm_stats(batches: list[dict], fc: dict, attention: str) -> dict:
+    """Positions run, loss positions (lm_head rows) and attention score pairs the kernel computes, per arm:
+    `documents` computes each run that restarts at position 0 causally (s·(s+1)/2 pairs; a padding tail is one
+    such run); `sdpa` with a block-diagonal mask computes every pair of the padded row (L² per row)."""
+    positions = loss = pairs = 0
+    for b in batches:
+        b = {k: v for k, v in b.items() if k != "meta"}
+        dummy = add_llava_dummy_image(b, fc)
+        pos = b["position_ids"]
+        positions += pos.numel()
+        loss += int((b["labels"][:, 1:] != -100).sum()) + (int(dummy.sum()) if dummy is not None else 0)
+        if attention == "sdpa":
+            pairs += pos.shape[0] * pos.shape[1] ** 2
+        else:
+            pairs += sum(s * (s + 1) // 2 for s in segments(pos))
+    return {"positions": positions, "loss_positions": loss, "attention_pairs": pairs}
+
+
+def flops_split(stats: dict, tokens: int, body_params: int, attn_layers: int, attn_width: int, vocab: int,
+                hidden: int) -> dict:
+    """Training FLOPs (3 × forward) per real token: 6·body weights per position run, 12·layers·(heads·head_dim)
+    per attention pair (QKᵀ and AV), 6·vocab·hidden per lm_head row (loss positions only)."""
+    body = 6.0 * body_params * stats["positions"] / tokens
+    attn = 12.0 * attn_layers * attn_width * stats["attention_pairs"] / tokens
+    head = 6.0 * vocab * hidden * stats["loss_positions"] / tokens
+    total = body + attn + head
+    return {"body_linear": body, "attention": attn, "lm_head": head, "total": total}
+
+
+# ---------------------------------------------------------------- timing
+def one_process_group(device: torch.device) -> DistEnv:
+    """A world of one, so the trainer's Stepper (which all-gathers counts) runs unchanged."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+
+
+def timed_step(stepper: Stepper, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) of one trainer step."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batch = dict(batch)  # the step pops meta and may append a dummy image
     sync()
-    t0 = time.perf_counter()
-    for batch in batches:
-        batch = {k: v for k, v in batch.items()}
-        meta = batch.pop("meta")
-        tokens += int(meta["n_tokens"])
-        padded += int(batch["input_ids"].numel())
-        dummy = add_llava_dummy_image(batch, fc)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        targets = shift_labels(batch.pop("labels"))
-        keep = targets != IGNORE_INDEX
-        if dummy is not None:
-            keep = keep | dummy.to(device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
-        loss = target_loss_sum(logits, targets[keep], real_vocab) / max(1, int((targets != IGNORE_INDEX).sum()))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        stepper.step([batch], 0, 1 << 62, 2e-5, None)
     sync()
-    return {"tokens": tokens, "padded_tokens": padded, "seconds": time.perf_counter() - t0}
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def mega(flops: float) -> str:
+    return f"{flops / 1e6:,.{0 if flops >= 1e7 else 1}f} M"
+
+
+def arm_totals(batches: list[dict]) -> dict:
+    return {"batches": len(batches), "tokens": sum(int(b["meta"]["n_tokens"]) for b in batches),
+            "padded_tokens": sum(int(b["input_ids"].numel()) for b in batches)}
 
 
 def main() -> None:
+    cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shards", default=None, help="a `mlan build` output (default: build tiny-llava here)")
-    ap.add_argument("--model", choices=["tiny", "3b"], default="tiny")
-    ap.add_argument("--build-tokens", type=int, default=40000)
-    ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--batch-rows", type=int, default=2, help="packed rows per batch")
-    ap.add_argument("--batch-docs", type=int, default=0, help="documents per padded batch (default: same "
+    ap.add_argument("--shards", default=None, help="a `mlan build` output (default: build --recipe here)")
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-llava.yaml"), help="recipe built when no "
+                    "--shards is given (its mixture at --seq-len and --build-tokens)")
+    ap.add_argument("--build-tokens", type=int, default=100000)
+    ap.add_argument("--build-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more recipe overrides for that build")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--model", choices=["bench", "tiny", "3b"], default="3b" if cuda else "bench")
+    ap.add_argument("--attention", choices=ATTENTION_CHOICES, default="documents")
+    ap.add_argument("--padded-order", choices=["shuffled", "packed"], default="shuffled",
+                    help="order the padded arm takes the documents in: a seeded random sample (an unpacked "
+                    "loader) or the packed rows' order")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-rows", type=int, default=1, help="packed rows per batch")
+    ap.add_argument("--batch-docs", type=int, default=0, help="documents per padded batch (default: the same "
                     "average real tokens per batch as the packed arm)")
-    ap.add_argument("--batches", type=int, default=12, help="packed batches timed (padded: the same documents)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=24, help="packed batches timed (padded: the same documents)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up batches of each arm (other documents)")
     args = ap.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
     tmp = tempfile.TemporaryDirectory()
-    shards = Path(args.shards) if args.shards else make_build(Path(tmp.name) / "build", args.build_tokens,
-                                                              args.seq_len)
+    shards = Path(args.shards) if args.shards else make_build(Path(tmp.name) / "build", Path(args.recipe),
+                                                              args.build_tokens, args.seq_len, args.build_set)
     manifest = read_manifest(str(shards))
-    fc = manifest["family_config"]
+    fc = dict(manifest["family_config"])
+    seq_len = int(manifest["seq_len"])
     reader = RowReader(manifest_shards(str(shards), manifest))
-    n_rows = (args.warmup + args.batches) * args.batch_rows
-    rows = [reader.read(i) for i in range(min(n_rows, len(reader)))]
-    collate = family_collate(fc, seq_len=int(manifest["seq_len"]))
-    packed = [collate(rows[i:i + args.batch_rows]) for i in range(0, len(rows), args.batch_rows)]
-    docs = [d for r in rows[args.warmup * args.batch_rows:] for d in split_documents(r)]
-    warm_docs = [d for r in rows[:args.warmup * args.batch_rows] for d in split_documents(r)]
-    per_doc = sum(len(d) for d in docs) / max(1, len(docs))
-    batch_docs = args.batch_docs or max(1, round(args.batch_rows * int(manifest["seq_len"]) / per_doc))
-    padded = [collate(docs[i:i + batch_docs]) for i in range(0, len(docs), batch_docs)]
-    padded_warm = [collate(warm_docs[i:i + batch_docs]) for i in range(0, len(warm_docs), batch_docs)]
+    n_batches = args.warmup + args.batches
+    plan = plan_batches(len(reader), 0, 1, args.batch_rows, args.seed)  # the packed loader's order, world of one
+    if len(plan) < n_batches:
+        raise SystemExit(f"{shards}: {len(reader)} rows make {len(plan)} batches of {args.batch_rows}; "
+                         f"--warmup + --batches = {n_batches} (raise --build-tokens)")
+    row_groups = [[reader.read(int(g)) for g in plan.rows[b]] for b in range(n_batches)]
+    rows = [r for group in row_groups for r in group]
+    real_vocab = 0  # tiny, 3b: the model's
+    if args.model == "bench":
+        rows, fc, real_vocab = compact_vocabulary(rows, fc)
+    w = args.warmup * args.batch_rows
+    collate = family_collate(fc, seq_len=seq_len)
+    packed_warm = collate_all(collate, rows[:w], args.batch_rows)
+    packed = collate_all(collate, rows[w:], args.batch_rows)
+    docs = [d for r in rows[w:] for d in split_documents(r)]
+    warm_docs = [d for r in rows[:w] for d in split_documents(r)]
+    if args.padded_order == "shuffled":
+        rng = np.random.default_rng(args.seed)
+        docs = [docs[i] for i in rng.permutation(len(docs))]
+        warm_docs = [warm_docs[i] for i in rng.permutation(len(warm_docs))]
+    batch_docs = args.batch_docs or max(1, round(len(docs) / len(packed)))  # same real tokens per batch on average
+    padded = collate_all(collate, docs, batch_docs)
+    padded_warm = collate_all(collate, warm_docs, max(1, round(len(warm_docs) / max(1, len(packed_warm)))))
 
-    model = build_model(args.model, fc, device)
+    model = build_model(args.model, fc, real_vocab, device)
+    set_attention(model, args.attention)
+    modeling.apply_freeze(model, modeling.freeze_policy("stage2", None))
+    assert real_vocab in (0, modeling.real_vocab_size(model)), (modeling.real_vocab_size(model), real_vocab)
     real_vocab = modeling.real_vocab_size(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    spec = TrainSpec()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, foreach=True)
+    stepper = Stepper(model, optimizer, one_process_group(device), spec, real_vocab, fc)
     model.train()
-    run_arm(model, optimizer, packed[:args.warmup], fc, device, real_vocab, dtype)
-    run_arm(model, optimizer, padded_warm, fc, device, real_vocab, dtype)
-    packed_r = run_arm(model, optimizer, packed[args.warmup:], fc, device, real_vocab, dtype)
-    padded_r = run_arm(model, optimizer, padded, fc, device, real_vocab, dtype)
-    assert packed_r["tokens"] == padded_r["tokens"], "both arms must train on the same documents"
 
-    result = {"model": args.model, "device": str(device), "seq_len": manifest["seq_len"], "documents": len(docs),
-              "packed": packed_r, "padded": padded_r, "padded_batch_docs": batch_docs}
-    for arm in ("packed", "padded"):
+    text = model.config.get_text_config()
+    shape = TextShape(text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+                      getattr(text, "num_key_value_heads", text.num_attention_heads), text.intermediate_size)
+    body = body_linear_params(model)
+    head_params = model.get_output_embeddings().weight.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.model} ({fc['family']}): text {shape.describe()}; {self_attention_layers(model)} "
+          f"self-attention layers; vocabulary {real_vocab:,} real ids"
+          f"{f' (compacted from {LLAMA3_VOCAB:,})' if args.model == 'bench' else ''}; body linear {body / 1e6:.1f}M, "
+          f"lm_head {head_params / 1e6:.1f}M, trainable {trainable / 1e6:.1f}M params; attention {args.attention}, "
+          f"{device}, {dtype}".replace("torch.", ""), flush=True)
+
+    packed_r, padded_r = arm_totals(packed), arm_totals(padded)
+    assert packed_r["tokens"] == padded_r["tokens"], "both arms must train on the same documents"
+    for b in packed_warm:
+        timed_step(stepper, b, device, dtype)
+    for b in padded_warm:
+        timed_step(stepper, b, device, dtype)
+    seconds = {"packed": [0.0, 0.0], "padded": [0.0, 0.0]}
+    for pair in itertools.zip_longest(packed, padded):  # alternate: machine load changes hit both arms
+        for arm, b in zip(("packed", "padded"), pair):
+            if b is not None:
+                wall, cpu = timed_step(stepper, b, device, dtype)
+                seconds[arm][0] += wall
+                seconds[arm][1] += cpu
+
+    attn_layers = self_attention_layers(model)
+    result = {"model": args.model, "family": fc["family"], "device": str(device), "dtype": str(dtype),
+              "seq_len": seq_len, "attention": args.attention, "padded_order": args.padded_order,
+              "text_shape": dataclasses.asdict(shape), "real_vocab": real_vocab, "documents": len(docs),
+              "batch_rows": args.batch_rows, "padded_batch_docs": batch_docs,
+              "packed": packed_r, "padded": padded_r, "flops_per_real_token": {}}
+    for arm, batches in (("packed", packed), ("padded", padded)):
         r = result[arm]
+        r["seconds"], r["cpu_seconds"] = seconds[arm]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["padding_fraction"] = 1 - r["tokens"] / r["padded_tokens"]
+        stats = arm_stats(batches, fc, args.attention)
+        result["flops_per_real_token"][arm] = {
+            "model": flops_split(stats, r["tokens"], body, attn_layers, shape.heads * shape.head_dim, real_vocab,
+                                 shape.hidden),
+            "llama-3.2-3b": flops_split(stats, r["tokens"], LLAMA32_3B.layers * LLAMA32_3B.linear_per_layer,
+                                        LLAMA32_3B.layers, LLAMA32_3B.hidden, LLAMA3_VOCAB, LLAMA32_3B.hidden),
+        }
     result["speedup"] = result["packed"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
+    fl = result["flops_per_real_token"]
+    result["flops_ratio"] = fl["padded"]["model"]["total"] / fl["packed"]["model"]["total"]
+    result["flops_ratio_llama32_3b"] = fl["padded"]["llama-3.2-3b"]["total"] / fl["packed"]["llama-3.2-3b"]["total"]
+    result["build_wide"] = build_padding(reader, plan, batch_docs, args.padded_order, args.seed)
     peak = peak_flops(device)
-    if peak:
-        fm = modeling.flops_model(model)
-        result["packed"]["mfu"] = fm.per_token(int(manifest["seq_len"])) * result["packed"]["tokens_per_s"] / peak
+    if peak:  # the trainer's MFU: model FLOPs of the real tokens (6·params + 12·layers·hidden·seq_len) per second
+        per_token = modeling.flops_model(model).per_token(seq_len)
+        for arm in ("packed", "padded"):
+            result[arm]["mfu"] = per_token * result[arm]["tokens_per_s"] / peak
     print(json.dumps(result, indent=1))
-    p, q = result["packed"], result["padded"]
-    print(f"packed {p['tokens_per_s']:,.0f} real tok/s (padding {p['padding_fraction']:.1%}) vs pad-to-longest "
-          f"{q['tokens_per_s']:,.0f} real tok/s (padding {q['padding_fraction']:.1%}) over {len(docs)} documents, "
-          f"{p['tokens']:,} tokens: {result['speedup']:.2f}x from packing")
+
+    print(f"\nTraining FLOPs per real token, {args.attention} attention (6·weights per position run incl. padding, "
+          "12·layers·width per attention pair, 6·vocab·hidden per loss position; the vision tower left out):\n")
+    print("| model | arm | body linear | attention | lm_head | body share |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, label in (("model", f"{args.model} ({real_vocab:,} ids)"),
+                        ("llama-3.2-3b", "Llama-3.2-3B shape (128,256 ids)")):
+        for arm in ("packed", "padded"):
+            f = result["flops_per_real_token"][arm][name]
+            print(f"| {label} | {arm} | {mega(f['body_linear'])} | {mega(f['attention'])} | {mega(f['lm_head'])} | "
+                  f"{f['body_linear'] / f['total']:.0%} |")
+    print(f"\n{args.model} model, {fc['family']}, seq_len {seq_len}, {args.attention} attention, padded order "
+          f"{args.padded_order}, {len(docs)} documents, {args.batch_rows} packed row(s) / {batch_docs} documents "
+          f"per batch:\n")
+    print("| arm | batches | real tokens | padded tokens | padding | seconds | CPU s | real tok/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for arm, label in (("packed", "packed rows"), ("padded", "pad-to-longest")):
+        r = result[arm]
+        print(f"| {label} | {r['batches']} | {r['tokens']:,} | {r['padded_tokens']:,} | "
+              f"{r['padding_fraction']:.1%} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+              f"{r['tokens_per_s']:,.0f} |")
+    bw = result["build_wide"]
+    print(f"\nspeedup from packing: {result['speedup']:.2f}x (FLOPs per real token, padded / packed: "
+          f"{result['flops_ratio']:.2f} for this model, {result['flops_ratio_llama32_3b']:.2f} for the Llama-3.2-3B "
+          "shape)")
+    print(f"(the whole build, {bw['rows']} rows / {bw['documents']} documents batched the same way, lengths only: "
+          f"packed padding {bw['packed_padding_fraction']:.1%}, pad-to-longest {bw['padded_padding_fraction']:.1%})")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
