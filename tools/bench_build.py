@@ -8,7 +8,7 @@ Data: the real text sources of ../shared/data (Alpaca, ShareGPT, GSM8K) replicat
   (what TRL's packing does), with its packing efficiency.
 - driver peak RSS while planning and packing 1M documents (numpy; measured in a fresh process).
 
-    .venv/bin/python tools/bench_build.py [--tokens 5000000] [--workers N] [--seq-len 4096]
+    .venv/bin/python tools/bench_build.py [--tokens 60000000] [--workers N] [--seq-len 4096]
 """
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def bench_plan_rss(n: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=5_000_000, help="replicate the text data to at least this many tokens")
+    ap.add_argument("--tokens", type=int, default=60_000_000,
+                    help="replicate the text data to at least this many tokens (≥ 5M; fixed costs dominate small builds)")
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--plan-docs", type=int, default=1_000_000)
