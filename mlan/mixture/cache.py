@@ -229,20 +229,20 @@ def _part_meta(root: str, fs, part: int, meta: pa.Table | None = None) -> pa.Tab
     return meta.append_column("row", pa.array(np.arange(meta.num_rows, dtype=np.int64)))
 
 
+def _meta_of_parts(root: str, fs, n_parts: int, known: dict[int, pa.Table] | None = None) -> pa.Table:
+    """Every part's META_COLUMNS with (part, row), in part order: from `known` where given, else read."""
+    known = known or {}
+    tables = [_part_meta(root, fs, p, known.get(p)) for p in range(n_parts)]
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in (*META_COLUMNS, "part", "row")})
+
+
 def write_meta(cache: str, n_parts: int, known: dict[int, pa.Table] | None = None) -> None:
     """The cache's meta file: every part's META_COLUMNS (from `known`, else read from the part) in one table."""
     fs, root = _fs(cache)
-    known = known or {}
-    tables = [_part_meta(root, fs, p, known.get(p)) for p in range(n_parts)]
-    table = pa.concat_tables(tables) if tables else _empty_meta()
     path = f"{root}/{META}"
     with fs.open(path + ".tmp", "wb") as f:
-        pq.write_table(table, f)
+        pq.write_table(_meta_of_parts(root, fs, n_parts, known), f)
     fs.mv(path + ".tmp", path)
-
-
-def _empty_meta() -> pa.Table:
-    return pa.table({c: [] for c in (*META_COLUMNS, "part", "row")})
 
 
 def read_meta(cache: str, n_parts: int) -> pa.Table:
@@ -254,8 +254,7 @@ def read_meta(cache: str, n_parts: int) -> pa.Table:
     if fs.exists(f"{root}/{META}"):
         with fs.open(f"{root}/{META}", "rb") as f:
             return pq.read_table(f)
-    tables = [_part_meta(root, fs, p) for p in range(n_parts)]
-    return pa.concat_tables(tables) if tables else _empty_meta()
+    return _meta_of_parts(root, fs, n_parts)
 
 
 def read_part(cache: str, part: int) -> pa.Table:
