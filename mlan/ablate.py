@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlan.cli import UserError
+from mlan.errors import UserError
 from mlan.recipe import Recipe, load_recipe
 
 BASE_COLUMNS = ("text_ratio", "tokens_text", "tokens_image_text", "tokens_total", "language_avg", "vision_avg")

@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from mlan.errors import MlanError, UserError  # noqa: F401  (UserError: re-exported for callers)
+
 # command → "module:function"; modules are imported only when their command runs (fast `--help`).
 COMMANDS: dict[str, str] = {
     "render": "mlan.render:render_command",
@@ -110,20 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UserError(Exception):
-    """An error caused by the user's input; printed as one line, exit status 2."""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module_name, func_name = COMMANDS[args.command].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    from mlan.recipe import RecipeError
-    from mlan.sources.records import RecordError
 
     try:
         return int(func(args) or 0)
-    except (UserError, RecipeError, RecordError, FileNotFoundError) as err:
+    except (MlanError, FileNotFoundError) as err:
         print(f"mlan {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

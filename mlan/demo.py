@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlan.cli import UserError
+from mlan.errors import UserError
 
 DEMO_RATIOS = (0.0, 0.5, 1.0)
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"

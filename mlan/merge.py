@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mlan.errors import MlanError
 from mlan.families.name_map import NameMap, NameMapError, map_names
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -49,7 +50,7 @@ Scope = Literal["tensor", "global"]
 Direction = Literal["toward-llm", "paper"]
 
 
-class MergeError(ValueError):
+class MergeError(MlanError, ValueError):
     """The merge cannot proceed; the message names the checkpoint, tensor or argument at fault."""
 
 

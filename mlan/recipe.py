@@ -11,8 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mlan.errors import MlanError
 
-class RecipeError(ValueError):
+
+class RecipeError(MlanError, ValueError):
     """An invalid recipe: one line naming the key path, the bad value and what is allowed."""
 
 

@@ -363,7 +363,7 @@ def render_command(args) -> int:
     from rich.markup import escape
     from rich.text import Text
 
-    from mlan.cli import UserError
+    from mlan.errors import UserError
     from mlan.recipe import load_recipe
     from mlan.sources import iter_conversations
 

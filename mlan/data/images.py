@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mlan.errors import MlanError
+
 # CLIP's normalisation constants (openai/clip-vit-large-patch14-336 preprocessor_config.json)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(MlanError, ValueError):
     """An image in a packed row that PIL cannot decode; the message names the row key and the image."""
 
 

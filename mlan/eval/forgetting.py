@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from mlan.cli import UserError
+from mlan.errors import UserError
 
 
 def harmonic_mean(values: list[float]) -> float:

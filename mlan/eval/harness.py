@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mlan.cli import UserError
+from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
 from mlan.eval.tasks import Item, Task, load_task, parse_task_arg
 

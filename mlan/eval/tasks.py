@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mlan.cli import UserError
+from mlan.errors import UserError
 
 Kind = Literal["choice", "generate"]
 Group = Literal["language", "vision"]

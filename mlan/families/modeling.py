@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mlan.errors import MlanError
 from mlan.recipe import FreezeSpec, LoraSpec, ModelSpec
 
 GROUPS = ("vision_tower", "projector", "language_model", "cross_attention")
@@ -26,7 +27,7 @@ STAGE_FREEZE = {
 }
 
 
-class ModelBuildError(ValueError):
+class ModelBuildError(MlanError, ValueError):
     """The model section cannot produce a model (names the key and the reason)."""
 
 

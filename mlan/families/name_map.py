@@ -14,10 +14,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from mlan.errors import MlanError
+
 LLM_BODY, LLM_HEAD = "model.", "lm_head."
 
 
-class NameMapError(ValueError):
+class NameMapError(MlanError, ValueError):
     """The two checkpoints do not correspond; the message names the tensor or layer at fault."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from mlan.errors import MlanError
 from mlan.recipe import SourceSpec
 from mlan.sources.formats import to_conversation
 from mlan.sources.records import Conversation, RecordError
@@ -23,7 +24,7 @@ HF_PREFIX = "hf:"  # `hf:org/name` or `hf:/a/local/folder`: always through datas
 _BATCH = 1024
 
 
-class SourceError(ValueError):
+class SourceError(MlanError, ValueError):
     """A source that cannot be read at all (path not found, no data files): a recipe problem, not a record's."""
 
 

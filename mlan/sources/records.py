@@ -9,11 +9,13 @@ from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Literal
 
+from mlan.errors import MlanError
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(MlanError, ValueError):
     """A single bad input record. A build counts and logs these; it never crashes on one.
 
     The message always says the file, the record index and the reason.

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mlan.errors import MlanError
 from mlan.families import modeling
 from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
@@ -34,7 +35,7 @@ from mlan.train.parallel import DistEnv, ParallelConfig, init_distributed, paral
 from mlan.train.schedule import STAGE_LR, TokenSchedule
 
 
-class TrainError(RuntimeError):
+class TrainError(MlanError, RuntimeError):
     """A run that cannot start or continue; the message says which input is wrong."""
 
 
