@@ -5,6 +5,8 @@ Unknown keys are errors. Relative paths resolve against the recipe file's folder
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,7 +221,26 @@ def _looks_local(value: str, base: Path) -> bool:
     return (base / value).exists()
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: str) -> str:
+    """`${NAME}` and `${NAME:-default}` from the environment, so shipped recipes can point at data that lives
+    elsewhere (`${MLAN_SHARED_DATA:-../../shared/data}`) without editing them."""
+    def replace(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise RecipeError(f"{value!r}: environment variable {name} is not set (and no ${{{name}:-default}})")
+        return default
+
+    return _ENV_REF.sub(replace, value)
+
+
 def _resolve(value: str | None, base: Path, always_local: bool = False) -> str | None:
+    if value is not None:
+        value = _expand_env(value)
     if value is None or "://" in value or not (always_local or _looks_local(value, base)):
         return value
     p = Path(value).expanduser()

@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MLAN_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The shipped recipes name their data as ${MLAN_SHARED_DATA:-../../shared/data}/…: point them at the same folder.
+os.environ.setdefault("MLAN_SHARED_DATA", str(SHARED_DATA))
 
 
 @pytest.fixture(scope="session")

@@ -123,3 +123,28 @@ def test_every_shipped_recipe_validates(repo_root: Path) -> None:
     assert len(paths) >= 7, paths  # shared-data, tiny-llava, tiny-mllama, demo and the three real targets
     for path in paths:
         load_recipe(path)
+
+
+def test_env_references_in_paths_expand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shipped recipes name their data `${MLAN_SHARED_DATA:-../../shared/data}/…`: set → used, unset → default."""
+    body = ("sources:\n  - {name: a, path: '${MLAN_TEST_ROOT:-data}/a.json', format: alpaca, modality: text}\n"
+            "mixture: {budget: {tokens: 1000}}\n")
+    (tmp_path / "r.yaml").write_text(body)
+    monkeypatch.delenv("MLAN_TEST_ROOT", raising=False)
+    assert load_recipe(tmp_path / "r.yaml").sources[0].path == str(tmp_path / "data" / "a.json")
+    monkeypatch.setenv("MLAN_TEST_ROOT", "/elsewhere/data")
+    assert load_recipe(tmp_path / "r.yaml").sources[0].path == "/elsewhere/data/a.json"
+    (tmp_path / "s.yaml").write_text(body.replace("${MLAN_TEST_ROOT:-data}", "${MLAN_TEST_UNSET_VAR}"))
+    monkeypatch.delenv("MLAN_TEST_UNSET_VAR", raising=False)
+    with pytest.raises(RecipeError, match="MLAN_TEST_UNSET_VAR is not set"):
+        load_recipe(tmp_path / "s.yaml")
+
+
+def test_shipped_recipes_follow_mlan_shared_data(repo_root: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout that is not beside shared/ points MLAN_SHARED_DATA at the data; every data path follows it."""
+    monkeypatch.setenv("MLAN_SHARED_DATA", str(tmp_path / "data"))
+    for name in ("shared-data", "tiny-llava", "tiny-mllama"):
+        recipe = load_recipe(repo_root / "recipes" / f"{name}.yaml")
+        paths = [s.path for s in recipe.sources] + [s.images for s in recipe.sources if s.images]
+        assert paths and all(p.startswith(str(tmp_path / "data")) for p in paths), (name, paths)
