@@ -208,3 +208,17 @@ def test_oasst_paths_render_like_apply_chat_template(llama3_tokenizer, template)
     batch = [[{"role": m.role, "content": m.text} for m in c.messages] for c in convs]
     refs = llama3_tokenizer.apply_chat_template(batch)["input_ids"]
     assert [d.input_ids.tolist() for d in docs] == refs
+
+
+def test_openai_part_spellings_still_read():
+    """The OpenAI spellings read before (chat and Responses API parts) still read beside LLaMA-Factory's `value`."""
+    from mlan.sources import to_conversation
+
+    spec = _spec("llamafactory_messages.jsonl", "messages", "image_text")
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "input_text", "text": "a "}, {"type": "input_image", "image_url": "red.png"},
+                                     {"type": "text", "text": "b "}, {"type": "image_url", "image_url": {"url": "red.png"}},
+                                     {"text": "c"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "two"}]}]}
+    conv = to_conversation(spec, 0, record, str(spec.path))
+    assert conv.messages[0].text == "a b c" and len(conv.images) == 2 and conv.messages[1].text == "two"

@@ -407,10 +407,12 @@ def _content_parts(ctx: _Ctx, content: Any, where: str) -> list:
         if not isinstance(part, dict):
             raise ctx.error(f"expected a content part object, got {type(part).__name__}", pw)
         kind = _part_kind(part)
-        # LLaMA-Factory keeps every part's payload under `value`; OpenAI under the part's type
-        value_key = kind if kind in part else "value" if "value" in part else kind
+        # LLaMA-Factory keeps every part's payload under `value`; OpenAI under the part's type (or `text`,
+        # `image_url` for the Responses API's input_text / input_image)
+        own_key = "text" if kind in _TEXT_KINDS else "image_url" if kind in _IMAGE_URL_KINDS else kind
+        value_key = own_key if own_key in part or "value" not in part else "value"
         if kind in _TEXT_KINDS:
-            parts.append(ctx.require(part, "text" if "text" in part else value_key, f"{pw}.{value_key}"))
+            parts.append(ctx.require(part, value_key, f"{pw}.{value_key}"))
         elif kind in _IMAGE_URL_KINDS:
             url = part.get(value_key)
             url_field = f"{pw}.{value_key}"
