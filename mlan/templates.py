@@ -135,8 +135,9 @@ class Llama3Template(Template):
         }
 
     def pieces(self, conv: Conversation) -> list[Piece]:
-        """Llama-3 chat; with tool schemas, Llama-3.1's tool format: the `Environment: ipython` system block,
-        the schemas (JSON, indent 4) ahead of the first user message, calls as JSON, outputs as ipython turns."""
+        """Llama-3 chat; with tool schemas, Llama-3.1's tool format as the Hub's Llama-3.1 chat template writes it
+        (the `Environment: ipython` system block, the schemas as JSON (indent 4) ahead of the first user message,
+        calls as {"name", "parameters"} JSON, outputs as ipython turns), plus parallel calls joined by "; "."""
         tools = _uses_tools(conv)
         messages = list(conv.messages)
         out = [Piece("ids", ids=(self.bos,))]
@@ -155,6 +156,8 @@ class Llama3Template(Template):
                     raise _record_error(conv, "template llama3: an assistant turn with both text and tool calls "
                                         "(Llama-3.1's tool format has no place for the text)", f"messages[{i}]")
                 parts = [Text(llama31_call_text(m.tool_calls))]
+            if m.role == "tool":  # as the Hub's Llama-3.1 template: the output string through tojson, untrimmed
+                parts = [Text(json.dumps(m.text, ensure_ascii=False))]
             if schemas_due and m.role == "user":
                 schemas = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in conv.tool_schemas)
                 head = LLAMA31_TOOL_PREAMBLE + schemas
