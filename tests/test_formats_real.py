@@ -116,10 +116,14 @@ def test_a_tree_read_as_messages_says_it_is_a_tree():
 # ------------------------------------------------------------------ video
 def test_video_input_is_rejected():
     """Defect: records with `videos` were accepted as text with a literal <video> in the prompt."""
-    out = _convert(_spec("videos.jsonl", "messages"))
+    out = _convert(_spec("videos.jsonl", "messages", "image_text"))
     assert [e.field if isinstance(e, RecordError) else None for e in out] == [
         "videos", "messages[0].content", "messages[0].content[0].type", None]
     assert all("video input is not supported" in e.reason for e in out[:3])
+    # a text source whose record has no media may mention a literal <video> (HTML), as it may <image>
+    out = _convert(_spec("videos.jsonl", "messages", "text"))
+    assert isinstance(out[0], RecordError) and out[0].field == "videos" and isinstance(out[2], RecordError)
+    assert isinstance(out[1], Conversation) and out[1].messages[0].text == "<video>What happens?"
 
 
 # ------------------------------------------------------------------ prompt_completion end markers

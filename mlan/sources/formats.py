@@ -145,12 +145,17 @@ def _split_placeholders(parts: list) -> list:
     return out
 
 
-def _check_no_video(ctx: _Ctx, turns: list[_Turn]) -> None:
-    """Video and audio have no place in a document; a `<video>` left in the prompt would be trained on as text."""
+def _check_no_video(ctx: _Ctx, turns: list[_Turn], images: list) -> None:
+    """Video and audio have no place in a document; a `<video>` left in the prompt would be trained on as text.
+
+    As with `<image>`, a text source whose record has no media may talk about a literal "<video>" (HTML).
+    """
     for key, reason in (("videos", VIDEO_UNSUPPORTED), ("video", VIDEO_UNSUPPORTED),
                         ("audios", AUDIO_UNSUPPORTED), ("audio", AUDIO_UNSUPPORTED)):
         if ctx.record.get(key) not in (None, "", []):
             raise ctx.error(reason, key)
+    if ctx.spec.modality == "text" and not images:
+        return
     for turn in turns:
         if any(isinstance(p, str) and VIDEO_PLACEHOLDER in p for p in turn.parts):
             raise ctx.error(f"{VIDEO_UNSUPPORTED} ({VIDEO_PLACEHOLDER} in the text)", turn.field)
@@ -186,7 +191,7 @@ def _finish(ctx: _Ctx, turns: list[_Turn], images: list[tuple[Any, str]], meta: 
             canonical: str | None = None, tools: tuple[str, ...] = (), notes: tuple[str, ...] = (),
             id_suffix: str = "") -> Conversation:
     """Checks every conversation must pass, then placeholders filled with the resolved images."""
-    _check_no_video(ctx, turns)
+    _check_no_video(ctx, turns, images)
     _check_order(ctx, turns)
     calls = next((t.field for t in turns if any(isinstance(p, ToolCall) for p in t.parts)), None)
     if calls and not tools:
