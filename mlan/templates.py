@@ -147,7 +147,7 @@ class Llama3Template(Template):
                     Piece("ids", ids=(self.eot,))]
         n_images = 0
         schemas_due = tools
-        for i, m in enumerate(messages):
+        for i, m in enumerate(messages, start=len(conv.messages) - len(messages)):
             trained = m.role == "assistant" and m.trained
             out.append(Piece("ids", ids=self.headers[m.role]))
             parts = _trimmed_parts(m)
@@ -157,6 +157,8 @@ class Llama3Template(Template):
                                         "(Llama-3.1's tool format has no place for the text)", f"messages[{i}]")
                 parts = [Text(llama31_call_text(m.tool_calls))]
             if m.role == "tool":  # as the Hub's Llama-3.1 template: the output string through tojson, untrimmed
+                if m.images:
+                    raise _record_error(conv, "template llama3: a tool output with images", f"messages[{i}]")
                 parts = [Text(json.dumps(m.text, ensure_ascii=False))]
             if schemas_due and m.role == "user":
                 schemas = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in conv.tool_schemas)

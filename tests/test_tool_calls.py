@@ -154,11 +154,12 @@ def test_vicuna_refuses_tool_conversations(llama3_tokenizer, conversations):
 
 def test_llama3_refuses_text_beside_a_tool_call(llama3_tokenizer):
     record = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "messages": [
-        {"role": "user", "content": "call f"},
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "call f"},
         {"role": "assistant", "content": "Sure, calling f.", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}]}
     conv = to_conversation(SourceSpec(name="t", path="t.jsonl", format="messages", modality="text"), 0, record, "t.jsonl")
     out = _renderer(llama3_tokenizer, "llama3").render_batch([conv])
     assert isinstance(out[0], RecordError) and "both text and tool calls" in out[0].reason
+    assert out[0].field == "messages[2]"  # the index in the conversation, system message included
 
 
 def test_sharegpt_tools_were_dropped_before(conversations):
