@@ -406,7 +406,7 @@ def render_command(args) -> int:
             sys.stdout.write(json.dumps(doc.to_json()) + "\n")
             continue
         head = (f"── {doc.doc_id} · {doc.modality} · {doc.n_tokens} tokens · {doc.n_loss_tokens} trained"
-                f"{' · truncated' if doc.truncated else ''}")
+                f"{' · truncated' if doc.truncated else ''}{''.join(f' · {note}' for note in item.notes)}")
         console.print(f"[bold]{escape(head)}[/bold]")
         for i, (size, ext, tiles, p) in enumerate(zip(doc.image_sizes, doc.image_exts, doc.image_tiles, doc.image_positions)):
             console.print(escape(f"   image {i}: {size[0]}x{size[1]} {ext}, at token {p}, {tiles} tile(s)"))

@@ -137,6 +137,18 @@ def test_prompt_completion_strips_end_markers(llama3_tokenizer):
     assert _trained_text(llama3_tokenizer, doc) == "fromage" + EOT
 
 
+def test_render_shows_the_stripped_marker(tmp_path, capsys):
+    from mlan.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {family: llava, tokenizer: llama3}\n"
+                      f"sources:\n  - {{name: pc, path: {FIXTURES / 'prompt_completion_markers.jsonl'}, "
+                      "format: prompt_completion, modality: text}\n")
+    assert main(["render", str(recipe), "--source", "pc"]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if line.startswith("── ")]
+    assert [h.endswith(" · stripped end marker") for h in heads] == [True, True, False, False]
+
+
 def test_prompt_completion_end_markers_are_configurable():
     spec = _spec("prompt_completion_markers.jsonl", "prompt_completion", end_markers=[" inside"])
     out = _convert(spec)
