@@ -64,7 +64,7 @@ class TemplateSpec(_Strict):
 class SourceSpec(_Strict):
     name: str = Field(min_length=1)
     path: str  # local file/folder, fsspec URL, saved dataset folder, or a Hugging Face datasets id
-    format: Literal["alpaca", "sharegpt", "llava", "messages", "prompt_completion", "template"]
+    format: Literal["alpaca", "sharegpt", "llava", "messages", "prompt_completion", "template", "oasst"]
     modality: Literal["text", "image_text"]
     weight: float = Field(1.0, gt=0)
     images: str | None = None  # image root; relative image paths resolve under it and never outside
@@ -76,6 +76,9 @@ class SourceSpec(_Strict):
     limit: int | None = Field(None, ge=1)
     template: TemplateSpec | None = None
     upsample: bool | None = None  # overrides mixture.upsample for this source
+    tree_paths: Literal["best", "all"] = "best"  # format oasst: the best-ranked path, or every root-to-leaf path
+    # format prompt_completion: a completion ending in one of these has it stripped (GPT-3-style files)
+    end_markers: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "</s>"])
 
     @model_validator(mode="after")
     def _template_needs_spec(self) -> SourceSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -365,7 +365,6 @@ def render_command(args) -> int:
 
     from mlan.errors import UserError
     from mlan.recipe import load_recipe
-    from mlan.sources import iter_conversations
 
     recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
     spec = next((s for s in recipe.sources if s.name == args.source), None)
@@ -378,21 +377,25 @@ def render_command(args) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     counts = {"documents": 0, "errors": 0, "dropped": 0, "truncated": 0, "tokens": 0, "loss_tokens": 0}
     limit = args.limit
-    for item in iter_conversations(spec):
+    first_failure = ""
+    for item in _source_conversations(spec):
         if limit is not None and counts["documents"] + counts["errors"] + counts["dropped"] >= limit:
             break
         if isinstance(item, RecordError):
             counts["errors"] += 1
+            first_failure = first_failure or str(item)
             print(f"error: {item}", file=sys.stderr)
             continue
         try:
             doc = renderer.render(item)
         except RecordError as e:
             counts["errors"] += 1
+            first_failure = first_failure or str(e)
             print(f"error: {e}", file=sys.stderr)
             continue
         except DocumentDropped as e:
             counts["dropped"] += 1
+            first_failure = first_failure or f"dropped: {e}"
             print(f"dropped: {e}", file=sys.stderr)
             continue
         counts["documents"] += 1
@@ -403,7 +406,7 @@ def render_command(args) -> int:
             sys.stdout.write(json.dumps(doc.to_json()) + "\n")
             continue
         head = (f"── {doc.doc_id} · {doc.modality} · {doc.n_tokens} tokens · {doc.n_loss_tokens} trained"
-                f"{' · truncated' if doc.truncated else ''}")
+                f"{' · truncated' if doc.truncated else ''}{''.join(f' · {note}' for note in item.notes)}")
         console.print(f"[bold]{escape(head)}[/bold]")
         for i, (size, ext, tiles, p) in enumerate(zip(doc.image_sizes, doc.image_exts, doc.image_tiles, doc.image_positions)):
             console.print(escape(f"   image {i}: {size[0]}x{size[1]} {ext}, at token {p}, {tiles} tile(s)"))
@@ -416,4 +419,22 @@ def render_command(args) -> int:
         f"{counts['documents']} documents ({counts['truncated']} truncated), {counts['errors']} errors, "
         f"{counts['dropped']} dropped; {counts['tokens']} tokens, {counts['loss_tokens']} trained",
     )
+    if counts["documents"] == 0:  # nothing usable is a failure a script must see, not a quiet success
+        why = f"; the first: {first_failure}" if first_failure else " (the source has no records)"
+        raise UserError(f"source {spec.name!r}: no record rendered ({counts['errors']} rejected, "
+                        f"{counts['dropped']} dropped){why}".replace("\n", " "))
     return 0
+
+
+def _source_conversations(spec) -> Iterator[Conversation | RecordError]:
+    """Every conversation of a source, each path of an OpenAssistant tree included (`tree_paths: all`)."""
+    from mlan.sources import iter_source, to_conversations
+
+    for file, index, record in iter_source(spec):
+        if isinstance(record, RecordError):
+            yield record
+            continue
+        try:
+            yield from to_conversations(spec, index, record, file)
+        except RecordError as err:
+            yield err

@@ -9,6 +9,7 @@ check this against `apply_chat_template`.
 - `llama3`: `<|begin_of_text|>` then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`,
   content trimmed (as the Llama-3 chat template's `| trim`); images as the family's image token(s) where
   the Image part sits. Trained: the assistant content and its `<|eot_id|>`.
+  A conversation with tool schemas is rendered in Llama-3.1's JSON tool-calling format (see `Llama3Template`).
 - `vicuna_v1`: MLAN's / LLaVA-1.5's conv_vicuna_v1, `BOS + system + " USER: {q} ASSISTANT: {a}" + EOT`
   per exchange (later exchanges start "USER: " right after EOT, as LLaVA's SeparatorStyle.TWO).
   EOT is the tokenizer's `eos_token`: `<|eot_id|>` for the llama3 tokenizer (LLaVA's `</s>` does not exist
@@ -22,16 +23,27 @@ check this against `apply_chat_template`.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
-from mlan.sources.records import Conversation, Image, Message, RecordError, Text
+from mlan.sources.records import Conversation, Image, Message, RecordError, Text, ToolCall
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 TEMPLATES = ("llama3", "vicuna_v1", "tokenizer")
+
+# Llama-3.1's JSON tool-calling prompt (Meta's prompt format for custom tools, schemas in the first user turn)
+LLAMA31_TOOL_SYSTEM = "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TOOL_PREAMBLE = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+    "Do not use variables.\n\n"
+)
+LLAMA31_CALL_SEPARATOR = "; "  # parallel calls, as vLLM's llama3_json parser reads them
 
 
 @dataclass(frozen=True)
@@ -57,15 +69,29 @@ def _record_error(conv: Conversation, reason: str, field: str | None = None) -> 
 
 
 def check_conversation(conv: Conversation) -> None:
-    """What every template needs: at least one assistant turn, none of them empty."""
+    """What every template needs: a trained assistant turn, none of them empty."""
     roles = [m.role for m in conv.messages]
     if "assistant" not in roles:
         raise _record_error(conv, "no assistant turn", "messages")
     for i, m in enumerate(conv.messages):
-        if m.role not in ("system", "user", "assistant"):
+        if m.role not in ("system", "user", "assistant", "tool"):
             raise _record_error(conv, f"unknown role {m.role!r}", f"messages[{i}].role")
-        if m.role == "assistant" and not m.text.strip() and not m.images:
+        if m.role == "assistant" and not m.text.strip() and not m.images and not m.tool_calls:
             raise _record_error(conv, "empty assistant turn", f"messages[{i}]")
+    if not any(m.trained for m in conv.messages if m.role == "assistant"):
+        raise _record_error(conv, "no trained assistant turn (every assistant message has loss_weight 0)", "messages")
+
+
+def _uses_tools(conv: Conversation) -> bool:
+    return bool(conv.tools) or any(m.role == "tool" or m.tool_calls for m in conv.messages)
+
+
+def llama31_call_text(calls: tuple[ToolCall, ...]) -> str:
+    """`{"name": "f", "parameters": {…}}` per call (Llama-3.1's JSON format), parallel calls joined by "; "."""
+    return LLAMA31_CALL_SEPARATOR.join(
+        '{"name": "' + c.name + '", "parameters": ' + json.dumps(c.arguments_dict, ensure_ascii=False) + "}"
+        for c in calls
+    )
 
 
 def _trimmed_parts(message: Message) -> list:
@@ -102,18 +128,47 @@ class Llama3Template(Template):
         self.eot = _token_id(tok, "<|eot_id|>", self.name)
         start, end = _token_id(tok, "<|start_header_id|>", self.name), _token_id(tok, "<|end_header_id|>", self.name)
         newline2 = tok.encode("\n\n", add_special_tokens=False)
+        # a tool output is Llama-3.1's `ipython` turn
         self.headers = {
-            role: (start, *tok.encode(role, add_special_tokens=False), end, *newline2)
-            for role in ("system", "user", "assistant")
+            role: (start, *tok.encode(header, add_special_tokens=False), end, *newline2)
+            for role, header in (("system", "system"), ("user", "user"), ("assistant", "assistant"), ("tool", "ipython"))
         }
 
     def pieces(self, conv: Conversation) -> list[Piece]:
+        """Llama-3 chat; with tool schemas, Llama-3.1's tool format as the Hub's Llama-3.1 chat template writes it
+        (the `Environment: ipython` system block, the schemas as JSON (indent 4) ahead of the first user message,
+        calls as {"name", "parameters"} JSON, outputs as ipython turns), plus parallel calls joined by "; "."""
+        tools = _uses_tools(conv)
+        messages = list(conv.messages)
         out = [Piece("ids", ids=(self.bos,))]
+        if tools:
+            system = messages.pop(0).text.strip() if messages and messages[0].role == "system" else ""
+            out += [Piece("ids", ids=self.headers["system"]), Piece("text", text=LLAMA31_TOOL_SYSTEM + system),
+                    Piece("ids", ids=(self.eot,))]
         n_images = 0
-        for m in conv.messages:
-            trained = m.role == "assistant"
+        schemas_due = tools
+        for i, m in enumerate(messages, start=len(conv.messages) - len(messages)):
+            trained = m.role == "assistant" and m.trained
             out.append(Piece("ids", ids=self.headers[m.role]))
-            for p in _trimmed_parts(m):
+            parts = _trimmed_parts(m)
+            if m.tool_calls:
+                if m.text.strip() or m.images:
+                    raise _record_error(conv, "template llama3: an assistant turn with both text and tool calls "
+                                        "(Llama-3.1's tool format has no place for the text)", f"messages[{i}]")
+                parts = [Text(llama31_call_text(m.tool_calls))]
+            if m.role == "tool":  # as the Hub's Llama-3.1 template: the output string through tojson, untrimmed
+                if m.images:
+                    raise _record_error(conv, "template llama3: a tool output with images", f"messages[{i}]")
+                parts = [Text(json.dumps(m.text, ensure_ascii=False))]
+            if schemas_due and m.role == "user":
+                schemas = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in conv.tool_schemas)
+                head = LLAMA31_TOOL_PREAMBLE + schemas
+                if parts and isinstance(parts[0], Text):
+                    parts[0] = Text(head + parts[0].text)
+                else:
+                    parts.insert(0, Text(head))
+                schemas_due = False
+            for p in parts:
                 if isinstance(p, Image):
                     out.append(Piece("image", image=n_images))
                     n_images += 1
@@ -133,6 +188,8 @@ class VicunaV1Template(Template):
         self.bos = (int(tok.bos_token_id),) if tok.bos_token_id is not None else ()
 
     def pieces(self, conv: Conversation) -> list[Piece]:
+        if _uses_tools(conv):
+            raise _record_error(conv, "template vicuna_v1 has no tool-calling format; use template llama3 or tokenizer")
         out: list[Piece] = [Piece("ids", ids=self.bos)] if self.bos else []
         messages = list(conv.messages)
         system = VICUNA_SYSTEM
@@ -155,12 +212,12 @@ class VicunaV1Template(Template):
                     if pending:
                         out.append(Piece("text", text=pending))
                         pending = ""
-                    out.append(Piece("text", trained=True, text=(" " if first else "") + p.text))
+                    out.append(Piece("text", trained=m.trained, text=(" " if first else "") + p.text))
                     first = False
                 if pending:
                     out.append(Piece("text", text=pending))
                     pending = ""
-                out.append(Piece("ids", trained=True, ids=(self.eot,), turn_end=True))
+                out.append(Piece("ids", trained=m.trained, ids=(self.eot,), turn_end=m.trained))
             else:  # user (a system message after the first is rendered as a user turn)
                 pending += "USER: "
                 for p in parts:
@@ -190,39 +247,58 @@ class TokenizerTemplate(Template):
         self.image_token = image_token
 
     def _messages(self, conv: Conversation) -> list[dict]:
+        """OpenAI-style messages, as `apply_chat_template` takes them (tool calls with dict arguments)."""
         msgs = []
         for m in conv.messages:
             if m.images:
                 content: object = [
-                    {"type": "image"} if isinstance(p, Image) else {"type": "text", "text": p.text} for p in m.parts
+                    {"type": "image"} if isinstance(p, Image) else {"type": "text", "text": p.text}
+                    for p in m.parts if isinstance(p, (Image, Text))
                 ]
             else:
                 content = m.text
-            msgs.append({"role": m.role, "content": content})
+            msg: dict = {"role": m.role, "content": content}
+            if m.tool_calls:
+                msg["tool_calls"] = [
+                    {"type": "function", "function": {"name": c.name, "arguments": c.arguments_dict},
+                     **({"id": c.id} if c.id else {})}
+                    for c in m.tool_calls
+                ]
+            msgs.append(msg)
         return msgs
 
-    def _render(self, conv: Conversation, msgs: list[dict], generation_prompt: bool) -> str:
+    def _render(self, conv: Conversation, msgs: list[dict], generation_prompt: bool, tools: list[dict] | None) -> str:
         try:
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+            return self.tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as err:  # noqa: BLE001 -- jinja raises many types (TemplateError, TypeError on list content, ...)
             raise _record_error(conv, f"the tokenizer's chat_template failed: {type(err).__name__}: {err}") from None
 
     def pieces(self, conv: Conversation) -> list[Piece]:
         msgs = self._messages(conv)
-        full = self._render(conv, msgs, False)
+        tools = conv.tool_schemas or None
+        full = self._render(conv, msgs, False, tools)
+        if tools and full == self._render(conv, msgs, False, None):
+            raise _record_error(conv, "the tokenizer's chat_template ignores `tools`: the tool schemas would not "
+                                "reach the prompt; use template llama3 or a chat_template that renders tools")
         spans: list[tuple[int, int]] = []  # trained char ranges
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt = self._render(conv, msgs[:i], True)
-            closed = self._render(conv, msgs[: i + 1], False)
+            prompt = self._render(conv, msgs[:i], True, tools)
+            closed = self._render(conv, msgs[: i + 1], False, tools)
             if not (closed.startswith(prompt) and full.startswith(closed)):
                 raise ValueError(
                     "template 'tokenizer': the chat_template is not prefix-stable (rendering a conversation's "
                     "prefix is not a prefix of rendering the whole), so trained spans cannot be located; "
                     "use template llama3 or vicuna_v1"
                 )
-            spans.append((len(prompt), len(closed)))
+            answer = closed[len(prompt):]
+            missing = [c.name for c in conv.messages[i].tool_calls if c.name not in answer]
+            if missing:
+                raise _record_error(conv, f"the tokenizer's chat_template does not render the tool call {missing[0]!r}",
+                                    f"messages[{i}]")
+            if conv.messages[i].trained:
+                spans.append((len(prompt), len(closed)))
         out: list[Piece] = []
         pos = 0
         for start, end in spans:

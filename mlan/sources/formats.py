@@ -1,12 +1,14 @@
-"""Instruction formats → `Conversation`: alpaca, sharegpt, llava, messages, prompt_completion, template.
+"""Instruction formats → `Conversation`: alpaca, sharegpt, llava, messages, prompt_completion, template, oasst.
 
-Each format only says where a record keeps its turns; placeholder filling, image resolution and the
-checks every conversation must pass (roles, an assistant turn, no empty assistant turn) are shared.
-Anything wrong with one record is a `RecordError` naming the file, the record index and the field.
+Each format only says where a record keeps its turns; placeholder filling, image resolution, tool schemas
+and the checks every conversation must pass (roles and their order, a trained assistant turn, no empty
+assistant turn, no video) are shared. Anything wrong with one record is a `RecordError` naming the file,
+the record index and the field.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -16,9 +18,12 @@ from typing import Any
 
 from mlan.recipe import SourceSpec, TemplateSpec
 from mlan.sources.images import ImageContext, image_root, to_image_ref
-from mlan.sources.records import Conversation, Image, ImageRef, Message, RecordError, Text
+from mlan.sources.records import Conversation, Image, ImageRef, Message, RecordError, Text, ToolCall
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+VIDEO_UNSUPPORTED = "video input is not supported"
+AUDIO_UNSUPPORTED = "audio input is not supported"
 
 # every role spelling the common formats use → the three roles of a Conversation
 ROLE_ALIASES: dict[str, str] = {
@@ -26,7 +31,11 @@ ROLE_ALIASES: dict[str, str] = {
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant",
     "bard": "assistant", "bing": "assistant",
+    # tool outputs: OpenAI `tool` (and the older `function`), ShareGPT `observation`, Llama-3.1 `ipython`
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
 }
+# ShareGPT's `from: function_call`: an assistant turn whose value is the JSON of one call or a list of calls
+FUNCTION_CALL_ROLE = "function_call"
 
 
 # ---------------------------------------------------------------- record identity
@@ -73,8 +82,9 @@ _PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)})")
 @dataclass
 class _Turn:
     role: str
-    parts: list  # str | Image | _Slot
+    parts: list  # str | Image | ToolCall | _Slot
     field: str  # where the turn lives in the record (for errors)
+    trained: bool = True  # False: `loss_weight: 0`
 
 
 class _Ctx:
@@ -135,20 +145,58 @@ def _split_placeholders(parts: list) -> list:
     return out
 
 
-def _finish(ctx: _Ctx, turns: list[_Turn], images: list[tuple[Any, str]], meta: dict | None = None,
-            canonical: str | None = None) -> Conversation:
-    """Checks every conversation must pass, then placeholders filled with the resolved images."""
+def _check_no_video(ctx: _Ctx, turns: list[_Turn], images: list) -> None:
+    """Video and audio have no place in a document; a `<video>` left in the prompt would be trained on as text.
+
+    As with `<image>`, a text source whose record has no media may talk about a literal "<video>" (HTML).
+    """
+    for key, reason in (("videos", VIDEO_UNSUPPORTED), ("video", VIDEO_UNSUPPORTED),
+                        ("audios", AUDIO_UNSUPPORTED), ("audio", AUDIO_UNSUPPORTED)):
+        if ctx.record.get(key) not in (None, "", []):
+            raise ctx.error(reason, key)
+    if ctx.spec.modality == "text" and not images:
+        return
+    for turn in turns:
+        if any(isinstance(p, str) and VIDEO_PLACEHOLDER in p for p in turn.parts):
+            raise ctx.error(f"{VIDEO_UNSUPPORTED} ({VIDEO_PLACEHOLDER} in the text)", turn.field)
+
+
+def _check_order(ctx: _Ctx, turns: list[_Turn]) -> None:
+    """Roles in an order every chat template can render and that trains something."""
     if not turns:
         raise ctx.error("no turns", None)
     for i, turn in enumerate(turns):
         if turn.role == "system" and i != 0:
             raise ctx.error("a system message may only be the first turn", turn.field)
+    first = next((t for t in turns if t.role != "system"), None)
+    if first is None:
+        raise ctx.error("no assistant turn", None)
+    if first.role != "user":
+        raise ctx.error(f"the first turn after the system message must be the user's, got {first.role}", first.field)
+    for prev, turn in itertools.pairwise(turns):
+        if turn.role == "tool" and not (prev.role == "tool" or any(isinstance(p, ToolCall) for p in prev.parts)):
+            raise ctx.error("a tool output must follow an assistant turn with tool calls (or another tool output)",
+                            turn.field)
     assistants = [t for t in turns if t.role == "assistant"]
     if not assistants:
         raise ctx.error("no assistant turn", None)
     for turn in assistants:
-        if not any((isinstance(p, str) and p.strip()) or isinstance(p, Image) for p in turn.parts):
+        if not any((isinstance(p, str) and p.strip()) or isinstance(p, (Image, ToolCall)) for p in turn.parts):
             raise ctx.error("empty assistant turn", turn.field)
+    if not any(t.trained for t in assistants):
+        raise ctx.error("no trained assistant turn (every assistant message has loss_weight 0)", None)
+
+
+def _finish(ctx: _Ctx, turns: list[_Turn], images: list[tuple[Any, str]], meta: dict | None = None,
+            canonical: str | None = None, tools: tuple[str, ...] = (), notes: tuple[str, ...] = (),
+            id_suffix: str = "") -> Conversation:
+    """Checks every conversation must pass, then placeholders filled with the resolved images."""
+    _check_no_video(ctx, turns, images)
+    _check_order(ctx, turns)
+    calls = next((t.field for t in turns if any(isinstance(p, ToolCall) for p in t.parts)), None)
+    if calls and not tools:
+        raise ctx.error("the record has tool calls but no `tools` schemas: the model would learn to call "
+                        "functions it was never shown", calls)
 
     if ctx.spec.modality == "text":  # the mixture counts a text source's documents on the text side
         inline = next((t.field for t in turns for p in t.parts if isinstance(p, (Image, _Slot))), None)
@@ -163,9 +211,7 @@ def _finish(ctx: _Ctx, turns: list[_Turn], images: list[tuple[Any, str]], meta: 
             turn.parts = _split_placeholders(turn.parts)
     n_slots = sum(isinstance(p, _Slot) for t in turns for p in t.parts)
     if n_slots == 0 and images:  # LLaVA: an image without a placeholder opens the first user turn
-        first_user = next((t for t in turns if t.role == "user"), None)
-        if first_user is None:
-            raise ctx.error("the record has images but no user turn to put them in", images[0][1])
+        first_user = next(t for t in turns if t.role == "user")  # _check_order: there is one
         first_user.parts[:0] = [_SLOT] * len(images)
         n_slots = len(images)
     if n_slots != len(images):
@@ -184,20 +230,111 @@ def _finish(ctx: _Ctx, turns: list[_Turn], images: list[tuple[Any, str]], meta: 
                     parts.append(Text(p))
             else:
                 parts.append(p)
-        messages.append(Message(role=turn.role, parts=tuple(parts)))  # type: ignore[arg-type]
+        messages.append(Message(role=turn.role, parts=tuple(parts), trained=turn.trained))  # type: ignore[arg-type]
     canonical = canonical if canonical is not None else canonical_json(ctx.record)
     return Conversation(
-        id=record_id(ctx.spec.name, ctx.index, canonical),
+        id=record_id(ctx.spec.name, ctx.index, canonical) + id_suffix,
         source=ctx.spec.name,
         messages=tuple(messages),
         meta={"file": ctx.file, "index": ctx.index, **(meta or {})},
+        tools=tools,
+        notes=notes,
     )
+
+
+# ---------------------------------------------------------------- tools
+def _json_value(ctx: _Ctx, value: Any, field: str, what: str) -> Any:
+    """A JSON document kept as a string inside the record (ShareGPT `tools`, `function_call`, OpenAI `arguments`)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ctx.error(f"{what} is not valid JSON: {err}", field) from None
+
+
+def _tools(ctx: _Ctx) -> tuple[str, ...]:
+    """The record's `tools` (a JSON string or a list; bare schemas or OpenAI's {"type": "function", …}).
+
+    Normalised to OpenAI's wrapped form, what `apply_chat_template(tools=…)` receives for a Python function.
+    """
+    raw = ctx.record.get("tools")
+    if raw in (None, "", []):
+        return ()
+    tools = _json_value(ctx, raw, "tools", "tools")
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        raise ctx.error(f"expected a list of function schemas, got {type(tools).__name__}", "tools")
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        tool = _json_value(ctx, tool, where, where)
+        if not isinstance(tool, dict):
+            raise ctx.error(f"expected a function schema object, got {type(tool).__name__}", where)
+        if tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+            schema, where = tool["function"], f"{where}.function"
+        else:
+            schema = tool
+        if not isinstance(schema.get("name"), str) or not schema["name"]:
+            raise ctx.error("a function schema needs a name", f"{where}.name")
+        out.append(json.dumps({"type": "function", "function": schema}, ensure_ascii=False))
+    return tuple(out)
+
+
+def _tool_call(ctx: _Ctx, call: Any, where: str) -> ToolCall:
+    """One call: {"name", "arguments" | "parameters"} or OpenAI's {"id", "type", "function": {"name", "arguments"}}."""
+    if not isinstance(call, dict):
+        raise ctx.error(f"expected a tool call object, got {type(call).__name__}", where)
+    call_id = call.get("id") if isinstance(call.get("id"), str) else None
+    if isinstance(call.get("function"), dict):
+        call, where = call["function"], f"{where}.function"
+    name = ctx.require(call, "name", f"{where}.name")
+    key = "arguments" if "arguments" in call or "parameters" not in call else "parameters"
+    args = _json_value(ctx, call.get(key, {}), f"{where}.{key}", "the call's arguments")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise ctx.error(f"a call's arguments must be a JSON object, got {type(args).__name__}", f"{where}.{key}")
+    return ToolCall(name=name, arguments=json.dumps(args, ensure_ascii=False), id=call_id)
+
+
+def _tool_calls(ctx: _Ctx, calls: Any, where: str) -> list[ToolCall]:
+    calls = _json_value(ctx, calls, where, "the tool call")
+    if isinstance(calls, dict):
+        return [_tool_call(ctx, calls, where)]
+    if not isinstance(calls, list) or not calls:
+        raise ctx.error("expected a tool call or a non-empty list of them", where)
+    return [_tool_call(ctx, c, f"{where}[{j}]") for j, c in enumerate(calls)]
+
+
+def _loss_weight(ctx: _Ctx, msg: dict, where: str) -> bool:
+    """LLaMA-Factory's per-message `loss_weight`: 0 → not trained, 1 → trained (the loss mask is binary)."""
+    weight = msg.get("loss_weight")
+    if weight is None:
+        return True
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise ctx.error(f"loss_weight must be 0 (not trained) or 1 (trained), got {weight!r}", f"{where}.loss_weight")
+    return weight == 1
 
 
 # ---------------------------------------------------------------- formats
 def _system_turn(ctx: _Ctx) -> list[_Turn]:
     system = ctx.optional_str(ctx.record, "system", "system")
     return [_Turn("system", [system], "system")] if system else []
+
+
+def _is_tree(record: dict) -> bool:
+    prompt = record.get("prompt")
+    return isinstance(prompt, dict) and ("replies" in prompt or "text" in prompt)
+
+
+def _require_turns(ctx: _Ctx, key: str) -> list:
+    """The record's list of turns; an OpenAssistant tree gets a reason that says what it is."""
+    if key not in ctx.record and _is_tree(ctx.record):
+        raise ctx.error(f"missing field {key!r}: the record is a message tree (`prompt` with nested `replies`, "
+                        "OpenAssistant's layout); use format: oasst", key)
+    return ctx.require(ctx.record, key, key, list)
 
 
 def _alpaca(ctx: _Ctx) -> Conversation:
@@ -215,13 +352,13 @@ def _alpaca(ctx: _Ctx) -> Conversation:
         turns += [_Turn("user", [pair[0]], f"history[{i}][0]"), _Turn("assistant", [pair[1]], f"history[{i}][1]")]
     turns.append(_Turn("user", ["\n".join(x for x in (instruction, extra) if x)], "instruction"))
     turns.append(_Turn("assistant", [output], "output"))
-    return _finish(ctx, turns, ctx.record_images())
+    return _finish(ctx, turns, ctx.record_images(), tools=_tools(ctx))
 
 
 def _sharegpt(ctx: _Ctx) -> Conversation:
     rec = ctx.record
     key = "conversations" if "conversations" in rec or "messages" not in rec else "messages"
-    convs = ctx.require(rec, key, key, list)
+    convs = _require_turns(ctx, key)
     turns = _system_turn(ctx)
     for i, item in enumerate(convs):
         where = f"{key}[{i}]"
@@ -229,20 +366,38 @@ def _sharegpt(ctx: _Ctx) -> Conversation:
             raise ctx.error(f"expected an object with from/value, got {type(item).__name__}", where)
         role_key = "from" if "from" in item or "role" not in item else "role"
         value_key = "value" if "value" in item or "content" not in item else "content"
-        role = ctx.role(ctx.require(item, role_key, f"{where}.{role_key}"), f"{where}.{role_key}")
+        tag = ctx.require(item, role_key, f"{where}.{role_key}")
         value = item.get(value_key)
-        if value is None and role != "assistant":
-            ctx._missing(f"{where}.{value_key}")
-        if value is not None and not isinstance(value, str):
+        if value is None:
+            raise ctx.error("missing field" if value_key not in item else "content is null", f"{where}.{value_key}")
+        if isinstance(tag, str) and tag.lower() == FUNCTION_CALL_ROLE:
+            calls = _tool_calls(ctx, value, f"{where}.{value_key}")
+            turns.append(_Turn("assistant", calls, f"{where}.{value_key}", _loss_weight(ctx, item, where)))
+            continue
+        role = ctx.role(tag, f"{where}.{role_key}")
+        if not isinstance(value, str):
             raise ctx.error(f"expected str, got {type(value).__name__}", f"{where}.{value_key}")
-        turns.append(_Turn(role, [value or ""], f"{where}.{value_key}"))
-    return _finish(ctx, turns, ctx.record_images())
+        turns.append(_Turn(role, [value], f"{where}.{value_key}", _loss_weight(ctx, item, where)))
+    return _finish(ctx, turns, ctx.record_images(), tools=_tools(ctx))
+
+
+_TEXT_KINDS = ("text", "input_text", "output_text")
+_IMAGE_URL_KINDS = ("image_url", "input_image")
+_VIDEO_KINDS = ("video", "video_url", "input_video")
+_AUDIO_KINDS = ("audio", "audio_url", "input_audio")
+_PART_KINDS = "text, image_url, image, tool_call"
+
+
+def _part_kind(part: dict) -> str | None:
+    if part.get("type"):
+        return part["type"]
+    return next((k for k in ("text", "image_url", "image") if k in part), None)
 
 
 def _content_parts(ctx: _Ctx, content: Any, where: str) -> list:
-    """OpenAI-style content: a string, or a list of text / image_url / image parts."""
+    """A string, or a list of parts: OpenAI's (`text`, `image_url`), LLaMA-Factory's (`value`), `image`, `tool_call`."""
     if content is None:
-        return []
+        raise ctx.error("content is null", where)
     if isinstance(content, str):
         return [content]
     if isinstance(content, dict):
@@ -253,27 +408,38 @@ def _content_parts(ctx: _Ctx, content: Any, where: str) -> list:
     for j, part in enumerate(content):
         pw = f"{where}[{j}]"
         if isinstance(part, str):
-            parts.append(part)
-            continue
+            raise ctx.error('a bare string in a list of parts; write {"type": "text", "text": …}', pw)
         if not isinstance(part, dict):
             raise ctx.error(f"expected a content part object, got {type(part).__name__}", pw)
-        kind = part.get("type") or ("text" if "text" in part else "image_url" if "image_url" in part else "image" if "image" in part else None)
-        if kind in ("text", "input_text", "output_text"):
-            parts.append(ctx.require(part, "text", f"{pw}.text"))
-        elif kind in ("image_url", "input_image"):
-            url = part.get("image_url")
-            url_field = f"{pw}.image_url"
+        kind = _part_kind(part)
+        # LLaMA-Factory keeps every part's payload under `value`; OpenAI under the part's type (or `text`,
+        # `image_url` for the Responses API's input_text / input_image)
+        own_key = "text" if kind in _TEXT_KINDS else "image_url" if kind in _IMAGE_URL_KINDS else kind
+        value_key = own_key if own_key in part or "value" not in part else "value"
+        if kind in _TEXT_KINDS:
+            parts.append(ctx.require(part, value_key, f"{pw}.{value_key}"))
+        elif kind in _IMAGE_URL_KINDS:
+            url = part.get(value_key)
+            url_field = f"{pw}.{value_key}"
             if isinstance(url, dict):
                 url, url_field = url.get("url"), f"{url_field}.url"
             if not isinstance(url, str) or not url:
                 ctx._missing(url_field)
             parts.append(Image(to_image_ref(url, ctx.images, url_field)))
         elif kind == "image":
-            payload = part.get("image", part.get("url", part.get("path")))
+            payload = part.get("image", part.get("value", part.get("url", part.get("path"))))
             # a bare {"type": "image"} (processor chat-template style) takes the record's next image
             parts.append(_SLOT if payload is None else Image(to_image_ref(payload, ctx.images, f"{pw}.image")))
+        elif kind in ("tool_call", "tool_calls"):
+            parts.extend(_tool_calls(ctx, part.get(value_key), f"{pw}.{value_key}"))
+        elif kind in _VIDEO_KINDS:
+            raise ctx.error(VIDEO_UNSUPPORTED, f"{pw}.type")
+        elif kind in _AUDIO_KINDS:
+            raise ctx.error(AUDIO_UNSUPPORTED, f"{pw}.type")
+        elif kind == "reasoning":
+            raise ctx.error("reasoning parts are not supported (no mlan template has a place for them)", f"{pw}.type")
         else:
-            raise ctx.error(f"unknown content part type {kind!r}; allowed: text, image_url, image", f"{pw}.type")
+            raise ctx.error(f"unknown content part type {kind!r}; allowed: {_PART_KINDS}", f"{pw}.type")
     return parts
 
 
@@ -286,15 +452,36 @@ def _message_turns(ctx: _Ctx, messages: Any, key: str) -> list[_Turn]:
         if not isinstance(msg, dict):
             raise ctx.error(f"expected an object with role/content, got {type(msg).__name__}", where)
         role = ctx.role(ctx.require(msg, "role", f"{where}.role"), f"{where}.role")
-        if "content" not in msg and role != "assistant":
+        calls: list = []
+        if role == "assistant":
+            for call_key in ("tool_calls", "function_call"):  # OpenAI's current and legacy spellings
+                if msg.get(call_key) not in (None, []):
+                    calls = _tool_calls(ctx, msg[call_key], f"{where}.{call_key}")
+                    break
+        if "content" not in msg and not calls:
             ctx._missing(f"{where}.content")
-        turns.append(_Turn(role, _content_parts(ctx, msg.get("content"), f"{where}.content"), f"{where}.content"))
+        content = msg.get("content")
+        parts = [] if calls and content in (None, "") else _content_parts(ctx, content, f"{where}.content")
+        turns.append(_Turn(role, parts + calls, f"{where}.content", _loss_weight(ctx, msg, where)))
     return turns
 
 
 def _messages(ctx: _Ctx) -> Conversation:
-    turns = _system_turn(ctx) + _message_turns(ctx, ctx.require(ctx.record, "messages", "messages", list), "messages")
-    return _finish(ctx, turns, ctx.record_images())
+    turns = _system_turn(ctx) + _message_turns(ctx, _require_turns(ctx, "messages"), "messages")
+    return _finish(ctx, turns, ctx.record_images(), tools=_tools(ctx))
+
+
+def _strip_end_marker(ctx: _Ctx, turns: list[_Turn]) -> tuple[str, ...]:
+    """GPT-3-style completions end with `<|endoftext|>`: the template adds its own end, so the marker goes."""
+    last = turns[-1] if turns and turns[-1].role == "assistant" else None
+    if last is None or not last.parts or not isinstance(last.parts[-1], str):
+        return ()
+    text = last.parts[-1].rstrip()
+    for marker in ctx.spec.end_markers:
+        if marker and text.endswith(marker):
+            last.parts[-1] = text[: -len(marker)]
+            return ("stripped end marker",)
+    return ()
 
 
 def _prompt_completion(ctx: _Ctx) -> Conversation:
@@ -303,7 +490,78 @@ def _prompt_completion(ctx: _Ctx) -> Conversation:
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = ctx.require(rec, key, key, (str, list))
         turns += [_Turn(role, [value], key)] if isinstance(value, str) else _message_turns(ctx, value, key)
-    return _finish(ctx, turns, ctx.record_images())
+    notes = _strip_end_marker(ctx, turns)
+    return _finish(ctx, turns, ctx.record_images(), tools=_tools(ctx), notes=notes)
+
+
+# ---------------------------------------------------------------- oasst
+_OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def _oasst_children(node: dict) -> list[tuple[int, dict]]:
+    replies = node.get("replies") or []
+    return [(j, r) for j, r in enumerate(replies) if isinstance(r, dict) and not r.get("deleted")] \
+        if isinstance(replies, list) else []
+
+
+def _by_rank(item: tuple[int, dict]) -> tuple:
+    """Rank 0 is best; unranked replies come after ranked ones, in file order."""
+    j, reply = item
+    rank = reply.get("rank")
+    return (not isinstance(rank, (int, float)), rank if isinstance(rank, (int, float)) else 0, j)
+
+
+def _oasst_paths(ctx: _Ctx, every: bool) -> list[list[tuple[dict, str]]]:
+    """Root-to-leaf paths of (node, field) pairs: the best-ranked one, or all of them."""
+    root = ctx.require(ctx.record, "prompt", "prompt", dict)
+    paths: list[list[tuple[dict, str]]] = []
+    stack = [[(root, "prompt")]]
+    while stack:
+        path = stack.pop()
+        node, field = path[-1]
+        children = sorted(_oasst_children(node), key=_by_rank)
+        if not children:
+            paths.append(path)
+            continue
+        chosen = children if every else children[:1]
+        stack.extend([*path, (child, f"{field}.replies[{j}]")] for j, child in reversed(chosen))
+    return paths
+
+
+def _oasst_turns(ctx: _Ctx, path: list[tuple[dict, str]]) -> list[_Turn]:
+    turns = []
+    for node, field in path:
+        role = _OASST_ROLES.get(node.get("role"))
+        if role is None:
+            raise ctx.error(f"unknown role {node.get('role')!r}; allowed: prompter, assistant", f"{field}.role")
+        turns.append(_Turn(role, [ctx.require(node, "text", f"{field}.text")], f"{field}.text"))
+    while turns and turns[-1].role == "user":  # a prompt nobody answered trains nothing
+        turns.pop()
+    return turns
+
+
+def oasst_conversations(ctx: _Ctx) -> list[Conversation]:
+    """An OpenAssistant message tree → its best-ranked path, or (`tree_paths: all`) one conversation per path."""
+    every = ctx.spec.tree_paths == "all"
+    convs, seen = [], set()
+    for path in _oasst_paths(ctx, every):
+        turns = _oasst_turns(ctx, path)
+        key = tuple(field for _, field in path[: len(turns)])
+        if key in seen:
+            continue
+        seen.add(key)
+        suffix = f"/{len(convs)}" if every else ""
+        convs.append(_finish(ctx, turns, ctx.record_images(), meta={"path": key[-1] if key else None},
+                             tools=_tools(ctx), id_suffix=suffix))
+    return convs
+
+
+def _oasst(ctx: _Ctx) -> Conversation:
+    convs = oasst_conversations(ctx)
+    if len(convs) != 1:
+        raise ctx.error(f"tree_paths: all gives {len(convs)} conversations for this record; this reader takes "
+                        "one per record (mlan.sources.to_conversations gives them all)", "prompt")
+    return convs[0]
 
 
 # ---------------------------------------------------------------- template
@@ -377,6 +635,7 @@ FORMATS: dict[str, Callable[[_Ctx], Conversation]] = {
     "messages": _messages,
     "prompt_completion": _prompt_completion,
     "template": _template,
+    "oasst": _oasst,
 }
 
 
@@ -385,3 +644,10 @@ def to_conversation(spec: SourceSpec, index: int, record: dict, file: str) -> Co
     if not isinstance(record, dict):
         raise RecordError(file, index, f"expected a JSON object, got {type(record).__name__}")
     return FORMATS[spec.format](_Ctx(spec, index, record, file))
+
+
+def to_conversations(spec: SourceSpec, index: int, record: dict, file: str) -> list[Conversation]:
+    """Every conversation a record holds: one, except an OpenAssistant tree read with `tree_paths: all`."""
+    if spec.format == "oasst" and isinstance(record, dict):
+        return oasst_conversations(_Ctx(spec, index, record, file))
+    return [to_conversation(spec, index, record, file)]

@@ -4,6 +4,7 @@ Nothing downstream of `mlan.sources` knows which file format a record came from.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import PurePosixPath
@@ -11,8 +12,8 @@ from typing import Literal
 
 from mlan.errors import MlanError
 
-Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 
 
 class RecordError(MlanError, ValueError):
@@ -74,13 +75,31 @@ class Image:
     ref: ImageRef
 
 
-Part = Text | Image
+@dataclass(frozen=True)
+class ToolCall:
+    """An assistant's call of a function; `arguments` is the JSON text of an object, key order kept.
+
+    Kept as text so a Message stays hashable and the schema's key order reaches the prompt unchanged.
+    """
+
+    name: str
+    arguments: str = "{}"
+    id: str | None = None
+
+    @property
+    def arguments_dict(self) -> dict:
+        return json.loads(self.arguments)
+
+
+Part = Text | Image | ToolCall
 
 
 @dataclass(frozen=True)
 class Message:
     role: Role
     parts: tuple[Part, ...]
+    # False: rendered but never trained (LLaMA-Factory's `loss_weight: 0`); only assistant turns are trained
+    trained: bool = True
 
     @cached_property  # frozen: computed once (renderers and checks ask for it per piece)
     def text(self) -> str:
@@ -91,6 +110,10 @@ class Message:
     def images(self) -> tuple[ImageRef, ...]:
         return tuple(p.ref for p in self.parts if isinstance(p, Image))
 
+    @cached_property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return tuple(p for p in self.parts if isinstance(p, ToolCall))
+
 
 @dataclass(frozen=True)
 class Conversation:
@@ -98,6 +121,14 @@ class Conversation:
     source: str
     messages: tuple[Message, ...]
     meta: dict = field(default_factory=dict, hash=False, compare=False)
+    # function schemas the conversation may call, each the JSON text of {"type": "function", "function": {…}}
+    tools: tuple[str, ...] = ()
+    # what conversion changed in the record, e.g. "stripped end marker" (counted by the build report)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def tool_schemas(self) -> list[dict]:
+        return [json.loads(t) for t in self.tools]
 
     @cached_property
     def images(self) -> tuple[ImageRef, ...]:
