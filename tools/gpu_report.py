@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     (folder / "gpu_check.json").write_text(json.dumps(report, indent=1))
     (folder / "gpu_check.md").write_text(text)
-    print(text)
+    print(text, end="")
     return 0
 
 
