@@ -4,7 +4,8 @@ CPU (everywhere): `cu_seqlens` against a loop over every row's positions; flatte
 `attend_varlen`'s plumbing (flatten, cu_seqlens, GQA, unflatten) run with an independent per-segment reference of
 varlen_attn's contract equals the per-document SDPA path in outputs and gradients; the cache builds `cu_seqlens`
 once per batch. GPU (`gpu` marker, skipped without CUDA): logits and gradients of tiny LLaVA and Mllama packed rows
-in bf16 under the varlen kernel against the per-document SDPA loop, both measured against an fp32 reference.
+in bf16 (and fp32 weights under bf16 autocast) under the varlen kernel against the per-document SDPA loop, both
+measured against an fp32 reference.
 """
 from __future__ import annotations
 
@@ -190,6 +191,10 @@ def test_varlen_matches_per_document_sdpa_in_bf16(family):
     assert text.num_key_value_heads < text.num_attention_heads  # GQA
     batch = packed_batch(family)
     ref_logits, ref_grads = logits_and_grads(model.to("cuda", torch.float32), batch, torch.float32)  # fp32 loop
+    with torch.autocast("cuda", dtype=torch.bfloat16), FlopCounterMode(display=False) as counter:
+        amp_logits, _ = logits_and_grads(model, batch, torch.float32)  # fp32 weights, bf16 autocast
+    assert any("_varlen_attn" in str(op) for op in counter.get_flop_counts()["Global"])
+    assert rel_err(amp_logits, ref_logits) < 5e-2
     model.to(torch.bfloat16)
     with FlopCounterMode(display=False) as counter:
         var_logits, var_grads = logits_and_grads(model, batch, torch.bfloat16)
@@ -200,8 +205,8 @@ def test_varlen_matches_per_document_sdpa_in_bf16(family):
     assert not any("_varlen_attn" in op for op in {str(op) for op in counter.get_flop_counts()["Global"]})
     # both bf16 paths are as close to the fp32 reference as each other (bf16 rounding, not a wrong mask)
     err_var, err_loop = rel_err(var_logits, ref_logits), rel_err(loop_logits, ref_logits)
-    assert err_var < 2 * err_loop + 1e-3 and err_var < 2e-2, (err_var, err_loop)
-    torch.testing.assert_close(var_logits, loop_logits, rtol=0.05, atol=0.05)
+    assert err_var < 2 * err_loop + 1e-3 and err_var < 5e-2, (err_var, err_loop)
+    assert rel_err(var_logits, loop_logits) < 5e-2
     assert set(var_grads) == set(loop_grads) == set(ref_grads) and var_grads
     for name in ref_grads:
         e_var, e_loop = rel_err(var_grads[name], ref_grads[name]), rel_err(loop_grads[name], ref_grads[name])

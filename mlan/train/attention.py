@@ -28,6 +28,7 @@ identity and in-place version counter). `create_causal_mask` itself still runs t
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -161,12 +162,28 @@ def per_document_sdpa() -> Iterator[None]:
 
 
 def varlen_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
-    """Whether `varlen_attn` (flash kernels: CUDA, half precision, head_dim % 8 == 0 and ≤ 256, no dropout) can
-    run this call; otherwise the per-document SDPA loop does."""
+    """Whether `varlen_attn` (flash kernels: CUDA sm80+, half precision, head_dim % 8 == 0 and ≤ 256, no dropout)
+    can run this call; otherwise the per-document SDPA loop does."""
     dim = query.shape[-1]
     return (_VARLEN["enabled"] and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
             and key.dtype == value.dtype == query.dtype and dropout == 0.0 and dim % 8 == 0 and dim <= 256
-            and key.shape[-1] == value.shape[-1] == dim and query.shape[1] % key.shape[1] == 0)
+            and key.shape[-1] == value.shape[-1] == dim and query.shape[1] % key.shape[1] == 0
+            and _flash_capable(query.device.index if query.device.index is not None else torch.cuda.current_device()))
+
+
+@functools.cache
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under CUDA autocast, q/k/v in its half dtype, as autocast hands them to SDPA (RoPE leaves q and k in the
+    residual stream's fp32 there); otherwise unchanged."""
+    if tensors[0].is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        if dtype in (torch.bfloat16, torch.float16):
+            return tuple(t.to(dtype) for t in tensors)
+    return tensors
 
 
 def attend_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
@@ -190,8 +207,9 @@ def _attend_documents(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     """
     batch, heads = query.shape[:2]
     segments = _SPANS.get(position_ids, batch)
-    if varlen_supported(query, key, value, dropout):
-        return attend_varlen(query, key, value, segments, scaling)
+    half = _autocast_inputs(query, key, value)
+    if varlen_supported(*half, dropout):
+        return attend_varlen(*half, segments, scaling)
     gqa = {}
     if key.shape[1] != heads:
         if use_gqa_in_sdpa(None, key, value):
