@@ -177,3 +177,16 @@ def test_training_run_writes_telemetry_and_trackers(tmp_path):
         assert 0.0 <= r["data_wait_fraction"] < 1.0
         assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s"] / 1e12, rel=1e-9)  # train.peak_flops
     check_trackers_hold(run, lines, ("loss", "mfu", "peak_memory_gib", "data_wait_fraction"))
+
+
+def test_a_missing_tracker_package_is_one_recipe_error(tmp_path):
+    """In a process where `wandb` cannot be imported, the error names the extra (and is a RecipeError: exit 2)."""
+    code = ("import sys; sys.modules['wandb'] = None\n"
+            "from mlan.recipe import RecipeError\n"
+            "from mlan.train.trackers import make_trackers\n"
+            "try:\n    make_trackers(['wandb'], __import__('pathlib').Path(sys.argv[1]))\n"
+            "except RecipeError as err:\n    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("train.trackers: 'wandb' needs the `wandb` package (pip install 'mlan[wandb]')")

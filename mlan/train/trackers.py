@@ -14,15 +14,16 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from mlan.errors import MlanError
+from mlan.recipe import RecipeError
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 EXPERIMENT = "mlan"  # MLflow experiment and W&B project every run is filed under
 _EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny", "wandb": "wandb"}
 
 
-class TrackerError(MlanError):
-    """A tracker the recipe asks for cannot start (package missing, store unusable)."""
+class TrackerError(RecipeError):
+    """A tracker `train.trackers` names cannot start (its package is missing): a recipe the machine cannot run, so
+    the worker reports it as one line and exits 2, like any recipe error."""
 
 
 class Tracker(Protocol):
