@@ -137,9 +137,23 @@ def test_cu_seqlens_built_once_per_batch():
     assert cu.tolist() == [0, 3, 5, 7, 10]
 
 
-def test_varlen_not_chosen_on_cpu_or_fp32():
+@pytest.mark.skipif(CUDA, reason="checks the CPU dispatch")
+def test_the_real_varlen_attn_takes_our_call_down_to_its_cuda_kernel():
+    """torch's own varlen_attn accepts attend_varlen's arguments (names, GQA, window) and reaches the flash kernel,
+    which exists on CUDA only: the call shape is right even where the kernel cannot run."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])
+    q, k = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16), torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="_flash_attention_forward.*CPU"):
+        attend_varlen(q, k, k, Segments(document_spans(pos, 1), 8), 0.25)
+
+
+def test_varlen_not_chosen_on_cpu_and_per_document_sdpa_restores_the_choice():
     q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)
     assert not varlen_supported(q, q, q, 0.0)  # CPU: the per-document SDPA loop stays the path
+    assert attention._VARLEN["enabled"]
+    with per_document_sdpa():
+        assert not attention._VARLEN["enabled"]
+    assert attention._VARLEN["enabled"]
 
 
 # ---------------------------------------------------------------- GPU: the two paths on tiny models
