@@ -159,7 +159,10 @@ class TrainSpec(_Strict):
     seed: int = 42
     loader_workers: int = Field(1, ge=0)
     log_every: int = Field(1, ge=1)
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as listing "tensorboard" in trackers
+    # experiment trackers beside metrics.jsonl, all offline under the run folder (mlan.train.trackers)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    peak_flops: float | None = Field(None, gt=0)  # accelerator peak FLOP/s for MFU; None: the known-GPU table
 
 
 # ---------------------------------------------------------------- eval

@@ -184,7 +184,7 @@ def test_document_spans_and_their_cache():
     first = cache.get(pos, 2)
     assert cache.get(pos, 2) is first  # once per forward, not once per layer
     pos[1, 5] = 0  # in place: the version counter changes, the spans are recomputed
-    assert cache.get(pos, 2)[1] == ((0, 2), (2, 5), (5, 10))
+    assert cache.get(pos, 2).spans[1] == ((0, 2), (2, 5), (5, 10))
     assert cache.get(pos.clone(), 2) is not first
 
 

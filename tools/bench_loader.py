@@ -9,6 +9,11 @@ demo photos resized to 640×480 with sensor-like noise), mixed 75% text / 25% im
 
     .venv/bin/python tools/bench_loader.py                 # builds a temporary shard set, 1 and 2 workers
     .venv/bin/python tools/bench_loader.py --build OUT     # an existing `mlan build` output instead
+    .venv/bin/python tools/bench_loader.py --demand 9000 --json loader.json   # a measured GPU demand (tokens/s)
+
+`--tile` / `--max-tiles` set the Mllama geometry (default 560-px tiles, ≤ 4 tiles: Llama-3.2-Vision's); `--demand`
+replaces the computed H100 baseline with a measured one (tools/gpu_check.sh passes the 3B bench's packed tokens/s
+per GPU); `--json` also writes the figures.
 """
 from __future__ import annotations
 
@@ -185,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tiles", type=int, default=4)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--batches", type=int, default=None, help="batches per measurement (default: all)")
+    ap.add_argument("--demand", type=float, default=None, help="tokens/s one GPU consumes (default: H100, 8B model, "
+                    f"{MFU:.0%} MFU = {DEMAND_TOKENS_S:,.0f})")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
+    demand = args.demand or DEMAND_TOKENS_S
+    baseline = (f"measured GPU demand {demand:,.0f} tokens/s" if args.demand else
+                f"one H100, 8B model, {MFU:.0%} MFU → {demand:,.0f} tokens/s")
 
     tmp = None
     build = args.build
@@ -201,22 +212,29 @@ def main(argv: list[str] | None = None) -> int:
 
     results = [measure(build, int(w), args.batches) for w in args.workers.split(",")]
     per_token_images = sum(r["images"] for r in results) / max(1, sum(r["tokens"] for r in results))
-    demand_images = DEMAND_TOKENS_S * per_token_images
-    print(f"\nbaseline: one H100, 8B model, {MFU:.0%} MFU → {DEMAND_TOKENS_S:,.0f} tokens/s "
-          f"(= {demand_images:.1f} images/s at this build's {1 / per_token_images:,.0f} tokens per image)\n")
+    demand_images = demand * per_token_images
+    print(f"\nbaseline: {baseline} "
+          f"(= {demand_images:.1f} images/s at this build's {1 / max(per_token_images, 1e-12):,.0f} tokens per "
+          "image)\n")
     print(f"{'workers':>7} {'tokens/s':>10} {'images/s':>9} {'× demand':>9} {'batches':>8} {'seconds':>8} {'start-up s':>10}")
     for r in results:
-        print(f"{r['workers']:>7} {r['tokens_s']:>10,.0f} {r['images_s']:>9.1f} {r['tokens_s'] / DEMAND_TOKENS_S:>9.2f} "
+        print(f"{r['workers']:>7} {r['tokens_s']:>10,.0f} {r['images_s']:>9.1f} {r['tokens_s'] / demand:>9.2f} "
               f"{r['batches']:>8} {r['seconds']:>8.1f} {r['startup_s']:>10.1f}")
     cpu = measure_cpu(build, args.batches)
     print(f"{'1 core':>7} {cpu['tokens_per_cpu_s']:>10,.0f} {cpu['images_per_cpu_s']:>9.1f} "
-          f"{cpu['tokens_per_cpu_s'] / DEMAND_TOKENS_S:>9.2f} {cpu['batches']:>8} {cpu['cpu_s']:>8.1f}   "
+          f"{cpu['tokens_per_cpu_s'] / demand:>9.2f} {cpu['batches']:>8} {cpu['cpu_s']:>8.1f}   "
           f"(in-process, per CPU-second: robust to a shared machine; wall {cpu['wall_s']:.1f}s)")
     per_worker = results[0]["tokens_s"] / results[0]["workers"]
-    print(f"\nworkers per GPU for {DEMAND_TOKENS_S:,.0f} tokens/s: {math.ceil(DEMAND_TOKENS_S / per_worker)} "
+    print(f"\nworkers per GPU for {demand:,.0f} tokens/s: {math.ceil(demand / per_worker)} "
           f"at the measured {per_worker:,.0f} tokens/s per worker (wall clock, {results[0]['workers']} worker); "
-          f"{math.ceil(DEMAND_TOKENS_S / cpu['tokens_per_cpu_s'])} at {cpu['tokens_per_cpu_s']:,.0f} tokens per "
+          f"{math.ceil(demand / cpu['tokens_per_cpu_s'])} at {cpu['tokens_per_cpu_s']:,.0f} tokens per "
           f"CPU-second (one uncontended core per worker)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "family": fc["family"], "tile_size": fc.get("tile_size"), "max_tiles": fc.get("max_tiles"),
+            "seq_len": manifest["seq_len"], "demand_tokens_s": demand, "measured_demand": bool(args.demand),
+            "workers": results, "one_core": cpu, "workers_per_gpu": math.ceil(demand / per_worker),
+            "workers_per_gpu_cpu_seconds": math.ceil(demand / cpu["tokens_per_cpu_s"])}, indent=1))
     if tmp is not None:
         tmp.cleanup()
     return 0

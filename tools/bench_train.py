@@ -23,14 +23,21 @@ Models (`--model`):
   FLOPs-per-token split is printed next to Llama-3.2-3B's at the same lengths.
 - `tiny`: the tests' tiny model (2 layers × 64 wide, 128k vocabulary: lm_head- and AdamW-bound).
 - `3b` (default on a GPU): a LLaVA with a Llama-3.2-3B-shaped language model (28 × 3072, 24 / 8 KV heads, MLP
-  8192, 128,256 + 1 vocabulary) and a CLIP-L-wide tower at the build's image geometry; random weights, bf16
-  autocast; adds MFU.
+  8192, 128,256 + 1 vocabulary) and a CLIP-L-wide tower at the build's image geometry; random weights.
+
+On a GPU the model is wrapped as the trainer wraps it (`mlan.train.parallel.parallelize`: FSDP2 `fully_shard` per
+block and root on a one-GPU group, bf16 parameters with fp32 master weights and fp32 reduction), optionally with
+activation checkpointing (`--activation-checkpointing`) and per-block `torch.compile` (`--compile`); `--no-fsdp`
+runs the plain module under bf16 autocast instead. Each arm reports real tokens/s per GPU, MFU (the trainer's
+formula: 6·params + 12·layers·hidden·seq_len FLOPs per real token, over the GPU's dense bf16 peak) and the peak
+memory of its steps (CUDA max allocated; process peak RSS on CPU). `--json PATH` also writes the result.
 
     python tools/bench_train.py                                     # bench model, tiny-llava built at seq 4096
     python tools/bench_train.py --recipe recipes/tiny-mllama.yaml   # the same for Mllama
     python tools/bench_train.py --attention sdpa                    # dense block-diagonal masks instead
     python tools/bench_train.py --shards out/tiny-llava --model tiny
-    python tools/bench_train.py --model 3b --batches 10             # GPU
+    python tools/bench_train.py --model 3b --batches 10             # GPU: FSDP2 on one GPU, bf16
+    python tools/bench_train.py --model 3b --activation-checkpointing --compile --build-dir /tmp/b --json r.json
 """
 from __future__ import annotations
 
@@ -56,8 +63,8 @@ from mlan.families import modeling, tiny
 from mlan.mixture.shards import PackedRow
 from mlan.recipe import ModelSpec, TrainSpec
 from mlan.train.attention import ATTENTION_CHOICES, set_attention
-from mlan.train.metrics import peak_flops
-from mlan.train.parallel import DistEnv
+from mlan.train.metrics import GIB, peak_flops, peak_memory_bytes, reset_peak_memory
+from mlan.train.parallel import DistEnv, ParallelConfig, parallelize
 from mlan.train.trainer import Stepper, add_llava_dummy_image
 
 
@@ -276,16 +283,17 @@ def one_process_group(device: torch.device) -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
 
 
-def timed_step(stepper: Stepper, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """Wall seconds and this process's CPU seconds (all threads) of one trainer step."""
+def timed_step(stepper: Stepper, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[float, float, int]:
+    """Wall seconds, this process's CPU seconds (all threads) and peak memory bytes of one trainer step."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batch = dict(batch)  # the step pops meta and may append a dummy image
     sync()
+    reset_peak_memory(device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         stepper.step([batch], 0, 1 << 62, 2e-5, None)
     sync()
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.perf_counter() - t0, time.process_time() - c0, peak_memory_bytes(device)
 
 
 def mega(flops: float) -> str:
@@ -318,13 +326,30 @@ def main() -> None:
                     "average real tokens per batch as the packed arm)")
     ap.add_argument("--batches", type=int, default=24, help="packed batches timed (padded: the same documents)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up batches of each arm (other documents)")
+    ap.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=cuda,
+                    help="wrap the model as the trainer does (FSDP2 on a one-process group, bf16 on GPU); "
+                    "default on a GPU")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="per block, as train.activation_"
+                    "checkpointing (needs --fsdp)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile per block, as train.compile (needs --fsdp)")
+    ap.add_argument("--build-dir", default=None, help="build --recipe into this folder (kept) instead of a "
+                    "temporary one; reused when it already holds a manifest.json")
+    ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args()
+    if (args.activation_checkpointing or args.compile) and not args.fsdp:
+        raise SystemExit("--activation-checkpointing and --compile wrap the model as the trainer does: add --fsdp")
 
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    # FSDP2's MixedPrecisionPolicy makes the bf16 compute copies itself; without it, bf16 autocast on a GPU
+    dtype = torch.bfloat16 if cuda and not args.fsdp else torch.float32
     tmp = tempfile.TemporaryDirectory()
-    shards = Path(args.shards) if args.shards else make_build(Path(tmp.name) / "build", Path(args.recipe),
-                                                              args.build_tokens, args.seq_len, args.build_set)
+    if args.shards:
+        shards = Path(args.shards)
+    elif args.build_dir and (Path(args.build_dir) / "manifest.json").is_file():
+        shards = Path(args.build_dir)
+    else:
+        shards = make_build(Path(args.build_dir) if args.build_dir else Path(tmp.name) / "build",
+                            Path(args.recipe), args.build_tokens, args.seq_len, args.build_set)
     manifest = read_manifest(str(shards))
     fc = dict(manifest["family_config"])
     seq_len = int(manifest["seq_len"])
@@ -359,8 +384,14 @@ def main() -> None:
     assert real_vocab in (0, modeling.real_vocab_size(model)), (modeling.real_vocab_size(model), real_vocab)
     real_vocab = modeling.real_vocab_size(model)
     spec = TrainSpec()
+    env = one_process_group(device)
+    flops_model = modeling.flops_model(model)  # before sharding: full parameter counts
+    if args.fsdp:
+        parallelize(model, ParallelConfig(precision="bf16" if cuda else "fp32",
+                                          activation_checkpointing=args.activation_checkpointing,
+                                          compile=args.compile))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, foreach=True)
-    stepper = Stepper(model, optimizer, one_process_group(device), spec, real_vocab, fc)
+    stepper = Stepper(model, optimizer, env, spec, real_vocab, fc)
     model.train()
 
     text = model.config.get_text_config()
@@ -373,7 +404,9 @@ def main() -> None:
           f"self-attention layers; vocabulary {real_vocab:,} real ids"
           f"{f' (compacted from {LLAMA3_VOCAB:,})' if args.model == 'bench' else ''}; body linear {body / 1e6:.1f}M, "
           f"lm_head {head_params / 1e6:.1f}M, trainable {trainable / 1e6:.1f}M params; attention {args.attention}, "
-          f"{device}, {dtype}".replace("torch.", ""), flush=True)
+          f"{device}, {'FSDP2 ' + ('bf16' if cuda else 'fp32') if args.fsdp else dtype}"
+          f"{', activation checkpointing' if args.activation_checkpointing else ''}"
+          f"{', compile' if args.compile else ''}".replace("torch.", ""), flush=True)
 
     packed_r, padded_r = arm_totals(packed), arm_totals(padded)
     assert packed_r["tokens"] == padded_r["tokens"], "both arms must train on the same documents"
@@ -382,16 +415,20 @@ def main() -> None:
     for b in padded_warm:
         timed_step(stepper, b, device, dtype)
     seconds = {"packed": [0.0, 0.0], "padded": [0.0, 0.0]}
+    peak_mem = {"packed": 0, "padded": 0}
     for pair in itertools.zip_longest(packed, padded):  # alternate: machine load changes hit both arms
         for arm, b in zip(("packed", "padded"), pair):
             if b is not None:
-                wall, cpu = timed_step(stepper, b, device, dtype)
+                wall, cpu, mem = timed_step(stepper, b, device, dtype)
                 seconds[arm][0] += wall
                 seconds[arm][1] += cpu
+                peak_mem[arm] = max(peak_mem[arm], mem)
 
     attn_layers = self_attention_layers(model)
     result = {"model": args.model, "family": fc["family"], "device": str(device), "dtype": str(dtype),
               "seq_len": seq_len, "attention": args.attention, "padded_order": args.padded_order,
+              "fsdp": args.fsdp, "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+              "gpu": torch.cuda.get_device_name(device) if cuda else None,
               "text_shape": dataclasses.asdict(shape), "real_vocab": real_vocab, "documents": len(docs),
               "batch_rows": args.batch_rows, "padded_batch_docs": batch_docs,
               "packed": packed_r, "padded": padded_r, "flops_per_real_token": {}}
@@ -400,6 +437,7 @@ def main() -> None:
         r["seconds"], r["cpu_seconds"] = seconds[arm]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
         r["padding_fraction"] = 1 - r["tokens"] / r["padded_tokens"]
+        r["peak_memory_gib"] = peak_mem[arm] / GIB
         stats = arm_stats(batches, fc, args.attention)
         result["flops_per_real_token"][arm] = {
             "model": flops_split(stats, r["tokens"], body, attn_layers, shape.heads * shape.head_dim, real_vocab,
@@ -414,10 +452,12 @@ def main() -> None:
     result["build_wide"] = build_padding(reader, plan, batch_docs, args.padded_order, args.seed)
     peak = peak_flops(device)
     if peak:  # the trainer's MFU: model FLOPs of the real tokens (6·params + 12·layers·hidden·seq_len) per second
-        per_token = modeling.flops_model(model).per_token(seq_len)
+        per_token = flops_model.per_token(seq_len)
         for arm in ("packed", "padded"):
             result[arm]["mfu"] = per_token * result[arm]["tokens_per_s"] / peak
     print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
     print(f"\nTraining FLOPs per real token, {args.attention} attention (6·weights per position run incl. padding, "
           "12·layers·width per attention pair, 6·vocab·hidden per loss position; the vision tower left out):\n")
@@ -432,13 +472,15 @@ def main() -> None:
     print(f"\n{args.model} model, {fc['family']}, seq_len {seq_len}, {args.attention} attention, padded order "
           f"{args.padded_order}, {len(docs)} documents, {args.batch_rows} packed row(s) / {batch_docs} documents "
           f"per batch:\n")
-    print("| arm | batches | real tokens | padded tokens | padding | seconds | CPU s | real tok/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| arm | batches | real tokens | padded tokens | padding | seconds | CPU s | real tok/s/GPU | MFU | "
+          "peak memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arm, label in (("packed", "packed rows"), ("padded", "pad-to-longest")):
         r = result[arm]
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
         print(f"| {label} | {r['batches']} | {r['tokens']:,} | {r['padded_tokens']:,} | "
               f"{r['padding_fraction']:.1%} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
-              f"{r['tokens_per_s']:,.0f} |")
+              f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_memory_gib']:.2f} GiB |")
     bw = result["build_wide"]
     print(f"\nspeedup from packing: {result['speedup']:.2f}x (FLOPs per real token, padded / packed: "
           f"{result['flops_ratio']:.2f} for this model, {result['flops_ratio_llama32_3b']:.2f} for the Llama-3.2-3B "

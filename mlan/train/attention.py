@@ -14,17 +14,29 @@ KV cache (the trainer passes `use_cache=False`).
 A document starts where `position_ids` is 0 (mlan's rules). transformers' dense mask starts one wherever positions
 do not go up by 1; for mlan's rows the two agree, for positions that jump without restarting at 0 they do not.
 
-Segment boundaries cost one device→host copy of `position_ids` per forward: every layer receives the same
-`position_ids` tensor, so the spans are cached on that tensor (its identity and in-place version counter).
-`create_causal_mask` itself still runs transformers' `find_packed_sequence_indices`, which syncs once more.
+On CUDA (bf16/fp16 activations, head_dim a multiple of 8 up to 256, no dropout) the documents of all rows go to one
+`torch.nn.attention.varlen.varlen_attn` call per layer instead of one SDPA call per document: q/k/v are flattened
+to (B·L, heads, dim), `cu_seqlens` marks every document start (row r's starts offset by r·L), the kernel is causal
+(`window_size=(-1, 0)`) and takes GQA's fewer KV heads directly. The per-document SDPA loop stays the path on CPU
+and the reference (`per_document_sdpa()` forces it anywhere, for tests and benchmarks).
+
+Segment boundaries cost one device→host copy of `position_ids` per forward (and one host→device copy of
+`cu_seqlens` on CUDA): every layer receives the same `position_ids` tensor, so both are cached on that tensor (its
+identity and in-place version counter). `create_causal_mask` itself still runs transformers'
+`find_packed_sequence_indices`, which syncs once more.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention.varlen import varlen_attn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward, use_gqa_in_sdpa
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
@@ -36,22 +48,38 @@ Spans = tuple[tuple[tuple[int, int], ...], ...]  # per row: [start, end) of each
 
 
 # ---------------------------------------------------------------- segment boundaries
+@dataclass
+class Segments:
+    """The documents of one batch: per-row spans on the host; `cu_seqlens` per device, built on first use."""
+
+    spans: Spans
+    length: int  # L, the row length
+    _cu: dict[torch.device, tuple[torch.Tensor, int]] = field(default_factory=dict)
+
+    def cu_seqlens(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """(cumulative document starts over the flattened (B·L) rows, int32 on `device`; the longest document)."""
+        if device not in self._cu:
+            self._cu[device] = cu_seqlens(self.spans, self.length, device)
+        return self._cu[device]
+
+
 class _SpanCache:
-    """The spans of the last `position_ids` tensor seen; one entry is enough (layers run one after another,
+    """The segments of the last `position_ids` tensor seen; one entry is enough (layers run one after another,
     and activation-checkpoint recomputation reuses the same tensor)."""
 
     def __init__(self) -> None:
         self._ref: weakref.ref | None = None
         self._key: tuple[Any, ...] = ()
-        self._spans: Spans = ()
+        self._segments: Segments | None = None
 
-    def get(self, position_ids: torch.Tensor, batch: int) -> Spans:
+    def get(self, position_ids: torch.Tensor, batch: int) -> Segments:
         key = (_version(position_ids), tuple(position_ids.shape), batch)
-        if self._ref is not None and self._ref() is position_ids and key == self._key and key[0] is not None:
-            return self._spans
-        spans = document_spans(position_ids, batch)
-        self._ref, self._key, self._spans = weakref.ref(position_ids), key, spans
-        return spans
+        if (self._segments is not None and self._ref is not None and self._ref() is position_ids
+                and key == self._key and key[0] is not None):
+            return self._segments
+        segments = Segments(document_spans(position_ids, batch), int(position_ids.shape[-1]))
+        self._ref, self._key, self._segments = weakref.ref(position_ids), key, segments
+        return segments
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -79,6 +107,27 @@ def document_spans(position_ids: torch.Tensor, batch: int) -> Spans:
     return tuple(rows)
 
 
+def cu_seqlens(spans: Spans, length: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
+    """varlen's `cu_seqlens` for rows flattened one after another: row r's document starts shifted by r·L, then
+    B·L; and the longest document (varlen's `max_q` / `max_k`)."""
+    starts = [r * length + s for r, row in enumerate(spans) for s, _ in row]
+    longest = max((e - s for row in spans for s, e in row), default=0)
+    cu = torch.tensor(starts + [len(spans) * length], dtype=torch.int32)
+    return cu.to(device), longest
+
+
+def flatten_rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, D) as transformers hands q/k/v to attention → (B·L, H, D), varlen's layout (a view when t is a
+    transposed (B, L, H, D), as transformers' projections make it)."""
+    batch, heads, length, dim = t.shape
+    return t.transpose(1, 2).reshape(batch * length, heads, dim)
+
+
+def unflatten_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B·L, H, D) → (B, L, H, D), the layout transformers' attention functions return."""
+    return t.view(batch, t.shape[0] // batch, t.shape[1], t.shape[2])
+
+
 _SPANS = _SpanCache()
 
 
@@ -98,34 +147,86 @@ def _documents_path(module: nn.Module, query: torch.Tensor, key: torch.Tensor, a
     return position_ids
 
 
+_VARLEN = {"enabled": True}
+
+
+@contextlib.contextmanager
+def per_document_sdpa() -> Iterator[None]:
+    """Within this block `documents` runs the per-document SDPA loop on CUDA too (the reference path)."""
+    before = _VARLEN["enabled"]
+    _VARLEN["enabled"] = False
+    try:
+        yield
+    finally:
+        _VARLEN["enabled"] = before
+
+
+def varlen_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether `varlen_attn` (flash kernels: CUDA sm80+, half precision, head_dim % 8 == 0 and ≤ 256, no dropout)
+    can run this call; otherwise the per-document SDPA loop does."""
+    dim = query.shape[-1]
+    return (_VARLEN["enabled"] and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and key.dtype == value.dtype == query.dtype and dropout == 0.0 and dim % 8 == 0 and dim <= 256
+            and key.shape[-1] == value.shape[-1] == dim and query.shape[1] % key.shape[1] == 0
+            and _flash_capable(query.device.index if query.device.index is not None else torch.cuda.current_device()))
+
+
+@functools.cache
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under CUDA autocast, q/k/v in its half dtype, as autocast hands them to SDPA (RoPE leaves q and k in the
+    residual stream's fp32 there); otherwise unchanged."""
+    if tensors[0].is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        if dtype in (torch.bfloat16, torch.float16):
+            return tuple(t.to(dtype) for t in tensors)
+    return tensors
+
+
+def attend_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
+                  scaling: float | None, kernel: Callable[..., torch.Tensor] = varlen_attn) -> torch.Tensor:
+    """Every document of every row in one causal `kernel` call (varlen_attn's signature); returns (B, L, H, D)."""
+    batch = query.shape[0]
+    cu, longest = segments.cu_seqlens(query.device)
+    out = kernel(flatten_rows(query), flatten_rows(key), flatten_rows(value), cu, cu, longest, longest,
+                 scale=scaling, window_size=(-1, 0), enable_gqa=key.shape[1] != query.shape[1])
+    return unflatten_rows(out, batch)
+
+
 @torch.compiler.disable  # data-dependent segment lengths: run eagerly inside a compiled block, never recompile
 def _attend_documents(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
                       dropout: float, scaling: float | None) -> torch.Tensor:
-    """SDPA (causal) per document of each row; returns (B, L, H, D) like `sdpa_attention_forward`.
+    """Causal attention within each document of each row; returns (B, L, H, D) like `sdpa_attention_forward`.
 
-    The documents are cut with one `split` over (B·L, H, D) views, not by indexing: autograd then joins their
-    gradients with one `cat`, where per-slice indexing would give every document a full-size zero gradient.
+    CUDA: one `varlen_attn` call (`attend_varlen`). Else SDPA per document: the documents are cut with one `split`
+    over (B·L, H, D) views, not by indexing: autograd then joins their gradients with one `cat`, where per-slice
+    indexing would give every document a full-size zero gradient.
     """
-    batch, heads, length, _ = query.shape
-    spans = _SPANS.get(position_ids, batch)
+    batch, heads = query.shape[:2]
+    segments = _SPANS.get(position_ids, batch)
+    half = _autocast_inputs(query, key, value)
+    if varlen_supported(*half, dropout):
+        return attend_varlen(*half, segments, scaling)
     gqa = {}
     if key.shape[1] != heads:
         if use_gqa_in_sdpa(None, key, value):
             gqa["enable_gqa"] = True
         else:
             key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
-    lengths = [e - s for row in spans for s, e in row]  # rows one after another: sums to B·L
+    lengths = [e - s for row in segments.spans for s, e in row]  # rows one after another: sums to B·L
 
     def documents(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (B, H, L, D) → per document (1, H, n, D)
-        flat = t.transpose(1, 2).reshape(batch * length, t.shape[1], t.shape[3])
-        return tuple(d.transpose(0, 1).unsqueeze(0) for d in flat.split(lengths))
+        return tuple(d.transpose(0, 1).unsqueeze(0) for d in flatten_rows(t).split(lengths))
 
     parts = [
         torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
                                                          **gqa)[0].transpose(0, 1)  # (n, H, Dv)
         for q, k, v in zip(documents(query), documents(key), documents(value))
     ]
-    return torch.cat(parts).view(batch, length, heads, value.shape[-1])
+    return unflatten_rows(torch.cat(parts), batch)
 
 
 def documents_attention_forward(

@@ -30,9 +30,10 @@ from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
 from mlan.train.attention import set_attention
 from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, target_loss_sum
-from mlan.train.metrics import MetricsLog, Progress, peak_flops
+from mlan.train.metrics import MetricsLog, Progress, peak_flops, reset_peak_memory, step_telemetry
 from mlan.train.parallel import DistEnv, ParallelConfig, init_distributed, parallelize, resolve_precision
 from mlan.train.schedule import STAGE_LR, TokenSchedule
+from mlan.train.trackers import make_trackers
 
 
 class TrainError(MlanError, RuntimeError):
@@ -337,10 +338,11 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
               file=sys.stderr)
 
     log = MetricsLog(paths.metrics, resume_step=state.step if resume else None,
-                     tensorboard_dir=paths.run / "tensorboard" if spec.tensorboard and env.is_main else None) \
+                     trackers=make_trackers([*spec.trackers, *(["tensorboard"] if spec.tensorboard else [])],
+                                            paths.run, {f"train.{k}": v for k, v in spec.model_dump().items()})) \
         if env.is_main else None
     progress = Progress(budget, state.tokens, enabled=env.is_main)
-    peak = peak_flops(env.device)
+    peak = peak_flops(env.device, spec.peak_flops)
     stepper = Stepper(model, optimizer, env, spec, real_vocab,
                       family_config=family_config)
     every = spec.checkpoint_every_tokens
@@ -348,13 +350,16 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
     model.train()
     try:
         while state.tokens < budget:
+            t_wait = time.perf_counter()
             micro = take(it, spec.grad_accum)
+            wait = time.perf_counter() - t_wait  # the loader's share of the step (telemetry)
             have = stepper.all_gather_counts([len(micro)])
             if int(have.min()) != int(have.max()):
                 raise TrainError(f"ranks hold different numbers of micro-batches this step: {have.flatten().tolist()}"
                                  " (the loader must give every rank the same number of batches)")
             if not micro:
                 break
+            reset_peak_memory(env.device)
             t0 = time.perf_counter()
             res = stepper.step(micro, state.tokens, budget, None, schedule)
             dt = time.perf_counter() - t0
@@ -370,7 +375,8 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False,
                           "tokens_image_text": state.tokens_image_text, "loss": res.loss, "lr": lr,
                           "grad_norm": res.grad_norm, "tokens_per_s": res.tokens / dt,
                           "step_tokens": res.tokens, "loss_tokens": res.loss_tokens,
-                          "text_only_microbatches": res.text_only_microbatches}
+                          "text_only_microbatches": res.text_only_microbatches,
+                          **step_telemetry(env.device, wait, dt)}
                 if peak:
                     record["mfu"] = flops.per_token(manifest["seq_len"]) * res.tokens / dt / \
                         (peak * env.world_size)
