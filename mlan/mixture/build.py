@@ -83,15 +83,19 @@ def _progress(enabled: bool):
 class TokenizeWorker:
     """Renders batches of raw records into documents and writes them as cache parts (one tokenizer per actor)."""
 
-    def __init__(self, recipe_json: dict):
+    def __init__(self, recipe: Recipe, family_config: dict):
+        """`recipe` is the driver's resolved Recipe object itself (pickled with which keys were set, so the
+        family geometry resolves as in the driver); `family_config` is the driver's, checked here."""
         # one core per actor: set before the Rust tokenizer starts its thread pool (a job-level runtime_env
         # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from mlan.recipe import Recipe
         from mlan.render import Renderer
 
-        self.recipe = Recipe.model_validate(recipe_json)
+        self.recipe = recipe
         self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
+        mine = self.renderer.family.family_config()
+        if mine != family_config:
+            raise BuildError(f"a tokenizer actor resolved the model geometry as {mine}, the driver as {family_config}")
         self.pre_resize = self.recipe.shards.pre_resize
 
     def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
@@ -340,22 +344,26 @@ def _tokenizer_fp(recipe: Recipe) -> str:
 
 
 def tokenize_sources(
-    recipe: Recipe, cache_root: str, workers: int, progress: bool, keep_actors: list | None = None
+    recipe: Recipe, cache_root: str, workers: int, progress: bool, keep_actors: list | None = None,
+    family_config: dict | None = None,
 ) -> list[SourceCache]:
     """Fill (or reuse) each source's cache on a pool of Ray actors; reports cache hits.
 
-    With `keep_actors`, the (warm) actors are appended to it instead of being killed.
+    With `keep_actors`, the (warm) actors are appended to it instead of being killed. `family_config` is
+    the driver's resolved geometry (computed here when not given): part of every cache key, and what each
+    actor must resolve too.
     """
     import ray
 
     from mlan.sources import iter_source
 
     console = _console()
+    family_config = family_config if family_config is not None else _family_config(recipe)
     tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
     caches: list[SourceCache] = []
     todo: list[int] = []
     for i, src in enumerate(recipe.sources):
-        fp = tcache.source_fingerprint(recipe, src, tok_fp, code_fp)
+        fp = tcache.source_fingerprint(recipe, src, tok_fp, code_fp, family_config=family_config)
         url = join_url(cache_root, fp)
         done = tcache.read_complete(url)
         caches.append(SourceCache(url, fp, done["parts"] if done else 0, done is not None))
@@ -367,9 +375,9 @@ def tokenize_sources(
     if not todo:
         return caches
 
-    recipe_json = recipe.model_dump(mode="json")
     Worker = ray.remote(num_cpus=1)(TokenizeWorker)
-    actors = [Worker.remote(recipe_json) for _ in range(max(1, workers))]
+    recipe_ref = ray.put(recipe)  # the object itself, never a dump re-validated (that marks defaults as set)
+    actors = [Worker.remote(recipe_ref, family_config) for _ in range(max(1, workers))]
     idle = list(actors) * 2  # two batches queued per actor: it never waits for the driver
     inflight: dict = {}  # ref → (actor, source, part)
     metas: dict[int, dict] = {i: {} for i in todo}  # source → part → META_COLUMNS the actor returned
@@ -488,7 +496,8 @@ def build(
     try:
         n_workers = workers or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         actors: list = []
-        caches = tokenize_sources(recipe, cache_root, n_workers, progress, keep_actors=actors)
+        caches = tokenize_sources(recipe, cache_root, n_workers, progress, keep_actors=actors,
+                                  family_config=family_config)
         clock.append(("tokenize", time.perf_counter()))
         fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
 

@@ -86,8 +86,13 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | None = None) -> str:
-    """The cache key of one source under one recipe's model and render options."""
+def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | None = None,
+                       family_config: dict | None = None) -> str:
+    """The cache key of one source under one recipe's model and render options.
+
+    `family_config` (the resolved image geometry) is part of the key: two model sections that dump alike
+    can still resolve differently (an explicit `image_tokens: 576` vs the tiny default of 16).
+    """
     spec = source.model_dump(mode="json")
     for key in ("weight", "upsample"):  # mixing knobs: never change the documents
         spec.pop(key, None)
@@ -101,6 +106,7 @@ def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | No
                 "seq_len": recipe.mixture.seq_len,
                 "overlong": recipe.mixture.overlong,
                 "pre_resize": recipe.shards.pre_resize,
+                "family_config": family_config,
                 "tokenizer": tokenizer_fp,
                 "code": code_fp if code_fp is not None else code_fingerprint(),
             },

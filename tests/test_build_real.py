@@ -1,0 +1,183 @@
+"""Builds on the real data in ../shared/data, read back the way training reads them (issue 11).
+
+One resolved recipe (the actors' geometry is the driver's, so every row passes the loader's own check),
+`mlan verify` reading every row, documents counted on the side of the ratio they are, image-aware
+packing, and diagnostics (dropped documents listed, a failed source still leaves rejected.jsonl).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module's in-process builds (build() reuses an initialized Ray)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def loader_rows(out: Path) -> int:
+    """Every row of a build read through the training loader (its own row checks); the rows read."""
+    from mlan.data.loader import make_loader
+
+    loader = make_loader(str(out), rank=0, world_size=1, batch_rows=1, workers=0, seed=0, verify=True)
+    return sum(1 for _ in loader)  # batch_rows=1: one batch per row
+
+
+def image_tokens_per_image(out: Path) -> set[int]:
+    """Image placeholders per image in the tars (counted with tarfile + numpy, not with mlan)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    image_id = manifest["family_config"]["image_token_id"]
+    per: set[int] = set()
+    for s in manifest["shards"]:
+        rows: dict[str, dict] = {}
+        with tarfile.open(out / s["name"]) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                r = rows.setdefault(key, {"n_images": 0})
+                if ext == "ids.npy":
+                    r["ids"] = np.load(io.BytesIO(tar.extractfile(m).read()))
+                elif ext.startswith("img"):
+                    r["n_images"] += 1
+        for r in rows.values():
+            if r["n_images"]:
+                per.add(int((r["ids"] == image_id).sum()) // r["n_images"])
+                assert int((r["ids"] == image_id).sum()) % r["n_images"] == 0
+    return per
+
+
+@pytest.fixture(scope="module")
+def shared_small(local_ray, shared_data, tmp_path_factory):
+    """recipes/shared-data.yaml as shipped (llava, tiny config, image_tokens left to the family), smaller."""
+    from mlan.mixture.build import build
+    from mlan.recipe import load_recipe
+
+    tmp = tmp_path_factory.mktemp("shared_small")
+    recipe = load_recipe(REPO / "recipes/shared-data.yaml", [
+        "mixture.budget.tokens=60000", "mixture.seq_len=1024", "sources.gsm8k.limit=400", "sources.nlvr.limit=300",
+        "shards.target_tokens=20000",
+    ])
+    stats = build(recipe, str(tmp / "out"), workers=2, cache_dir=str(tmp / "cache"), progress=False)
+    return recipe, tmp / "out", stats
+
+
+@pytest.mark.timeout(600)
+def test_actors_use_the_drivers_geometry(shared_small):
+    """Defect: actors re-validated a dump of the recipe, so defaults became explicit (576 vs 16 placeholders)."""
+    from mlan.families import get_family
+
+    recipe, out, _ = shared_small
+    manifest = json.loads((out / "manifest.json").read_text())
+    want = get_family(recipe.model).family_config()
+    assert manifest["family_config"] == want
+    assert want["image_tokens"] == 16  # the tiny llava geometry, not the 576 default of a real CLIP
+    assert image_tokens_per_image(out) == {16}
+    assert loader_rows(out) == manifest["totals"]["rows"]  # the loader rejects no row
+
+
+def _rewrite_row(out: Path, change) -> str:
+    """Apply `change(sample)` to the first image row of the build and fix sha256 and counts in the manifest,
+    so only a check that reads the rows can tell."""
+    import hashlib
+
+    from mlan.mixture.shards import iter_tar_samples, sample_to_row, write_tar
+    from mlan.mixture.verify import shard_counts
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        path = out / shard["name"]
+        with open(path, "rb") as f:
+            samples = list(iter_tar_samples(f))
+        hit = next((s for s in samples if any(k.startswith("img") for k in s)), None)
+        if hit is None:
+            continue
+        change(hit)
+        with open(path, "wb") as f:
+            write_tar(f, samples)
+        shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        counts = shard_counts([sample_to_row(s) for s in samples])
+        for k in ("rows", "tokens", "loss_tokens"):
+            shard[k] = counts[k]
+        manifest["totals"]["loss_tokens"] = sum(s["loss_tokens"] for s in manifest["shards"])
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        return hit["__key__"]
+    raise AssertionError("no image row in the build")
+
+
+def _copy_build(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".progress"))
+    return dst
+
+
+def _ids_change(fn):
+    from mlan.mixture.shards import _from_npy, _npy
+
+    def change(sample):
+        ids = _from_npy(sample["ids.npy"]).copy()
+        loss = _from_npy(sample["loss.npy"]).copy()
+        fn(ids, loss)
+        sample["ids.npy"], sample["loss.npy"] = _npy(ids), _npy(loss)
+    return change
+
+
+@pytest.mark.timeout(600)
+def test_verify_reads_every_row(shared_small, tmp_path):
+    """Defect: `mlan verify` checked sha256s and counts only; a row the loader rejects passed."""
+    from mlan.mixture.verify import verify_build
+
+    _, out, _ = shared_small
+    assert verify_build(str(out)) == []
+    fc = json.loads((out / "manifest.json").read_text())["family_config"]
+    image_id = fc["image_token_id"]
+
+    def drop_a_placeholder(ids, loss):
+        ids[int(np.argmax(ids == image_id))] = 13  # a text token instead of one image placeholder
+
+    def train_on_image(ids, loss):
+        loss[int(np.argmax(ids == image_id))] = 1
+
+    def truncate_image(sample):
+        k = next(k for k in sample if k.startswith("img"))
+        sample[k] = sample[k][: len(sample[k]) // 2]
+
+    cases = [(drop_a_placeholder, "image tokens for"), (train_on_image, "loss positions fall on image tokens")]
+    for i, (fn, says) in enumerate(cases):
+        b = _copy_build(out, tmp_path / f"b{i}")
+        key = _rewrite_row(b, _ids_change(fn))
+        problems = verify_build(str(b))
+        assert problems and all(f"row {key}" in p for p in problems), problems
+        assert any(says in p for p in problems), problems
+    b = _copy_build(out, tmp_path / "trunc")
+    key = _rewrite_row(b, truncate_image)
+    problems = verify_build(str(b))
+    assert len(problems) == 1 and f"row {key}" in problems[0] and "cannot decode image" in problems[0], problems
+    r = subprocess.run([sys.executable, "-m", "mlan.cli", "verify", str(b)], capture_output=True, text=True, env=ENV,
+                       check=False)
+    assert r.returncode == 1 and f"row {key}" in r.stderr
+
+
+def test_verify_manifest_not_json(tmp_path):
+    """Defect: a manifest that is not valid JSON gave a traceback; now one line, exit 2."""
+    (tmp_path / "manifest.json").write_text('{"version": 1, "shards": [')
+    r = subprocess.run([sys.executable, "-m", "mlan.cli", "verify", str(tmp_path)], capture_output=True, text=True,
+                       env=ENV, check=False)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "manifest.json: not valid JSON" in lines[0] and "Traceback" not in r.stderr
