@@ -90,7 +90,9 @@ class TokenizeWorker:
         # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         from mlan.render import Renderer
+        from mlan.sources.images import ImageLimits, set_image_limits
 
+        set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))
         self.recipe = recipe
         self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
         mine = self.renderer.family.family_config()
@@ -214,6 +216,8 @@ def _pre_resize(doc, renderer):
 
     from PIL import Image
 
+    from mlan.sources.images import open_oriented
+
     family = getattr(renderer, "family", None)
     geometry = getattr(family, "geometry", None)
     size = getattr(geometry, "image_size", None)
@@ -222,13 +226,12 @@ def _pre_resize(doc, renderer):
     tiles = max(1, int(getattr(geometry, "max_tiles", 1)))
     images, exts, sizes = [], [], []
     for data in doc.images:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        im = open_oriented(data)  # the loader's decode: EXIF orientation applied, so none is stored
         if tiles == 1:  # llava: the vision tower's square input
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            im = im.resize((size, size), Image.BICUBIC)
         else:  # mllama: fit inside the largest tile canvas, keeping the aspect ratio
             scale = min(1.0, size * tiles / max(im.size))
-            im = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, format="PNG", optimize=False)
         images.append(buf.getvalue())

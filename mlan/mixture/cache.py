@@ -24,6 +24,8 @@ from mlan.render import Document
 from mlan.sources.records import RecordError
 
 CACHE_VERSION = "1"
+# how images are checked and measured (full decode, EXIF orientation applied to sizes and tiles): in every key
+IMAGE_DECODE = "full+exif-orientation"
 SUCCESS = "_SUCCESS"
 META = "meta.parquet"  # META_COLUMNS of every part with (part, row): what a plan reads, in one file
 # columns the planner reads (no token arrays, no image bytes)
@@ -107,6 +109,8 @@ def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | No
                 "overlong": recipe.mixture.overlong,
                 "pre_resize": recipe.shards.pre_resize,
                 "family_config": family_config,
+                "images": {"decode": IMAGE_DECODE, "max_pixels": recipe.mixture.max_image_pixels,
+                           "max_aspect": recipe.mixture.max_image_aspect},
                 "tokenizer": tokenizer_fp,
                 "code": code_fp if code_fp is not None else code_fingerprint(),
             },
