@@ -181,3 +181,126 @@ def test_verify_manifest_not_json(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "manifest.json: not valid JSON" in lines[0] and "Traceback" not in r.stderr
+
+
+def _jpeg(path: Path, w: int, h: int, seed: int) -> bytes:
+    from PIL import Image
+
+    from mlan.data.images import synthetic_photo
+
+    Image.fromarray(synthetic_photo(w, h, seed)).save(path, format="JPEG", quality=85)
+    return path.read_bytes()
+
+
+def _mixed_source(tmp: Path) -> Path:
+    """A LLaMA-Factory `messages` file mixing image and text-only conversations, plus records the build must
+    list: a truncated JPEG, a document over seq_len (overlong: drop) and one with more images than a row holds."""
+    imgs = tmp / "imgs"
+    imgs.mkdir()
+    for i in range(4):
+        _jpeg(imgs / f"{i}.jpg", 64 + 8 * i, 48, i)
+    data = (imgs / "0.jpg").read_bytes()
+    (imgs / "cut.jpg").write_bytes(data[: len(data) // 2])
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "big", "small", "red", "blue"]
+    recs = []
+    for i in range(120):
+        answer = " ".join(rng.choice(words, 40))
+        if i % 3 == 0:  # one in three is a text-only conversation
+            recs.append({"messages": [{"role": "user", "content": f"Tell me a story number {i}."},
+                                      {"role": "assistant", "content": answer}]})
+        else:
+            recs.append({"messages": [{"role": "user", "content": f"<image>What is in picture {i}?"},
+                                      {"role": "assistant", "content": answer}], "images": [f"{i % 4}.jpg"]})
+    recs.append({"messages": [{"role": "user", "content": "<image>And this one?"},
+                              {"role": "assistant", "content": "A cut picture."}], "images": ["cut.jpg"]})  # 120
+    recs.append({"messages": [{"role": "user", "content": "Go on. " * 400},
+                              {"role": "assistant", "content": "Too long."}]})  # 121: dropped for length
+    recs.append({"messages": [{"role": "user", "content": "<image><image><image>Compare."},
+                              {"role": "assistant", "content": "Three."}], "images": ["0.jpg", "1.jpg", "2.jpg"]})  # 122
+    path = tmp / "mixed.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def _recipe(tmp: Path, shared: Path, mixed: Path, **extra) -> Path:
+    import yaml
+
+    raw = {
+        "model": {"family": "llava", "tokenizer": "llama3", "config": "tiny"},
+        "sources": [
+            {"name": "alpaca", "path": str(shared / "text/alpaca_en_demo.json"), "format": "alpaca",
+             "modality": "text", "limit": 300},
+            {"name": "mixed", "path": str(mixed), "format": "messages", "modality": "image_text",
+             "images": str(mixed.parent / "imgs")},
+        ],
+        "mixture": {"budget": {"tokens": 40000}, "ratio": {"text": 0.75, "by": "tokens"}, "seq_len": 512,
+                    "overlong": "drop", "max_images_per_row": 2},
+        "shards": {"target_tokens": 20000},
+        **extra,
+    }
+    path = tmp / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.timeout(600)
+def test_mixed_source_ratio_and_every_record_listed(local_ray, shared_data, tmp_path):
+    """Defects: text-only records of an image_text source bent the ratio; documents dropped for length were
+    listed nowhere; plan-time rejections had no file; reasons carried no path."""
+    from mlan.mixture.build import build
+    from mlan.recipe import load_recipe
+
+    mixed = _mixed_source(tmp_path)
+    recipe = load_recipe(_recipe(tmp_path, shared_data, mixed))
+    out = tmp_path / "out"
+    stats = build(recipe, str(out), workers=2, cache_dir=str(tmp_path / "cache"), progress=False)
+    # the ratio, recomputed from the tars by each document's own modality (has images or not)
+    manifest = json.loads((out / "manifest.json").read_text())
+    text = total = longest = 0
+    for s in manifest["shards"]:
+        from mlan.mixture.shards import read_shard
+
+        for row in read_shard(str(out / s["name"])):
+            owners = set(row.image_docs)
+            for j, n in enumerate(row.docs.tolist()):
+                total += n
+                longest = max(longest, n)
+                text += n if j not in owners else 0
+                assert (row.modalities[j] == "image_text") == (j in owners)
+    assert abs(text / total - 0.75) <= longest / total, text / total
+    assert stats["by_source_modality"]["mixed"]["text"]["documents"] > 0
+    report = (out / "report.md").read_text()
+    assert "by source × modality" in report and "| mixed |" in report
+    # every record that did not reach the mixture is listed, with its file and why
+    listed = {r["index"]: r for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())
+              if r["source"] == "mixed"}
+    assert set(listed) == {120, 121, 122}, listed
+    assert listed[120]["kind"] == "rejected" and listed[120]["stage"] == "render"
+    assert str(mixed.parent / "imgs" / "cut.jpg") in listed[120]["reason"]
+    assert listed[121]["kind"] == "dropped" and "seq_len 512" in listed[121]["reason"]
+    assert listed[122]["stage"] == "plan" and "max_images_per_row" in listed[122]["reason"]
+    for r in listed.values():
+        assert r["file"] == str(mixed) and " at 0x" not in r["reason"]
+    assert loader_rows(out) == manifest["totals"]["rows"]
+
+
+@pytest.mark.timeout(300)
+def test_source_with_nothing_usable_still_lists_why(local_ray, shared_data, tmp_path):
+    """Defect: a source with no usable record (a truncated JSON array) failed without rejected.jsonl or reason."""
+    from mlan.mixture.build import build
+    from mlan.mixture.plan import PlanError
+    from mlan.recipe import load_recipe
+
+    mixed = _mixed_source(tmp_path)
+    mixed.write_text(mixed.read_text()[:5000])  # a truncated JSON array
+    recipe = load_recipe(_recipe(tmp_path, shared_data, mixed))
+    out = tmp_path / "out"
+    with pytest.raises(PlanError) as err:
+        build(recipe, str(out), workers=1, cache_dir=str(tmp_path / "cache"), progress=False)
+    msg = str(err.value)
+    assert "source 'mixed': 0 of 1 records usable" in msg and "malformed JSON array" in msg and str(mixed) in msg
+    assert "\n" not in msg and "rejected.jsonl" in msg
+    listed = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["kind"]) for r in listed if r["source"] == "mixed"] == [(str(mixed), "rejected")]
+    assert {r["kind"] for r in listed if r["source"] == "alpaca"} == {"dropped"}  # over seq_len 512

@@ -20,7 +20,7 @@ import numpy as np
 
 from mlan.mixture import cache as tcache
 from mlan.mixture.pack import Packing, pack
-from mlan.mixture.plan import SourceDocs, check_modalities, make_plan
+from mlan.mixture.plan import PlanError, SourceDocs, check_modalities, make_plan
 from mlan.mixture.report import compute_stats, render_report
 from mlan.mixture.shards import (
     MANIFEST,
@@ -107,6 +107,7 @@ class TokenizeWorker:
 
         spec = self.recipe.source(source_name)
         rejected, dropped, convs, conv_index = [], [], [], []
+        file_of = {index: file for file, index, _ in items}
         for file, index, record in items:
             try:
                 if isinstance(record, RecordError):
@@ -116,26 +117,28 @@ class TokenizeWorker:
                 convs.append(to_conversation(spec, index, record, file))
                 conv_index.append(index)
             except RecordError as err:
-                rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index))
-        docs, indices = [], []
+                rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index, "read"))
+        docs, indices, files = [], [], []
         truncated = 0
         for index, out in zip(conv_index, self.renderer.render_batch(convs)):
             if isinstance(out, RecordError):
-                rejected.append(tcache.rejected_entry(source_name, out, index))
+                rejected.append(tcache.rejected_entry(source_name, out, index, "render"))
                 continue
             if isinstance(out, DocumentDropped):
-                dropped.append({"source": source_name, "index": index, "reason": str(out)})
+                why = RecordError(file_of[index], index, f"dropped for length (mixture.overlong: drop): {out.reason}")
+                dropped.append(tcache.rejected_entry(source_name, why, index, "render", kind="dropped"))
                 continue
             doc = _pre_resize(out, self.renderer) if self.pre_resize and out.images else out
             truncated += int(doc.truncated)
             docs.append(doc)
             indices.append(index)
+            files.append(file_of[index])
         rejected.sort(key=lambda r: (r["index"] is None, r["index"] or 0))
         summary = tcache.PartSummary(
             part=part, read=len(items), accepted=len(docs), rejected=rejected, dropped=dropped,
             truncated=truncated, tokens=int(sum(d.n_tokens for d in docs)),
         )
-        meta = tcache.write_part(cache_url, part, docs, indices, summary)
+        meta = tcache.write_part(cache_url, part, docs, indices, summary, files)
         return {**summary.to_json(), "meta": meta}
 
     def write_shard(self, *args) -> dict:
@@ -508,28 +511,37 @@ def build(
         metas = [tcache.read_meta(c.url, c.n_parts).to_pydict() for c in caches]
         arrays = [{k: _column(v) for k, v in m.items()} for m in metas]
         too_many: list[list[dict]] = []  # documents with more images than a row may hold: rejected here
-        for s, a in zip(recipe.sources, arrays):
+        for s, a, c in zip(recipe.sources, arrays, caches):
             over = a["n_images"] > mix.max_images_per_row if a["n_images"].size else np.zeros(0, bool)
             too_many.append([
-                {"source": s.name, "index": int(i), "file": None, "field": "images",
+                {"source": s.name, "index": int(i), "file": f, "field": "images", "kind": "rejected", "stage": "plan",
                  "reason": f"{int(n)} images, more than mixture.max_images_per_row = {mix.max_images_per_row}"}
-                for i, n in zip(a["index"][over].tolist(), a["n_images"][over].tolist())
+                for i, n, f in zip(a["index"][over].tolist(), a["n_images"][over].tolist(),
+                                   _files_of(c.url, a["part"][over], a["row"][over]))
             ])
             if over.any():
                 for k in a:
                     a[k] = a[k][~over]
+        # every record that does not reach the mixture, listed before planning: a plan that fails still leaves it
+        summaries, rejected, dropped = _record_summaries(recipe, caches, too_many)
+        _write_text(f"{out_url}/rejected.jsonl",
+                    "".join(json.dumps(r, sort_keys=True) + "\n" for r in _listing(recipe, rejected, dropped)))
         sources = [
             SourceDocs(
                 name=s.name, modality=s.modality, weight=s.weight,
                 upsample=s.upsample if s.upsample is not None else mix.upsample,
                 n_tokens=arrays[i]["n_tokens"].astype(np.int64),
+                has_images=arrays[i]["n_images"] > 0,
             )
             for i, s in enumerate(recipe.sources)
         ]
-        plan = make_plan(
-            sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
-            ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
-        )
+        try:
+            plan = make_plan(
+                sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
+                ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
+            )
+        except PlanError as err:
+            raise PlanError(str(err) + _unusable_hint(summaries, rejected, f"{out}/rejected.jsonl")) from None
         planned = {
             k: np.concatenate([arrays[s][k][plan.doc[plan.source == s]] for s in range(len(sources))])
             for k in ("n_tokens", "n_loss_tokens", "n_images", "n_tiles", "n_vision_tokens", "truncated", "modality",
@@ -567,25 +579,13 @@ def build(
                 fs.rm(stale)
 
         clock.append(("write", time.perf_counter()))
-        # ---- stats, report, rejected, manifest (last)
-        summaries, rejected, dropped = {}, [], []
-        for s, c, extra in zip(recipe.sources, caches, too_many):
-            parts = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
-            rej = sorted([r for p in parts for r in p.rejected] + extra,
-                         key=lambda r: (r["index"] is None, r["index"] or 0))
-            drp = [d for p in parts for d in p.dropped]
-            summaries[s.name] = {"read": sum(p.read for p in parts),
-                                 "accepted": sum(p.accepted for p in parts) - len(extra),
-                                 "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts)}
-            rejected += rej
-            dropped += drp
+        # ---- stats, report, manifest (last)
         stats = compute_stats(
             seq_len=mix.seq_len, plan=plan, planned=planned, packing=packing, source_summaries=summaries,
             rejected=rejected, dropped=dropped, n_shards=n_shards, fingerprint=fingerprint,
         )
         _write_text(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
         _write_text(f"{out_url}/report.md", render_report(stats))
-        _write_text(f"{out_url}/rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
         manifest = {
             "version": 1,
             "recipe": recipe.to_dict(),
@@ -616,6 +616,58 @@ def build(
     finally:
         if started:
             ray.shutdown()
+
+
+def _files_of(cache_url: str, parts: np.ndarray, rows: np.ndarray) -> list[str]:
+    """Input files of a few documents, by (part, row) in the cache: only read for plan-time rejections."""
+    out: list[str] = []
+    for p, r in zip(parts.tolist(), rows.tolist()):
+        out += tcache.doc_files(cache_url, int(p), [int(r)])
+    return out
+
+
+def _record_summaries(recipe: Recipe, caches: list[SourceCache], too_many: list[list[dict]]
+                      ) -> tuple[dict, list[dict], list[dict]]:
+    """Per source: records read / accepted / rejected / dropped / truncated; and the rejected and dropped lists."""
+    summaries, rejected, dropped = {}, [], []
+    for s, c, extra in zip(recipe.sources, caches, too_many):
+        parts = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
+        rej = sorted([r for p in parts for r in p.rejected] + extra, key=lambda r: (r["index"] is None, r["index"] or 0))
+        drp = [d for p in parts for d in p.dropped]
+        summaries[s.name] = {"read": sum(p.read for p in parts),
+                             "accepted": sum(p.accepted for p in parts) - len(extra),
+                             "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts)}
+        rejected += rej
+        dropped += drp
+    return summaries, rejected, dropped
+
+
+def _listing(recipe: Recipe, rejected: list[dict], dropped: list[dict]) -> list[dict]:
+    """rejected.jsonl: every record that does not reach the mixture, source by source in record order."""
+    order = {s.name: i for i, s in enumerate(recipe.sources)}
+    return sorted(rejected + dropped, key=lambda r: (order.get(r["source"], 0), r["index"] is None, r["index"] or 0))
+
+
+def _unusable_hint(summaries: dict, rejected: list[dict], listing: str) -> str:
+    """For each source with no usable document: how many records it had and its three commonest reasons."""
+    from collections import Counter
+
+    from mlan.mixture.report import reason_kind
+
+    hints = []
+    for name, s in summaries.items():
+        if s["accepted"] > 0:
+            continue
+        reasons = Counter(reason_kind(r["reason"]) for r in rejected if r["source"] == name)
+        examples = {}
+        for r in rejected:
+            if r["source"] == name:
+                examples.setdefault(reason_kind(r["reason"]), r)
+        top = "; ".join(f"{n}× {examples[k]['reason']} ({examples[k]['file']})".replace("\n", " ")
+                        for k, n in reasons.most_common(3))
+        hints.append(f"source {name!r}: 0 of {s['read']} records usable ({s['rejected']} rejected, "
+                     f"{s['dropped']} dropped)" + (f", commonest reasons: {top}" if top else ""))
+    return (" — " + " | ".join(hints) + f" (every record listed in {listing})") if hints else ""
 
 
 def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_row, cache_urls, fingerprint,
