@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mlan.mixture import cache as tcache
-from mlan.mixture.pack import Packing, pack
+from mlan.mixture.pack import Packing, pack, row_bound
 from mlan.mixture.plan import PlanError, SourceDocs, check_modalities, make_plan
 from mlan.mixture.report import compute_stats, render_report
 from mlan.mixture.shards import (
@@ -584,6 +584,8 @@ def build(
             seq_len=mix.seq_len, plan=plan, planned=planned, packing=packing, source_summaries=summaries,
             rejected=rejected, dropped=dropped, n_shards=n_shards, fingerprint=fingerprint,
         )
+        stats["row_bound"] = row_bound(int(packing.row_tokens.sum()), int(planned["n_images"].sum()), mix.seq_len,
+                                       mix.max_images_per_row)
         _write_text(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
         _write_text(f"{out_url}/report.md", render_report(stats))
         manifest = {
@@ -608,7 +610,7 @@ def build(
             console.print(
                 f"built {packing.n_rows} rows in {n_shards} shards → {out}: {stats['tokens']['total']:,} tokens, "
                 f"text ratio {stats['ratio_achieved']:.4f} (target {mix.ratio.text}), "
-                f"packing {stats['packing_efficiency']:.4f}"
+                f"packing {stats['packing_efficiency']:.4f} ({packing.n_rows} rows, bound {stats['row_bound']})"
             )
             clock.append(("report", time.perf_counter()))
             console.print("time: " + ", ".join(f"{name} {t - clock[i][1]:.1f}s" for i, (name, t) in enumerate(clock[1:])))

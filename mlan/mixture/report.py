@@ -125,6 +125,8 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
         f"| budget ({unit}) | {b['target']:,} | {b['achieved']:,} |",
         f"| text ratio (by {stats['ratio_by']}) | {stats['ratio_target']:.4f} | {stats['ratio_achieved']:.4f} |",
         f"| packing efficiency | — | {_pct(stats['packing_efficiency'])} |",
+        *([(f"| rows (bound: max(⌈tokens/seq_len⌉, ⌈images/max_images_per_row⌉)) | {stats['row_bound']:,} | "
+           f"{stats['rows']:,} |")] if "row_bound" in stats else []),
         "",
         "## Tokens and documents by modality",
         "",
