@@ -508,33 +508,12 @@ def build(
         fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
 
         # ---- per-source document tables (record order) → plan
-        metas = [tcache.read_meta(c.url, c.n_parts).to_pydict() for c in caches]
-        arrays = [{k: _column(v) for k, v in m.items()} for m in metas]
-        too_many: list[list[dict]] = []  # documents with more images than a row may hold: rejected here
-        for s, a, c in zip(recipe.sources, arrays, caches):
-            over = a["n_images"] > mix.max_images_per_row if a["n_images"].size else np.zeros(0, bool)
-            too_many.append([
-                {"source": s.name, "index": int(i), "file": f, "field": "images", "kind": "rejected", "stage": "plan",
-                 "reason": f"{int(n)} images, more than mixture.max_images_per_row = {mix.max_images_per_row}"}
-                for i, n, f in zip(a["index"][over].tolist(), a["n_images"][over].tolist(),
-                                   _files_of(c.url, a["part"][over], a["row"][over]))
-            ])
-            if over.any():
-                for k in a:
-                    a[k] = a[k][~over]
+        arrays, too_many = source_arrays(recipe, caches)
         # every record that does not reach the mixture, listed before planning: a plan that fails still leaves it
         summaries, rejected, dropped = _record_summaries(recipe, caches, too_many)
         _write_text(f"{out_url}/rejected.jsonl",
                     "".join(json.dumps(r, sort_keys=True) + "\n" for r in _listing(recipe, rejected, dropped)))
-        sources = [
-            SourceDocs(
-                name=s.name, modality=s.modality, weight=s.weight,
-                upsample=s.upsample if s.upsample is not None else mix.upsample,
-                n_tokens=arrays[i]["n_tokens"].astype(np.int64),
-                has_images=arrays[i]["n_images"] > 0,
-            )
-            for i, s in enumerate(recipe.sources)
-        ]
+        sources = source_docs(recipe, arrays)
         try:
             plan = make_plan(
                 sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
@@ -618,6 +597,41 @@ def build(
     finally:
         if started:
             ray.shutdown()
+
+
+def source_arrays(recipe: Recipe, caches: list[SourceCache]) -> tuple[list[dict], list[list[dict]]]:
+    """Per source, its usable documents' meta columns (record order) and the plan-time rejections: documents
+    with more images than a row may hold (listed with their file)."""
+    mix = recipe.mixture
+    metas = [tcache.read_meta(c.url, c.n_parts).to_pydict() for c in caches]
+    arrays = [{k: _column(v) for k, v in m.items()} for m in metas]
+    too_many: list[list[dict]] = []
+    for s, a, c in zip(recipe.sources, arrays, caches):
+        over = a["n_images"] > mix.max_images_per_row if a["n_images"].size else np.zeros(0, bool)
+        too_many.append([
+            {"source": s.name, "index": int(i), "file": f, "field": "images", "kind": "rejected", "stage": "plan",
+             "reason": f"{int(n)} images, more than mixture.max_images_per_row = {mix.max_images_per_row}"}
+            for i, n, f in zip(a["index"][over].tolist(), a["n_images"][over].tolist(),
+                               _files_of(c.url, a["part"][over], a["row"][over]))
+        ])
+        if over.any():
+            for k in a:
+                a[k] = a[k][~over]
+    return arrays, too_many
+
+
+def source_docs(recipe: Recipe, arrays: list[dict]) -> list[SourceDocs]:
+    """What the planner needs of each source; each document keeps its own modality (has images or not)."""
+    mix = recipe.mixture
+    return [
+        SourceDocs(
+            name=s.name, modality=s.modality, weight=s.weight,
+            upsample=s.upsample if s.upsample is not None else mix.upsample,
+            n_tokens=arrays[i]["n_tokens"].astype(np.int64),
+            has_images=arrays[i]["n_images"] > 0,
+        )
+        for i, s in enumerate(recipe.sources)
+    ]
 
 
 def _files_of(cache_url: str, parts: np.ndarray, rows: np.ndarray) -> list[str]:
