@@ -211,7 +211,8 @@ def test_every_planned_document_once_per_planned_copy(shared_build):
         url = str(tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp, family_config=fc))
         meta = tcache.read_meta(url, tcache.read_complete(url)["parts"]).to_pydict()
         metas.append(meta)
-        sources.append(SourceDocs(s.name, s.modality, s.weight, mix.upsample, np.asarray(meta["n_tokens"])))
+        sources.append(SourceDocs(s.name, s.modality, s.weight, mix.upsample, np.asarray(meta["n_tokens"]),
+                                  has_images=np.asarray(meta["n_images"]) > 0))  # each document on its own side
     plan = make_plan(sources, budget_tokens=mix.budget.tokens, ratio_text=mix.ratio.text, seed=mix.seed)
     want = Counter(metas[s]["doc_id"][d] for s, d in zip(plan.source.tolist(), plan.doc.tolist()))
     assert tar_figures(tmp / "out")["docs"] == want
