@@ -184,7 +184,7 @@ def open_oriented(data: bytes):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # our own limits apply instead
         with PILImage.open(io.BytesIO(data)) as img:
-            if img.format == "JPEG":
+            if img.format in ("JPEG", "MPO"):  # MPO: phone photos (a JPEG with extra frames)
                 img.draft("RGB", (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
             img.load()
             oriented = ImageOps.exif_transpose(img)
