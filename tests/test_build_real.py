@@ -77,6 +77,7 @@ def shared_small(local_ray, shared_data, tmp_path_factory):
     return recipe, tmp / "out", stats
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_actors_use_the_drivers_geometry(shared_small):
     """Defect: actors re-validated a dump of the recipe, so defaults became explicit (576 vs 16 placeholders)."""
@@ -138,6 +139,7 @@ def _ids_change(fn):
     return change
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_verify_reads_every_row(shared_small, tmp_path):
     """Defect: `mlan verify` checked sha256s and counts only; a row the loader rejects passed."""
@@ -245,6 +247,7 @@ def _recipe(tmp: Path, shared: Path, mixed: Path, **extra) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mixed_source_ratio_and_every_record_listed(local_ray, shared_data, tmp_path):
     """Defects: text-only records of an image_text source bent the ratio; documents dropped for length were
@@ -286,6 +289,7 @@ def test_mixed_source_ratio_and_every_record_listed(local_ray, shared_data, tmp_
     assert loader_rows(out) == manifest["totals"]["rows"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_source_with_nothing_usable_still_lists_why(local_ray, shared_data, tmp_path):
     """Defect: a source with no usable record (a truncated JSON array) failed without rejected.jsonl or reason."""
