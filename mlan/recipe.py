@@ -113,6 +113,9 @@ class MixtureSpec(_Strict):
     upsample: bool = True
     overlong: Literal["truncate", "drop"] = "truncate"  # documents longer than seq_len
     pack_buffer_tokens: int | None = Field(None, ge=1)  # None: pack the whole plan at once
+    # images refused from their header before any decode (docs/build.md): the defaults admit every real photo
+    max_image_pixels: int = Field(120_000_000, ge=1)
+    max_image_aspect: float = Field(20.0, ge=1.0)
 
 
 class ShardSpec(_Strict):

@@ -317,7 +317,7 @@ class Renderer:
             data = ref.read_bytes()
         except OSError as err:
             raise RecordError(file, index, f"cannot read image {ref.path}: {err}", "image") from None
-        width, height, ext = probe_image(ImageRef(data=data), file, index)
+        width, height, ext = probe_image(ImageRef(data=data), file, index, where=ref.path)
         if ext == "bin" and ref.path is not None:
             ext = ref.suffix
         tiles = self.family.tiles_for(width, height)

@@ -200,18 +200,19 @@ def test_shared_data_targets_recomputed_from_tars(shared_build):
 def test_every_planned_document_once_per_planned_copy(shared_build):
     """The tars hold exactly the plan's multiset of documents (plan rebuilt from the cache's counts)."""
     from mlan.mixture import cache as tcache
-    from mlan.mixture.build import _tokenizer_fp
+    from mlan.mixture.build import _family_config, _tokenizer_fp
     from mlan.mixture.plan import SourceDocs, make_plan
 
     recipe, tmp, _ = shared_build
     mix = recipe.mixture
-    tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
+    tok_fp, code_fp, fc = _tokenizer_fp(recipe), tcache.code_fingerprint(), _family_config(recipe)
     metas, sources = [], []
     for s in recipe.sources:
-        url = str(tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp))
+        url = str(tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp, family_config=fc))
         meta = tcache.read_meta(url, tcache.read_complete(url)["parts"]).to_pydict()
         metas.append(meta)
-        sources.append(SourceDocs(s.name, s.modality, s.weight, mix.upsample, np.asarray(meta["n_tokens"])))
+        sources.append(SourceDocs(s.name, s.modality, s.weight, mix.upsample, np.asarray(meta["n_tokens"]),
+                                  has_images=np.asarray(meta["n_images"]) > 0))  # each document on its own side
     plan = make_plan(sources, budget_tokens=mix.budget.tokens, ratio_text=mix.ratio.text, seed=mix.seed)
     want = Counter(metas[s]["doc_id"][d] for s, d in zip(plan.source.tolist(), plan.doc.tolist()))
     assert tar_figures(tmp / "out")["docs"] == want
@@ -223,12 +224,12 @@ def test_cache_meta_file_equals_its_parts(shared_build):
     import pyarrow.parquet as pq
 
     from mlan.mixture import cache as tcache
-    from mlan.mixture.build import _tokenizer_fp
+    from mlan.mixture.build import _family_config, _tokenizer_fp
 
     recipe, tmp, _ = shared_build
-    tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
+    tok_fp, code_fp, fc = _tokenizer_fp(recipe), tcache.code_fingerprint(), _family_config(recipe)
     for s in recipe.sources:
-        url = tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp)
+        url = tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp, family_config=fc)
         n_parts = tcache.read_complete(str(url))["parts"]
         assert (url / tcache.META).exists()
         meta = tcache.read_meta(str(url), n_parts).to_pydict()

@@ -105,3 +105,39 @@ def test_mixed_units_token_budget_example_ratio():
     n_text = int((mods == "text").sum())
     assert abs(n_text / len(plan) - 0.5) <= 1 / len(plan) + 1e-9
     assert abs(plan.tokens - 1_000_000) / 1_000_000 < 0.05  # from mean lengths: approximate by design
+
+
+@pytest.mark.parametrize("by", ["tokens", "examples"])
+def test_documents_count_on_their_own_side_of_the_ratio(by):
+    """Defect: a text-only record inside an image_text source was planned on the image side (0.7616 for 0.75).
+
+    Recomputed here from each selected document's own modality; within one document of the target.
+    """
+    rng = np.random.default_rng(7)
+    text = _src("alpaca", "text", 999, seed=1, lo=200, hi=300)
+    n = 1000
+    mixed = SourceDocs("llava665k", "image_text", 1.0, True, rng.integers(200, 300, n).astype(np.int64),
+                       has_images=rng.random(n) > 0.3)  # ~30% text-only conversations
+    budget = 400_000 if by == "tokens" else 1600
+    kw = {"budget_tokens": budget} if by == "tokens" else {"budget_examples": budget}
+    plan = make_plan([text, mixed], ratio_text=0.75, ratio_by=by, seed=3, **kw)
+    is_image = np.where(plan.source == 1, mixed.has_images[plan.doc], False)
+    if by == "tokens":
+        got = int(plan.n_tokens[~is_image].sum()) / plan.tokens
+        assert abs(got - 0.75) <= 300 / plan.tokens, got
+    else:
+        assert abs(int((~is_image).sum()) - 0.75 * len(plan)) <= 1
+    # both kinds of the mixed source are used, each on its side, and the source's doc indices are its own
+    assert (plan.source == 1).any() and is_image.any() and (~is_image[plan.source == 1]).any()
+    assert plan.doc[plan.source == 1].max() < n
+    keys = {s.key for s in plan.sources}
+    assert keys == {"alpaca", "llava665k", "llava665k [text]"}
+
+
+def test_pure_sources_plan_as_before():
+    """A source whose documents all have its declared modality plans exactly as without per-document modality."""
+    a = make_plan(_sources(), budget_tokens=500_000, ratio_text=0.75, seed=42)
+    srcs = [SourceDocs(s.name, s.modality, s.weight, s.upsample, s.n_tokens,
+                       has_images=np.full(s.n_tokens.size, s.modality == "image_text")) for s in _sources()]
+    b = make_plan(srcs, budget_tokens=500_000, ratio_text=0.75, seed=42)
+    assert np.array_equal(a.source, b.source) and np.array_equal(a.doc, b.doc)

@@ -8,7 +8,7 @@ backends are used: they need no torchvision and give the same numbers on every m
 """
 from __future__ import annotations
 
-import io
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mlan.errors import MlanError
+from mlan.sources.images import open_oriented
 
 # CLIP's normalisation constants (openai/clip-vit-large-patch14-336 preprocessor_config.json)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,13 +29,13 @@ class ImageDecodeError(MlanError, ValueError):
 
 
 def decode_image(data: bytes, where: str) -> Image.Image:
-    """Encoded bytes → an RGB PIL image; `where` names the row and image for the error."""
+    """Encoded bytes → an RGB PIL image, EXIF orientation applied, by the build's own decode (so the tile
+    counts and sizes the build recorded are those of this image); `where` names the row and image."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageDecodeError(f"{where}: cannot decode image ({type(err).__name__}: {err})") from err
+        return open_oriented(data)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err))
+        raise ImageDecodeError(f"{where}: cannot decode image ({type(err).__name__}: {reason})") from err
 
 
 @lru_cache(maxsize=8)

@@ -35,17 +35,13 @@ from webdataset.tariterators import base_plus_ext
 
 from mlan.data.collate import FamilyCollator, check_row_images, family_collate
 from mlan.errors import MlanError
-from mlan.mixture.shards import PackedRow, sample_to_row
+from mlan.mixture.shards import ManifestError, PackedRow, sample_to_row
 
 STATE_VERSION = 1
 
 
 class ShardError(MlanError, ValueError):
     """A shard that is missing, corrupted or disagrees with the manifest; the message names the shard."""
-
-
-class ManifestError(MlanError, ValueError):
-    """A manifest.json that does not follow the build-output contract; the message names the key."""
 
 
 # ---------------------------------------------------------------- manifest

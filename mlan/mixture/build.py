@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from mlan.mixture import cache as tcache
-from mlan.mixture.pack import Packing, pack
-from mlan.mixture.plan import SourceDocs, check_modalities, make_plan
+from mlan.mixture.pack import Packing, pack, row_bound
+from mlan.mixture.plan import PlanError, SourceDocs, check_modalities, make_plan
 from mlan.mixture.report import compute_stats, render_report
 from mlan.mixture.shards import (
     MANIFEST,
@@ -83,15 +83,21 @@ def _progress(enabled: bool):
 class TokenizeWorker:
     """Renders batches of raw records into documents and writes them as cache parts (one tokenizer per actor)."""
 
-    def __init__(self, recipe_json: dict):
+    def __init__(self, recipe: Recipe, family_config: dict):
+        """`recipe` is the driver's resolved Recipe object itself (pickled with which keys were set, so the
+        family geometry resolves as in the driver); `family_config` is the driver's, checked here."""
         # one core per actor: set before the Rust tokenizer starts its thread pool (a job-level runtime_env
         # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from mlan.recipe import Recipe
         from mlan.render import Renderer
+        from mlan.sources.images import ImageLimits, set_image_limits
 
-        self.recipe = Recipe.model_validate(recipe_json)
+        set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))
+        self.recipe = recipe
         self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
+        mine = self.renderer.family.family_config()
+        if mine != family_config:
+            raise BuildError(f"a tokenizer actor resolved the model geometry as {mine}, the driver as {family_config}")
         self.pre_resize = self.recipe.shards.pre_resize
 
     def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
@@ -101,6 +107,7 @@ class TokenizeWorker:
 
         spec = self.recipe.source(source_name)
         rejected, dropped, convs, conv_index = [], [], [], []
+        file_of = {index: file for file, index, _ in items}
         for file, index, record in items:
             try:
                 if isinstance(record, RecordError):
@@ -110,26 +117,28 @@ class TokenizeWorker:
                 convs.append(to_conversation(spec, index, record, file))
                 conv_index.append(index)
             except RecordError as err:
-                rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index))
-        docs, indices = [], []
+                rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index, "read"))
+        docs, indices, files = [], [], []
         truncated = 0
         for index, out in zip(conv_index, self.renderer.render_batch(convs)):
             if isinstance(out, RecordError):
-                rejected.append(tcache.rejected_entry(source_name, out, index))
+                rejected.append(tcache.rejected_entry(source_name, out, index, "render"))
                 continue
             if isinstance(out, DocumentDropped):
-                dropped.append({"source": source_name, "index": index, "reason": str(out)})
+                why = RecordError(file_of[index], index, f"dropped for length (mixture.overlong: drop): {out.reason}")
+                dropped.append(tcache.rejected_entry(source_name, why, index, "render", kind="dropped"))
                 continue
             doc = _pre_resize(out, self.renderer) if self.pre_resize and out.images else out
             truncated += int(doc.truncated)
             docs.append(doc)
             indices.append(index)
+            files.append(file_of[index])
         rejected.sort(key=lambda r: (r["index"] is None, r["index"] or 0))
         summary = tcache.PartSummary(
             part=part, read=len(items), accepted=len(docs), rejected=rejected, dropped=dropped,
             truncated=truncated, tokens=int(sum(d.n_tokens for d in docs)),
         )
-        meta = tcache.write_part(cache_url, part, docs, indices, summary)
+        meta = tcache.write_part(cache_url, part, docs, indices, summary, files)
         return {**summary.to_json(), "meta": meta}
 
     def write_shard(self, *args) -> dict:
@@ -210,6 +219,8 @@ def _pre_resize(doc, renderer):
 
     from PIL import Image
 
+    from mlan.sources.images import open_oriented
+
     family = getattr(renderer, "family", None)
     geometry = getattr(family, "geometry", None)
     size = getattr(geometry, "image_size", None)
@@ -218,13 +229,12 @@ def _pre_resize(doc, renderer):
     tiles = max(1, int(getattr(geometry, "max_tiles", 1)))
     images, exts, sizes = [], [], []
     for data in doc.images:
-        im = Image.open(io.BytesIO(data))
-        im.load()
+        im = open_oriented(data)  # the loader's decode: EXIF orientation applied, so none is stored
         if tiles == 1:  # llava: the vision tower's square input
-            im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+            im = im.resize((size, size), Image.BICUBIC)
         else:  # mllama: fit inside the largest tile canvas, keeping the aspect ratio
             scale = min(1.0, size * tiles / max(im.size))
-            im = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, format="PNG", optimize=False)
         images.append(buf.getvalue())
@@ -340,22 +350,26 @@ def _tokenizer_fp(recipe: Recipe) -> str:
 
 
 def tokenize_sources(
-    recipe: Recipe, cache_root: str, workers: int, progress: bool, keep_actors: list | None = None
+    recipe: Recipe, cache_root: str, workers: int, progress: bool, keep_actors: list | None = None,
+    family_config: dict | None = None,
 ) -> list[SourceCache]:
     """Fill (or reuse) each source's cache on a pool of Ray actors; reports cache hits.
 
-    With `keep_actors`, the (warm) actors are appended to it instead of being killed.
+    With `keep_actors`, the (warm) actors are appended to it instead of being killed. `family_config` is
+    the driver's resolved geometry (computed here when not given): part of every cache key, and what each
+    actor must resolve too.
     """
     import ray
 
     from mlan.sources import iter_source
 
     console = _console()
+    family_config = family_config if family_config is not None else _family_config(recipe)
     tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
     caches: list[SourceCache] = []
     todo: list[int] = []
     for i, src in enumerate(recipe.sources):
-        fp = tcache.source_fingerprint(recipe, src, tok_fp, code_fp)
+        fp = tcache.source_fingerprint(recipe, src, tok_fp, code_fp, family_config=family_config)
         url = join_url(cache_root, fp)
         done = tcache.read_complete(url)
         caches.append(SourceCache(url, fp, done["parts"] if done else 0, done is not None))
@@ -367,9 +381,9 @@ def tokenize_sources(
     if not todo:
         return caches
 
-    recipe_json = recipe.model_dump(mode="json")
     Worker = ray.remote(num_cpus=1)(TokenizeWorker)
-    actors = [Worker.remote(recipe_json) for _ in range(max(1, workers))]
+    recipe_ref = ray.put(recipe)  # the object itself, never a dump re-validated (that marks defaults as set)
+    actors = [Worker.remote(recipe_ref, family_config) for _ in range(max(1, workers))]
     idle = list(actors) * 2  # two batches queued per actor: it never waits for the driver
     inflight: dict = {}  # ref → (actor, source, part)
     metas: dict[int, dict] = {i: {} for i in todo}  # source → part → META_COLUMNS the actor returned
@@ -488,36 +502,25 @@ def build(
     try:
         n_workers = workers or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         actors: list = []
-        caches = tokenize_sources(recipe, cache_root, n_workers, progress, keep_actors=actors)
+        caches = tokenize_sources(recipe, cache_root, n_workers, progress, keep_actors=actors,
+                                  family_config=family_config)
         clock.append(("tokenize", time.perf_counter()))
         fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
 
         # ---- per-source document tables (record order) → plan
-        metas = [tcache.read_meta(c.url, c.n_parts).to_pydict() for c in caches]
-        arrays = [{k: _column(v) for k, v in m.items()} for m in metas]
-        too_many: list[list[dict]] = []  # documents with more images than a row may hold: rejected here
-        for s, a in zip(recipe.sources, arrays):
-            over = a["n_images"] > mix.max_images_per_row if a["n_images"].size else np.zeros(0, bool)
-            too_many.append([
-                {"source": s.name, "index": int(i), "file": None, "field": "images",
-                 "reason": f"{int(n)} images, more than mixture.max_images_per_row = {mix.max_images_per_row}"}
-                for i, n in zip(a["index"][over].tolist(), a["n_images"][over].tolist())
-            ])
-            if over.any():
-                for k in a:
-                    a[k] = a[k][~over]
-        sources = [
-            SourceDocs(
-                name=s.name, modality=s.modality, weight=s.weight,
-                upsample=s.upsample if s.upsample is not None else mix.upsample,
-                n_tokens=arrays[i]["n_tokens"].astype(np.int64),
+        arrays, too_many = source_arrays(recipe, caches)
+        # every record that does not reach the mixture, listed before planning: a plan that fails still leaves it
+        summaries, rejected, dropped = _record_summaries(recipe, caches, too_many)
+        _write_text(f"{out_url}/rejected.jsonl",
+                    "".join(json.dumps(r, sort_keys=True) + "\n" for r in _listing(recipe, rejected, dropped)))
+        sources = source_docs(recipe, arrays)
+        try:
+            plan = make_plan(
+                sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
+                ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
             )
-            for i, s in enumerate(recipe.sources)
-        ]
-        plan = make_plan(
-            sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
-            ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
-        )
+        except PlanError as err:
+            raise PlanError(str(err) + _unusable_hint(summaries, rejected, f"{out}/rejected.jsonl")) from None
         planned = {
             k: np.concatenate([arrays[s][k][plan.doc[plan.source == s]] for s in range(len(sources))])
             for k in ("n_tokens", "n_loss_tokens", "n_images", "n_tiles", "n_vision_tokens", "truncated", "modality",
@@ -555,25 +558,15 @@ def build(
                 fs.rm(stale)
 
         clock.append(("write", time.perf_counter()))
-        # ---- stats, report, rejected, manifest (last)
-        summaries, rejected, dropped = {}, [], []
-        for s, c, extra in zip(recipe.sources, caches, too_many):
-            parts = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
-            rej = sorted([r for p in parts for r in p.rejected] + extra,
-                         key=lambda r: (r["index"] is None, r["index"] or 0))
-            drp = [d for p in parts for d in p.dropped]
-            summaries[s.name] = {"read": sum(p.read for p in parts),
-                                 "accepted": sum(p.accepted for p in parts) - len(extra),
-                                 "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts)}
-            rejected += rej
-            dropped += drp
+        # ---- stats, report, manifest (last)
         stats = compute_stats(
             seq_len=mix.seq_len, plan=plan, planned=planned, packing=packing, source_summaries=summaries,
             rejected=rejected, dropped=dropped, n_shards=n_shards, fingerprint=fingerprint,
         )
+        stats["row_bound"] = row_bound(int(packing.row_tokens.sum()), int(planned["n_images"].sum()), mix.seq_len,
+                                       mix.max_images_per_row)
         _write_text(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
         _write_text(f"{out_url}/report.md", render_report(stats))
-        _write_text(f"{out_url}/rejected.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected))
         manifest = {
             "version": 1,
             "recipe": recipe.to_dict(),
@@ -596,7 +589,7 @@ def build(
             console.print(
                 f"built {packing.n_rows} rows in {n_shards} shards → {out}: {stats['tokens']['total']:,} tokens, "
                 f"text ratio {stats['ratio_achieved']:.4f} (target {mix.ratio.text}), "
-                f"packing {stats['packing_efficiency']:.4f}"
+                f"packing {stats['packing_efficiency']:.4f} ({packing.n_rows} rows, bound {stats['row_bound']})"
             )
             clock.append(("report", time.perf_counter()))
             console.print("time: " + ", ".join(f"{name} {t - clock[i][1]:.1f}s" for i, (name, t) in enumerate(clock[1:])))
@@ -604,6 +597,93 @@ def build(
     finally:
         if started:
             ray.shutdown()
+
+
+def source_arrays(recipe: Recipe, caches: list[SourceCache]) -> tuple[list[dict], list[list[dict]]]:
+    """Per source, its usable documents' meta columns (record order) and the plan-time rejections: documents
+    with more images than a row may hold (listed with their file)."""
+    mix = recipe.mixture
+    metas = [tcache.read_meta(c.url, c.n_parts).to_pydict() for c in caches]
+    arrays = [{k: _column(v) for k, v in m.items()} for m in metas]
+    too_many: list[list[dict]] = []
+    for s, a, c in zip(recipe.sources, arrays, caches):
+        over = a["n_images"] > mix.max_images_per_row if a["n_images"].size else np.zeros(0, bool)
+        too_many.append([
+            {"source": s.name, "index": int(i), "file": f, "field": "images", "kind": "rejected", "stage": "plan",
+             "reason": f"{int(n)} images, more than mixture.max_images_per_row = {mix.max_images_per_row}"}
+            for i, n, f in zip(a["index"][over].tolist(), a["n_images"][over].tolist(),
+                               _files_of(c.url, a["part"][over], a["row"][over]))
+        ])
+        if over.any():
+            for k in a:
+                a[k] = a[k][~over]
+    return arrays, too_many
+
+
+def source_docs(recipe: Recipe, arrays: list[dict]) -> list[SourceDocs]:
+    """What the planner needs of each source; each document keeps its own modality (has images or not)."""
+    mix = recipe.mixture
+    return [
+        SourceDocs(
+            name=s.name, modality=s.modality, weight=s.weight,
+            upsample=s.upsample if s.upsample is not None else mix.upsample,
+            n_tokens=arrays[i]["n_tokens"].astype(np.int64),
+            has_images=arrays[i]["n_images"] > 0,
+        )
+        for i, s in enumerate(recipe.sources)
+    ]
+
+
+def _files_of(cache_url: str, parts: np.ndarray, rows: np.ndarray) -> list[str]:
+    """Input files of a few documents, by (part, row) in the cache: only read for plan-time rejections."""
+    out: list[str] = []
+    for p, r in zip(parts.tolist(), rows.tolist()):
+        out += tcache.doc_files(cache_url, int(p), [int(r)])
+    return out
+
+
+def _record_summaries(recipe: Recipe, caches: list[SourceCache], too_many: list[list[dict]]
+                      ) -> tuple[dict, list[dict], list[dict]]:
+    """Per source: records read / accepted / rejected / dropped / truncated; and the rejected and dropped lists."""
+    summaries, rejected, dropped = {}, [], []
+    for s, c, extra in zip(recipe.sources, caches, too_many):
+        parts = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
+        rej = sorted([r for p in parts for r in p.rejected] + extra, key=lambda r: (r["index"] is None, r["index"] or 0))
+        drp = [d for p in parts for d in p.dropped]
+        summaries[s.name] = {"read": sum(p.read for p in parts),
+                             "accepted": sum(p.accepted for p in parts) - len(extra),
+                             "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts)}
+        rejected += rej
+        dropped += drp
+    return summaries, rejected, dropped
+
+
+def _listing(recipe: Recipe, rejected: list[dict], dropped: list[dict]) -> list[dict]:
+    """rejected.jsonl: every record that does not reach the mixture, source by source in record order."""
+    order = {s.name: i for i, s in enumerate(recipe.sources)}
+    return sorted(rejected + dropped, key=lambda r: (order.get(r["source"], 0), r["index"] is None, r["index"] or 0))
+
+
+def _unusable_hint(summaries: dict, rejected: list[dict], listing: str) -> str:
+    """For each source with no usable document: how many records it had and its three commonest reasons."""
+    from collections import Counter
+
+    from mlan.mixture.report import reason_kind
+
+    hints = []
+    for name, s in summaries.items():
+        if s["accepted"] > 0:
+            continue
+        reasons = Counter(reason_kind(r["reason"]) for r in rejected if r["source"] == name)
+        examples = {}
+        for r in rejected:
+            if r["source"] == name:
+                examples.setdefault(reason_kind(r["reason"]), r)
+        top = "; ".join(f"{n}× {examples[k]['reason']} ({examples[k]['file']})".replace("\n", " ")
+                        for k, n in reasons.most_common(3))
+        hints.append(f"source {name!r}: 0 of {s['read']} records usable ({s['rejected']} rejected, "
+                     f"{s['dropped']} dropped)" + (f", commonest reasons: {top}" if top else ""))
+    return (" — " + " | ".join(hints) + f" (every record listed in {listing})") if hints else ""
 
 
 def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_row, cache_urls, fingerprint,

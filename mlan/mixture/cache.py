@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from mlan.render import Document
 from mlan.sources.records import RecordError
 
 CACHE_VERSION = "1"
+# how images are checked and measured (full decode, EXIF orientation applied to sizes and tiles): in every key
+IMAGE_DECODE = "full+exif-orientation"
 SUCCESS = "_SUCCESS"
 META = "meta.parquet"  # META_COLUMNS of every part with (part, row): what a plan reads, in one file
 # columns the planner reads (no token arrays, no image bytes)
@@ -86,8 +89,13 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | None = None) -> str:
-    """The cache key of one source under one recipe's model and render options."""
+def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | None = None,
+                       family_config: dict | None = None) -> str:
+    """The cache key of one source under one recipe's model and render options.
+
+    `family_config` (the resolved image geometry) is part of the key: two model sections that dump alike
+    can still resolve differently (an explicit `image_tokens: 576` vs the tiny default of 16).
+    """
     spec = source.model_dump(mode="json")
     for key in ("weight", "upsample"):  # mixing knobs: never change the documents
         spec.pop(key, None)
@@ -101,6 +109,9 @@ def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | No
                 "seq_len": recipe.mixture.seq_len,
                 "overlong": recipe.mixture.overlong,
                 "pre_resize": recipe.shards.pre_resize,
+                "family_config": family_config,
+                "images": {"decode": IMAGE_DECODE, "max_pixels": recipe.mixture.max_image_pixels,
+                           "max_aspect": recipe.mixture.max_image_aspect},
                 "tokenizer": tokenizer_fp,
                 "code": code_fp if code_fp is not None else code_fingerprint(),
             },
@@ -129,11 +140,13 @@ def _list_array(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.ListArr
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
 
 
-def docs_to_table(docs: list[Document], indices: list[int]) -> pa.Table:
-    """Documents as one Arrow table (design.md's cache row), in the given order."""
+def docs_to_table(docs: list[Document], indices: list[int], files: list[str] | None = None) -> pa.Table:
+    """Documents as one Arrow table (design.md's cache row), in the given order; `files`: each one's input file
+    (so a document rejected later, at plan time, is still listed with its file)."""
     return pa.table(
         {
             "index": pa.array(indices, pa.int64()),
+            "file": pa.array(files if files is not None else [""] * len(docs), pa.string()).dictionary_encode(),
             "doc_id": pa.array([d.doc_id for d in docs], pa.string()),
             "source": pa.array([d.source for d in docs], pa.string()),
             "modality": pa.array([d.modality for d in docs], pa.string()),
@@ -164,8 +177,8 @@ class PartSummary:
     part: int
     read: int
     accepted: int
-    rejected: list[dict]  # {source, index, file, field, reason}
-    dropped: list[dict]  # {source, index, reason}: valid records left out by the overlong policy
+    rejected: list[dict]  # {source, index, file, field, reason, kind: "rejected", stage: "read" | "render"}
+    dropped: list[dict]  # same keys, kind "dropped": valid records left out by the overlong policy
     truncated: int
     tokens: int
 
@@ -178,7 +191,8 @@ def part_paths(cache: str, part: int) -> tuple[str, str]:
     return base + ".parquet", base + ".json"
 
 
-def write_part(cache: str, part: int, docs: list[Document], indices: list[int], summary: PartSummary) -> pa.Table:
+def write_part(cache: str, part: int, docs: list[Document], indices: list[int], summary: PartSummary,
+               files: list[str] | None = None) -> pa.Table:
     """Parquet then sidecar, each via a temporary name: the sidecar's presence means the part is complete.
 
     Returns the part's META_COLUMNS, so the driver can write the cache's meta file without re-reading parts.
@@ -186,7 +200,7 @@ def write_part(cache: str, part: int, docs: list[Document], indices: list[int], 
     fs, root = _fs(cache)
     fs.makedirs(root, exist_ok=True)
     pq_url, js_url = part_paths(root, part)
-    table = docs_to_table(docs, indices)
+    table = docs_to_table(docs, indices, files)
     with fs.open(pq_url + ".tmp", "wb") as f:
         pq.write_table(table, f, compression="zstd")
     fs.mv(pq_url + ".tmp", pq_url)
@@ -263,9 +277,23 @@ def read_part(cache: str, part: int) -> pa.Table:
         return pq.read_table(f)
 
 
-def rejected_entry(source: str, err: RecordError, index: int | None = None) -> dict:
-    """A rejected.jsonl line: source, record index (the source's numbering), file, field, reason."""
-    entry = {"source": source, **err.to_json()}
+_MEMORY_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def rejected_entry(source: str, err: RecordError, index: int | None = None, stage: str = "read",
+                   kind: str = "rejected") -> dict:
+    """A rejected.jsonl line: source, record index (the source's numbering), file, field, reason, and which
+    `kind` (rejected: bad input; dropped: valid but left out) at which `stage` (read, render, plan)."""
+    entry = {"source": source, **err.to_json(), "kind": kind, "stage": stage}
+    entry["reason"] = _MEMORY_ADDRESS.sub("", entry["reason"])  # an object's repr says nothing to a user
     if index is not None:
         entry["index"] = index
     return entry
+
+
+def doc_files(cache: str, part: int, rows: list[int]) -> list[str]:
+    """The input file of some documents of a part (read from its `file` column only)."""
+    fs, root = _fs(cache)
+    with fs.open(part_paths(root, part)[0], "rb") as f:
+        column = pq.read_table(f, columns=["file"]).column("file").to_pylist()
+    return [column[r] for r in rows]

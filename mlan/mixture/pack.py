@@ -1,5 +1,9 @@
 """Best-fit-decreasing packing of documents into rows of ≤ seq_len tokens and ≤ max_images images.
 
+Rows needed are at least max(⌈tokens / seq_len⌉, ⌈images / max_images⌉) (`row_bound`); two orders are
+packed (longest first; image documents first, unless the first is within 0.1% of the bound) and the one with
+fewer rows kept.
+
 Works on document lengths only (numpy arrays); one step per document, never per token. Open rows are
 indexed by (images still allowed, free tokens) so each document finds the fullest row it fits in by
 bisection. A buffer, when used, is sized in tokens (≥ 64 × seq_len), never in samples.
@@ -28,6 +32,11 @@ class Packing:
     def n_rows(self) -> int:
         return int(self.row_tokens.shape[0])
 
+    def bound(self, images: np.ndarray | None, max_images: int) -> int:
+        """The fewest rows any packing of these documents could have (see `row_bound`)."""
+        return row_bound(int(self.row_tokens.sum()), int(np.sum(images)) if images is not None else 0,
+                         self.seq_len, max_images)
+
     @property
     def efficiency(self) -> float:
         """Tokens over row capacity (rows × seq_len); padding is what is lost."""
@@ -45,9 +54,16 @@ class Packing:
         return Packing(offsets, self.items[idx], self.row_tokens[order], self.seq_len)
 
 
-def _bfd(lengths: np.ndarray, images: np.ndarray, seq_len: int, max_images: int) -> list[list[int]]:
+def row_bound(tokens: int, images: int, seq_len: int, max_images: int) -> int:
+    """max(⌈tokens / seq_len⌉, ⌈images / max_images⌉): no packing has fewer rows."""
+    return max(-(-tokens // seq_len), -(-images // max_images))
+
+
+def _bfd(lengths: np.ndarray, images: np.ndarray, seq_len: int, max_images: int,
+         order: np.ndarray | None = None) -> list[list[int]]:
     """Best-fit decreasing on one buffer; returns rows as lists of positions into `lengths`."""
-    order = np.argsort(-lengths, kind="stable")  # longest first, ties in input order
+    if order is None:
+        order = np.argsort(-lengths, kind="stable")  # longest first, ties in input order
     # caps[level]: sorted distinct free-token counts of open rows with `level` images still allowed
     caps: list[list[int]] = [[] for _ in range(max_images + 1)]
     bins: dict[tuple[int, int], list[int]] = {}
@@ -87,6 +103,21 @@ def _bfd(lengths: np.ndarray, images: np.ndarray, seq_len: int, max_images: int)
     return rows
 
 
+def _best_packing(lengths: np.ndarray, images: np.ndarray, seq_len: int, max_images: int) -> list[list[int]]:
+    """The fewer rows of two best-fit orders: longest first, and image documents first (most images, then longest).
+
+    Longest-first alone fills rows with text before the (short) image documents arrive, which then open rows
+    that reach the image cap long before the token cap: with one token per image (Mllama) a fifth of the rows
+    were wasted. Placing image documents first spreads them at the image cap and lets text fill the rest.
+    """
+    rows = _bfd(lengths, images, seq_len, max_images)
+    bound = row_bound(int(lengths.sum()), int(images.sum()), seq_len, max_images)
+    if len(rows) <= bound + max(1, bound // 1000):  # already within 0.1% of the bound: skip the second pass
+        return rows
+    by_images = _bfd(lengths, images, seq_len, max_images, np.lexsort((-lengths, -images)))
+    return by_images if len(by_images) < len(rows) else rows
+
+
 def pack(
     lengths: np.ndarray,
     images: np.ndarray | None = None,
@@ -118,7 +149,7 @@ def pack(
         bounds = [0, *sorted(set(cuts.tolist()) - {0, lengths.size}), lengths.size]
     all_rows: list[np.ndarray] = []
     for a, b in pairwise(bounds):
-        for row in _bfd(lengths[a:b], images[a:b], seq_len, max_images):
+        for row in _best_packing(lengths[a:b], images[a:b], seq_len, max_images):
             all_rows.append(np.asarray(row, dtype=np.int64) + a)
     sizes = np.array([r.size for r in all_rows], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

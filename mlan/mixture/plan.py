@@ -1,6 +1,9 @@
 """Budget × ratio × source weights → the seeded list of documents a build packs (numpy, no token loops).
 
-A source smaller than its share is upsampled: whole repeats of every document plus a seeded sample
+Every document counts on the side of the ratio that it is (it has images or not), whatever its source:
+a source holding both kinds (LLaVA-665K holds text-only conversations) is planned as two parts, each in
+its modality's group, with the source's weight scaled by that part's share of the source. A source
+smaller than its share is upsampled: whole repeats of every document plus a seeded sample
 without replacement for the remainder. Targets carry the running error forward (source to source,
 text to image-text), so the total lands within one document of the budget and the ratio within one
 document of the target. Impossible plans fail with a message saying what is missing.
@@ -30,12 +33,21 @@ class SourceDocs:
     weight: float
     upsample: bool
     n_tokens: np.ndarray  # int64 (n_docs,) sequence tokens per document
+    has_images: np.ndarray | None = None  # bool (n_docs,): the document's own modality; None: all `modality`
+
+    def doc_modalities(self) -> np.ndarray:
+        """Per document: True where it is an image-text document."""
+        if self.has_images is None:
+            return np.full(self.n_tokens.shape[0], self.modality == "image_text")
+        return np.asarray(self.has_images, dtype=bool)
 
 
 @dataclass(frozen=True)
 class SourcePlan:
+    """The plan of one source's documents of one modality (a mixed source has two)."""
+
     name: str
-    modality: str
+    modality: str  # the documents' modality (for a mixed source, not necessarily the declared one)
     available_docs: int
     available_tokens: int
     target: float  # tokens or examples, in the budget's unit, after error carry
@@ -43,6 +55,13 @@ class SourcePlan:
     tokens: int
     repeats: int  # whole passes over the source
     sampled: int  # documents drawn for the remainder
+
+    declared: str = ""  # the source's declared modality
+
+    @property
+    def key(self) -> str:
+        """`name`, or `name [modality]` for the documents of a source that are not of its declared modality."""
+        return self.name if self.modality == (self.declared or self.modality) else f"{self.name} [{self.modality}]"
 
     @property
     def factor(self) -> float:
@@ -163,41 +182,43 @@ def make_plan(
     budget_unit = "tokens" if budget_tokens is not None else "examples"
     budget = int(budget_tokens if budget_tokens is not None else budget_examples)
     check_modalities([s.modality for s in sources], ratio_text)
-    groups: dict[str, list[SourceDocs]] = {m: [s for s in sources if s.modality == m] for m in MODALITIES}
-    unit, targets = _modality_targets(groups, budget_unit, budget, ratio_text, ratio_by)
+    parts = _split_by_modality(sources, budget_unit)
+    groups: dict[str, list[_Part]] = {m: [p for p in parts if p.docs.modality == m] for m in MODALITIES}
+    unit, targets = _modality_targets({m: [p.docs for p in g] for m, g in groups.items()}, budget_unit, budget,
+                                      ratio_text, ratio_by)
     exact_ratio = budget_unit == ratio_by
 
-    picks: dict[str, tuple[np.ndarray, SourcePlan]] = {}
+    picks: dict[int, tuple[np.ndarray, SourcePlan]] = {}
     achieved_total = 0.0
     for mod in MODALITIES:
         mod_target = targets[mod]
         if mod == "image_text" and exact_ratio and ratio_text < 1.0:
             mod_target = budget - achieved_total  # carry the text side's rounding into image-text
-        srcs = groups[mod]
-        if mod_target <= 0 or not srcs:
-            for s in srcs:
-                picks[s.name] = (np.zeros(0, np.int64), _summary(s, 0.0, np.zeros(0, np.int64), 0, 0))
+        group = groups[mod]
+        if mod_target <= 0 or not group:
+            for p in group:
+                picks[p.uid] = (np.zeros(0, np.int64), _summary(p, 0.0, np.zeros(0, np.int64), 0, 0))
             continue
-        weights = np.array([s.weight for s in srcs], dtype=np.float64)
+        weights = np.array([p.docs.weight for p in group], dtype=np.float64)
         cum_targets = mod_target * np.cumsum(weights) / weights.sum()
         achieved = 0.0
-        for s, cum in zip(srcs, cum_targets):
+        for p, cum in zip(group, cum_targets):
             target = cum - achieved  # this source's share plus the error so far
-            chosen, repeats, k = _select(s, target, unit, seed)
-            got = float(s.n_tokens[chosen].sum()) if unit == "tokens" else float(chosen.size)
+            chosen, repeats, k = _select(p.docs, target, unit, seed)
+            got = float(p.docs.n_tokens[chosen].sum()) if unit == "tokens" else float(chosen.size)
             achieved += got
-            picks[s.name] = (chosen, _summary(s, target, chosen, repeats, k))
+            picks[p.uid] = (chosen, _summary(p, target, chosen, repeats, k))
         achieved_total += achieved
 
-    src_idx = np.concatenate([np.full(picks[s.name][0].size, i, np.int32) for i, s in enumerate(sources)])
-    doc_idx = np.concatenate([picks[s.name][0] for s in sources])
-    lengths = np.concatenate([s.n_tokens[picks[s.name][0]] for s in sources]).astype(np.int64)
+    src_idx = np.concatenate([np.full(picks[p.uid][0].size, p.source, np.int32) for p in parts])
+    doc_idx = np.concatenate([p.index[picks[p.uid][0]] for p in parts])
+    lengths = np.concatenate([p.docs.n_tokens[picks[p.uid][0]] for p in parts]).astype(np.int64)
     order = np.random.default_rng([seed, 0x706C616E]).permutation(doc_idx.size)  # "plan": interleave sources
     return Plan(
         source=src_idx[order],
         doc=doc_idx[order],
         n_tokens=lengths[order],
-        sources=tuple(picks[s.name][1] for s in sources),
+        sources=tuple(picks[p.uid][1] for p in parts),
         budget_unit=budget_unit,
         budget=budget,
         ratio_text=ratio_text,
@@ -205,9 +226,44 @@ def make_plan(
     )
 
 
-def _summary(s: SourceDocs, target: float, chosen: np.ndarray, repeats: int, k: int) -> SourcePlan:
+@dataclass(frozen=True)
+class _Part:
+    """The documents of one source that share one modality, as the planner selects them."""
+
+    uid: int
+    source: int  # index into make_plan's `sources`
+    declared: str  # the source's declared modality
+    docs: SourceDocs  # this part's documents only (modality = theirs; weight scaled by the part's share)
+    index: np.ndarray  # int64: this part's document k is the source's document index[k]
+
+
+def _split_by_modality(sources: list[SourceDocs], budget_unit: str) -> list[_Part]:
+    """Each source → one part per modality its documents have; a pure source is one part, unchanged."""
+    parts: list[_Part] = []
+    for i, s in enumerate(sources):
+        is_image = s.doc_modalities()
+        n = int(s.n_tokens.shape[0])
+        if s.has_images is None or n == 0 or bool(is_image.all()) == bool(is_image.any()) and (
+                bool(is_image.any()) == (s.modality == "image_text")):
+            parts.append(_Part(len(parts), i, s.modality, s, np.arange(n, dtype=np.int64)))
+            continue
+        size = s.n_tokens.astype(np.float64) if budget_unit == "tokens" else np.ones(n)
+        total = float(size.sum()) or 1.0
+        for mod, mask in (("text", ~is_image), ("image_text", is_image)):
+            if not mask.any():
+                continue
+            share = float(size[mask].sum()) / total
+            name = s.name if mod == s.modality else f"{s.name} [{mod}]"  # its own seeded stream
+            docs = SourceDocs(name=name, modality=mod, weight=s.weight * share, upsample=s.upsample,
+                              n_tokens=s.n_tokens[mask])
+            parts.append(_Part(len(parts), i, s.modality, docs, np.flatnonzero(mask).astype(np.int64)))
+    return parts
+
+
+def _summary(p: _Part, target: float, chosen: np.ndarray, repeats: int, k: int) -> SourcePlan:
+    s = p.docs
     return SourcePlan(
-        name=s.name,
+        name=s.name.removesuffix(f" [{s.modality}]"),
         modality=s.modality,
         available_docs=int(s.n_tokens.size),
         available_tokens=int(s.n_tokens.sum()),
@@ -216,4 +272,5 @@ def _summary(s: SourceDocs, target: float, chosen: np.ndarray, repeats: int, k: 
         tokens=int(s.n_tokens[chosen].sum()),
         repeats=repeats,
         sampled=k,
+        declared=p.declared,
     )

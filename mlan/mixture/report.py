@@ -42,7 +42,7 @@ def compute_stats(
     text_tokens, image_tokens = int(tok[is_text].sum()), int(tok[~is_text].sum())
     total_tokens = text_tokens + image_tokens
     n_text, n_image = int(is_text.sum()), int((~is_text).sum())
-    names = [s.name for s in plan.sources]
+    names = list(dict.fromkeys(s.name for s in plan.sources))
     if plan.ratio_by == "tokens":
         ratio = text_tokens / total_tokens if total_tokens else 0.0
     else:
@@ -81,13 +81,18 @@ def compute_stats(
         "dropped": len(dropped),
         "rejected": dict(sorted(reasons.items())),
         "records": source_summaries,
+        "by_source_modality": {
+            n: {m: {"tokens": int(tok[(src == n) & (mod == m)].sum()), "documents": int(((src == n) & (mod == m)).sum())}
+                for m in ("text", "image_text")}
+            for n in names
+        },
         "upsampled": {
-            s.name: {"factor": round(s.factor, 6), "repeats": s.repeats, "sampled": s.sampled, "available": s.available_docs}
+            s.key: {"factor": round(s.factor, 6), "repeats": s.repeats, "sampled": s.sampled, "available": s.available_docs}
             for s in plan.sources
             if s.docs > s.available_docs
         },
         "sources": {
-            s.name: {
+            s.key: {
                 "modality": s.modality, "available_docs": s.available_docs, "available_tokens": s.available_tokens,
                 "target": round(s.target, 3), "docs": s.docs, "tokens": s.tokens,
             }
@@ -120,6 +125,8 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
         f"| budget ({unit}) | {b['target']:,} | {b['achieved']:,} |",
         f"| text ratio (by {stats['ratio_by']}) | {stats['ratio_target']:.4f} | {stats['ratio_achieved']:.4f} |",
         f"| packing efficiency | — | {_pct(stats['packing_efficiency'])} |",
+        *([(f"| rows (bound: max(⌈tokens/seq_len⌉, ⌈images/max_images_per_row⌉)) | {stats['row_bound']:,} | "
+           f"{stats['rows']:,} |")] if "row_bound" in stats else []),
         "",
         "## Tokens and documents by modality",
         "",
@@ -147,6 +154,14 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
         lines.append(
             f"| {name} | {s['modality']} | {s['available_docs']:,} | {s['docs']:,} | {s['tokens']:,} | {share} | {up_txt} |"
         )
+    lines += ["", ("Documents count on the side of the ratio that they are (images or not), whatever their source's "
+                   "declared modality; `name [modality]` rows are a source's documents of the other modality."), "",
+              "### Tokens and documents by source × modality", "",
+              "| source | text tokens | text documents | image-text tokens | image-text documents |",
+              "|---|---:|---:|---:|---:|"]
+    for name, by in stats.get("by_source_modality", {}).items():
+        lines.append(f"| {name} | {by['text']['tokens']:,} | {by['text']['documents']:,} | "
+                     f"{by['image_text']['tokens']:,} | {by['image_text']['documents']:,} |")
     lines += ["", "## Records", "", "| source | read | accepted | rejected | dropped (overlong) | truncated |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, r in stats["records"].items():

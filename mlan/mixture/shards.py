@@ -17,6 +17,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from mlan.errors import MlanError
+
 
 @dataclass
 class PackedRow:
@@ -110,6 +112,11 @@ def sample_to_row(sample: dict) -> PackedRow:
 # ---------------------------------------------------------------- shard files (tar) and the manifest
 
 MANIFEST = "manifest.json"
+
+
+class ManifestError(MlanError, ValueError):
+    """A manifest.json that is not valid JSON or not a build manifest; one line naming the file."""
+
 SHARD_DIR = "shards"
 
 
@@ -193,4 +200,11 @@ def load_manifest(build_dir: str) -> dict:
     if not fs.exists(path):
         raise FileNotFoundError(f"{build_dir}: no {MANIFEST} (not a finished `mlan build` output)")
     with fs.open(path, "r") as f:
-        return json.load(f)
+        text = f.read()
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{url}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ManifestError(f"{url}: not a build manifest (no `shards` list)")
+    return manifest

@@ -1,4 +1,5 @@
-"""`mlan verify` (shards vs manifest: sha256 and counts) and `mlan inspect` (one packed row, for a person)."""
+"""`mlan verify` (shards vs manifest: sha256, counts, and every row read as the loader reads it) and
+`mlan inspect` (one packed row, for a person)."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 
+from mlan.data.images import ImageDecodeError, decode_image
 from mlan.mixture.shards import PackedRow, join_url, load_manifest, read_shard, sha256_of
 
 COUNT_KEYS = ("rows", "tokens", "loss_tokens", "tokens_by_modality", "tokens_by_source")
@@ -24,12 +26,53 @@ def shard_counts(rows: list[PackedRow] | object) -> dict:
     return out
 
 
-def verify_build(build_dir: str) -> list[str]:
-    """Problems found, one line each naming the shard; empty when every shard matches the manifest."""
+def row_problems(row: PackedRow, family_config: dict, decode: bool = True) -> list[str]:
+    """What is wrong with one packed row against the build's `family_config` (the loader's contract).
+
+    Document lengths sum to the row; each document holds exactly `image_tokens` image positions per image
+    it owns; no loss on an image position; every image decodes in full (as the loader decodes it).
+    """
+    try:
+        row.check()
+    except ValueError as err:
+        return [str(err).removeprefix(f"packed row {row.key!r}: ")]
+    problems: list[str] = []
+    image_id = family_config.get("image_token_id")
+    per_image = int(family_config.get("image_tokens") or 1) if family_config.get("family") == "llava" else 1
+    if image_id is not None:
+        is_image = row.ids == image_id
+        bounds = np.concatenate([[0], np.cumsum(row.docs.astype(np.int64))])
+        owned = Counter(int(d) for d in row.image_docs)
+        for j in range(len(row.docs)):
+            have = int(is_image[bounds[j]:bounds[j + 1]].sum())
+            want = owned.get(j, 0) * per_image
+            if have != want:
+                problems.append(f"document {j} ({row.doc_ids[j]}) has {have} image tokens for {owned.get(j, 0)} "
+                                f"images ({per_image} per image in family_config)")
+        trained = int((row.loss[is_image] != 0).sum())
+        if trained:
+            problems.append(f"{trained} loss positions fall on image tokens")
+    elif row.images:
+        problems.append(f"{len(row.images)} images but family_config has no image_token_id")
+    if decode:
+        for i, (data, ext) in enumerate(zip(row.images, row.image_exts)):
+            try:
+                decode_image(data, f"img{i}.{ext}")
+            except ImageDecodeError as err:
+                problems.append(str(err))
+    return problems
+
+
+def verify_build(build_dir: str, rows: bool = True) -> list[str]:
+    """Problems found, one line each naming the shard (and the row); empty when every shard matches.
+
+    With `rows`, every row is also checked as the loader would use it (`row_problems`).
+    """
     import fsspec
 
     manifest = load_manifest(build_dir)
     seq_len = int(manifest["seq_len"])
+    family_config = manifest.get("family_config") or {}
     problems: list[str] = []
     for shard in manifest["shards"]:
         name = shard["name"]
@@ -42,16 +85,16 @@ def verify_build(build_dir: str) -> list[str]:
         if digest != shard["sha256"]:
             problems.append(f"{name}: sha256 {digest} != manifest {shard['sha256']}")
         try:
-            rows = []
-            for row in read_shard(url):
-                row.check()
-                if len(row) > seq_len:
-                    raise ValueError(f"row {row.key!r} has {len(row)} tokens > seq_len {seq_len}")
-                rows.append(row)
+            shard_rows = list(read_shard(url))
         except Exception as err:  # noqa: BLE001 - any unreadable shard is reported, not raised
             problems.append(f"{name}: unreadable: {err}")
             continue
-        got = shard_counts(rows)
+        for row in shard_rows:
+            bad = row_problems(row, family_config, decode=rows) if rows else []
+            if len(row) > seq_len:
+                bad.append(f"{len(row)} tokens > seq_len {seq_len}")
+            problems += [f"{name}: row {row.key}: {p}" for p in bad]
+        got = shard_counts(shard_rows)
         for key in COUNT_KEYS:
             want = shard[key]
             have = dict(got[key]) if isinstance(got[key], Counter) else got[key]
@@ -77,10 +120,13 @@ def verify_command(args) -> int:
         for p in problems:
             console.print(f"[red]BAD[/red] {p}")
         bad = sorted({p.split(":", 1)[0] for p in problems})
-        console.print(f"mlan verify: {len(bad)} of {len(manifest['shards'])} shards bad: {', '.join(bad)}")
+        bad_rows = sorted({p.split(": ", 2)[1] for p in problems if ": row " in p})
+        console.print(f"mlan verify: {len(bad)} of {len(manifest['shards'])} shards bad: {', '.join(bad)}"
+                      + (f"; {len(bad_rows)} bad rows" if bad_rows else ""))
         return 1
     console.print(f"mlan verify: {len(manifest['shards'])} shards, {manifest['totals']['rows']} rows, "
-                  f"{manifest['totals']['tokens']:,} tokens: all match the manifest")
+                  f"{manifest['totals']['tokens']:,} tokens: all match the manifest; every row read "
+                  "(document lengths, image tokens per image, no loss on image tokens, images decode)")
     return 0
 
 

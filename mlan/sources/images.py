@@ -138,28 +138,109 @@ def to_image_ref(value: Any, ctx: ImageContext, field: str) -> ImageRef:
     raise RecordError(ctx.file, ctx.index, f"unsupported image value of type {type(value).__name__}", field)
 
 
-def probe_image(ref: ImageRef, file: str, index: int | None) -> tuple[int, int, str]:
-    """(width, height, ext) from the image header, verified by PIL; a bad image is a per-record error."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image may be before it is decoded (read from the header): a cheap guard against decode bombs.
+
+    The defaults admit every real photo (a 108-MP phone sensor is 12000×9000; a phone panorama is under
+    10:1) and refuse what only a crafted file is (a 17 KB 12000×12000 1-bit PNG, a 1×20000 strip).
+    """
+
+    max_pixels: int = 120_000_000
+    max_aspect: float = 20.0
+
+
+DEFAULT_LIMITS = ImageLimits()
+_limits = [DEFAULT_LIMITS]  # this process's limits: a build's tokenizer actors set the recipe's (set_image_limits)
+
+# JPEGs are decoded by libjpeg's DCT scaling (PIL draft) to no less than this on each side: the full entropy
+# stream is still read (truncation is still caught), but a 100-MP photo costs a fraction of a full decode.
+# 2 × the largest Mllama canvas side (4 × 560): tiling and CLIP resizing see the same picture either way.
+DRAFT_MIN_SIDE = 4480
+# EXIF Orientation values that swap width and height (transpose, 90°, transverse, 270°)
+_SWAPS_AXES = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+def set_image_limits(limits: ImageLimits) -> None:
+    """Use `limits` for every image this process probes (the recipe's `mixture.max_image_*`)."""
+    _limits[0] = limits
+
+
+def image_limits() -> ImageLimits:
+    return _limits[0]
+
+
+def open_oriented(data: bytes):
+    """Encoded bytes → a fully decoded RGB PIL image, EXIF orientation applied, JPEGs drafted.
+
+    The one decode used at build time (check, pre_resize) and in the loader, so both see the same pixels.
+    """
+    import warnings
+
+    from PIL import Image as PILImage
+    from PIL import ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # our own limits apply instead
+        with PILImage.open(io.BytesIO(data)) as img:
+            if img.format in ("JPEG", "MPO"):  # MPO: phone photos (a JPEG with extra frames)
+                img.draft("RGB", (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+            return oriented.convert("RGB")
+
+
+def _reason(err: BaseException) -> str:
+    """PIL's message without the memory address of the file object it was given."""
+    import re
+
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)).strip()
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def probe_image(ref: ImageRef, file: str, index: int | None, where: str | None = None,
+                limits: ImageLimits | None = None) -> tuple[int, int, str]:
+    """(width, height, ext) of an image as the loader will see it (EXIF orientation applied).
+
+    Header first: size and format, then the pixel and aspect limits (`limits`, else this process's), so
+    a decode bomb is refused before any pixel is decoded; then a full decode, so a truncated or corrupt
+    image is rejected here and not in every later training run. `where` names the image (its path).
+    """
+    import warnings
+
     from PIL import Image as PILImage
 
+    limits = limits or image_limits()
+    where = where or ref.path or f"{len(ref.data or b'')} bytes of image data"
     try:
-        if ref.data is not None:
-            fp: Any = io.BytesIO(ref.data)
-        elif "://" in ref.path:
-            fp = io.BytesIO(ref.read_bytes())
-        else:
-            fp = ref.path
-        with PILImage.open(fp) as img:
-            width, height = img.size
-            fmt = img.format or ""
-            img.verify()
+        data = ref.read_bytes()
     except FileNotFoundError:
         raise RecordError(file, index, f"undecodable image: file not found: {ref.path}", "image") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                fmt = img.format or ""
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception as err:  # noqa: BLE001 - PIL raises many types (UnidentifiedImageError, SyntaxError, ...)
-        where = ref.path if ref.path is not None else f"{len(ref.data or b'')} bytes"
-        raise RecordError(file, index, f"undecodable image ({where}): {type(err).__name__}: {err}", "image") from None
+        raise RecordError(file, index, f"undecodable image ({where}): {_reason(err)}", "image") from None
     if width <= 0 or height <= 0:
-        raise RecordError(file, index, f"undecodable image: empty size {width}x{height}", "image")
+        raise RecordError(file, index, f"undecodable image ({where}): empty size {width}x{height}", "image")
+    if width * height > limits.max_pixels:
+        raise RecordError(file, index, f"image too large ({where}): {width}x{height} = {width * height:,} pixels, "
+                          f"more than mixture.max_image_pixels = {limits.max_pixels:,}", "image")
+    aspect = max(width, height) / min(width, height)
+    if aspect > limits.max_aspect:
+        raise RecordError(file, index, f"image too elongated ({where}): {width}x{height} has aspect ratio "
+                          f"{aspect:.4g}, more than mixture.max_image_aspect = {limits.max_aspect:g}", "image")
+    try:
+        open_oriented(data)
+    except Exception as err:  # noqa: BLE001 - truncated / corrupt pixel data
+        raise RecordError(file, index, f"undecodable image ({where}): {_reason(err)}", "image") from None
+    if orientation in _SWAPS_AXES:
+        width, height = height, width
     return width, height, _EXTS.get(fmt, fmt.lower() or ref.suffix)
 
 
