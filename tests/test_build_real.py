@@ -376,3 +376,33 @@ def test_every_shipped_recipe_builds_rows_the_loader_accepts(local_ray, name, tm
     slack = 1.01 if name in ("tiny-llava", "tiny-mllama", "shared-data") else 1.03
     assert rows <= bound * slack, (name, rows, bound)
     print(f"{name}: {rows} rows, bound {bound}, efficiency {stats['packing_efficiency']:.4f}")
+
+
+@pytest.mark.timeout(300)
+def test_build_keeps_every_tree_path_and_counts_conversion_notes(local_ray, tmp_path):
+    """An OpenAssistant tree read with `tree_paths: all` gives one document per path (not only the first), and a
+    completion's cut end marker is counted per source in stats.json and report.md."""
+    from mlan.mixture.build import build
+    from mlan.recipe import load_recipe
+    from mlan.sources import iter_source, to_conversations
+
+    fixtures = REPO / "tests" / "fixtures" / "formats"
+    (tmp_path / "r.yaml").write_text(f"""
+model: {{family: llava, tokenizer: llama3, config: tiny, image_tokens: 16}}
+sources:
+  - {{name: trees, path: {fixtures / 'oasst_trees.jsonl'}, format: oasst, modality: text, tree_paths: all}}
+  - {{name: completions, path: {fixtures / 'prompt_completion_markers.jsonl'}, format: prompt_completion,
+     modality: text}}
+mixture: {{budget: {{examples: 4}}, ratio: {{text: 1.0, by: examples}}, seq_len: 512}}
+""")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    stats = build(recipe, str(tmp_path / "out"), workers=1, cache_dir=str(tmp_path / "cache"), progress=False)
+    trees = recipe.source("trees")
+    paths = sum(len(to_conversations(trees, i, rec, f)) for f, i, rec in iter_source(trees))
+    assert paths > sum(1 for _ in iter_source(trees))  # the fixture's trees do branch
+    assert stats["records"]["trees"]["accepted"] == paths
+    marked = [json.loads(line)["completion"] for line in
+              (fixtures / "prompt_completion_markers.jsonl").read_text().splitlines() if line.strip()]
+    ends_marked = sum(c.rstrip().endswith(("<|endoftext|>", "</s>")) for c in marked)
+    assert stats["records"]["completions"]["notes"] == {"stripped end marker": ends_marked}
+    assert f"| completions | stripped end marker | {ends_marked} |" in (tmp_path / "out" / "report.md").read_text()

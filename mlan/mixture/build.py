@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +102,7 @@ class TokenizeWorker:
 
     def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
         from mlan.render import DocumentDropped
-        from mlan.sources import RecordError, to_conversation
+        from mlan.sources import RecordError, to_conversations
         from mlan.sources.readers import RawLine
 
         spec = self.recipe.source(source_name)
@@ -114,8 +114,9 @@ class TokenizeWorker:
                     raise record
                 if isinstance(record, RawLine):  # JSON lines are parsed here, on the workers
                     record = record.parse(file, index)
-                convs.append(to_conversation(spec, index, record, file))
-                conv_index.append(index)
+                for conv in to_conversations(spec, index, record, file):  # several for `tree_paths: all`
+                    convs.append(conv)
+                    conv_index.append(index)
             except RecordError as err:
                 rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index, "read"))
         docs, indices, files = [], [], []
@@ -134,9 +135,10 @@ class TokenizeWorker:
             indices.append(index)
             files.append(file_of[index])
         rejected.sort(key=lambda r: (r["index"] is None, r["index"] or 0))
+        notes = Counter(note for conv in convs for note in conv.notes)
         summary = tcache.PartSummary(
             part=part, read=len(items), accepted=len(docs), rejected=rejected, dropped=dropped,
-            truncated=truncated, tokens=int(sum(d.n_tokens for d in docs)),
+            truncated=truncated, tokens=int(sum(d.n_tokens for d in docs)), notes=dict(sorted(notes.items())),
         )
         meta = tcache.write_part(cache_url, part, docs, indices, summary, files)
         return {**summary.to_json(), "meta": meta}
@@ -652,7 +654,8 @@ def _record_summaries(recipe: Recipe, caches: list[SourceCache], too_many: list[
         drp = [d for p in parts for d in p.dropped]
         summaries[s.name] = {"read": sum(p.read for p in parts),
                              "accepted": sum(p.accepted for p in parts) - len(extra),
-                             "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts)}
+                             "rejected": len(rej), "dropped": len(drp), "truncated": sum(p.truncated for p in parts),
+                             "notes": dict(sorted(sum((Counter(p.notes) for p in parts), Counter()).items()))}
         rejected += rej
         dropped += drp
     return summaries, rejected, dropped

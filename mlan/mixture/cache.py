@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +181,7 @@ class PartSummary:
     dropped: list[dict]  # same keys, kind "dropped": valid records left out by the overlong policy
     truncated: int
     tokens: int
+    notes: dict[str, int] = field(default_factory=dict)  # what conversion changed ("stripped end marker": n)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -167,6 +167,10 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
     for name, r in stats["records"].items():
         lines.append(f"| {name} | {r['read']:,} | {r['accepted']:,} | {r['rejected']:,} | {r['dropped']:,} | {r['truncated']:,} |")
     lines += ["", f"Truncated documents in the plan: {stats['truncated']:,}. Dropped records: {stats['dropped']:,}.", ""]
+    notes = [(name, note, n) for name, r in stats["records"].items() for note, n in r.get("notes", {}).items()]
+    if notes:  # what conversion changed in accepted records, e.g. an end marker cut from a completion
+        lines += ["Conversion notes (records accepted with a change):", "", "| source | note | records |", "|---|---|---:|"]
+        lines += [f"| {name} | {note} | {n:,} |" for name, note, n in notes] + [""]
     if stats["rejected"]:
         lines += ["Rejected records by reason (each listed in `rejected.jsonl`):", "", "| reason | count |", "|---|---:|"]
         lines += [f"| {reason} | {n:,} |" for reason, n in stats["rejected"].items()]
