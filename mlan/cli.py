@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final/)")
     p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun --nproc-per-node)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking every shard's sha256 against the manifest before step 1")
     _add_set(p)
 
     p = sub.add_parser("eval", help="evaluate a model on language and vision tasks")

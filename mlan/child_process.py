@@ -1,0 +1,90 @@
+"""Child processes that never outlive the `mlan` command that started them.
+
+`mlan train` → torchrun → workers (→ DataLoader workers), and `mlan ablate` → `mlan build` / `mlan train`:
+when the parent dies by SIGKILL no `finally` runs, so each link is tied to its parent by the kernel or a
+thread:
+- `run_child` starts a child in its own process group with PR_SET_PDEATHSIG (the kernel signals the child
+  when this process dies, SIGKILL included) and, on Ctrl-C or SIGTERM here, terminates the child's group,
+  then kills it after a grace period;
+- `start_parent_watchdog` (in processes started by a third party, e.g. torchrun's workers, which run in their
+  own sessions) polls the parent pid and exits the process when the parent is gone.
+DataLoader workers already exit when their parent is gone (PyTorch's own watchdog).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# loaded here, not between fork and exec (where only async-signal-safe work belongs)
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _set_parent_death_signal(sig: int, parent: int) -> None:
+    """In the child between fork and exec: get `sig` when the parent dies; exit now if it already has."""
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: no signal will ever come
+        os._exit(1)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_child(cmd: Sequence[str], env: dict[str, str] | None = None, pass_fds: Sequence[int] = (),
+              death_signal: int = signal.SIGTERM, grace_s: float = 20.0) -> int:
+    """Run `cmd` to completion in its own process group, tied to this process; returns its exit status.
+
+    `death_signal` is what the child gets when this process dies without cleaning up (SIGTERM lets torchrun
+    stop its workers in order). On KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI) the
+    child's group gets SIGTERM, then SIGKILL after `grace_s`, and the exception goes on up.
+    """
+    parent = os.getpid()
+    # preexec_fn runs one prctl through a libc handle loaded at import and a getppid: no locks, no imports,
+    # so the fork-with-threads hazard ruff warns of does not apply; nothing else can set a parent-death signal.
+    proc = subprocess.Popen(list(cmd), env=env, pass_fds=tuple(pass_fds), start_new_session=True,
+                            preexec_fn=lambda: _set_parent_death_signal(death_signal, parent))  # noqa: PLW1509
+    try:
+        return proc.wait()
+    except BaseException:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:  # a second Ctrl-C: no more grace
+            pass
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def start_parent_watchdog(interval_s: float = 0.5, exit_code: int = 143) -> threading.Thread:
+    """A daemon thread that ends this process (os._exit) as soon as its parent process is gone.
+
+    Used by torchrun's workers: torchrun starts them in sessions of their own with no parent-death signal,
+    so a torchrun killed by SIGKILL would leave them training. Reparenting (getppid changes) is the sign.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                print(f"mlan: worker {os.getpid()}: parent process {parent} is gone; exiting", file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(exit_code)
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=watch, name="mlan-parent-watchdog", daemon=True)
+    thread.start()
+    return thread
