@@ -62,7 +62,6 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's own logger: its failure lines would repeat the worker's
     # the shards were verified above: the workers skip their own check
     cmd = worker_command(str(recipe_path), str(shards), str(out), nproc, resume, overrides, verify=False)
     fd, error_file = tempfile.mkstemp(prefix="mlan-train-", suffix=".err")

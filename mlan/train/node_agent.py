@@ -8,6 +8,7 @@ with each failed rank's exit status (the worker's own traceback is above it).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -31,7 +32,16 @@ def reported_error() -> str | None:
     return first or None
 
 
+def quiet_elastic_logs() -> None:
+    """torchrun's "Sending process … closing signal" / "failed (exitcode: 2)" lines: noise next to the one line
+    (a user error) or to the worker's own traceback and the summary below (anything else)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str]) -> int:
+    quiet_elastic_logs()
     try:
         run(parse_args(argv))
     except ChildFailedError as err:
