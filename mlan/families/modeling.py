@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +90,28 @@ def build_tiny(family: str, fc: dict[str, Any]) -> nn.Module:
         cfg.vision_config.max_num_tiles = int(fc.get("max_tiles") or cfg.vision_config.max_num_tiles)
         return MllamaForConditionalGeneration(cfg)
     raise ModelBuildError(f"model.family: unknown family {family!r}; allowed: llava, mllama")
+
+
+def check_model_files(model_spec: ModelSpec) -> None:
+    """Before any worker starts: each checkpoint the recipe names (model.config, model.llm,
+    model.vision_tower) is a local folder with sound safetensors weights, or a hub id; a path that is not
+    there is a ModelBuildError naming the key."""
+    named = {"model.llm": model_spec.llm, "model.vision_tower": model_spec.vision_tower}
+    if model_spec.config not in ("tiny", "compose") and not (model_spec.llm or model_spec.vision_tower):
+        named["model.config"] = model_spec.config
+    for key, value in named.items():
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelBuildError(f"{key}: {value}: not a model folder (no config.json)")
+            try:
+                check_model_dir(path)
+            except MlanError as err:
+                raise ModelBuildError(f"{key}: {err}") from None
+        elif path.exists() or value.startswith((".", "/", "~")) or value.count("/") != 1:
+            raise ModelBuildError(f"{key}: {value}: no such model folder (and not a hub id of the form owner/name)")
 
 
 def load_pretrained(path_or_id: str, family: str) -> nn.Module:

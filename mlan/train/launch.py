@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlan.child_process import run_child
 from mlan.errors import MlanError
+from mlan.families.modeling import check_model_files
 from mlan.recipe import load_recipe
 from mlan.run_lock import lock_output
 from mlan.train.node_agent import ERROR_FILE_ENV
@@ -44,6 +45,7 @@ def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[s
 
     recipe = load_recipe(recipe_path, list(overrides))
     resolve_budget(recipe.train, read_manifest(str(shards)))
+    check_model_files(recipe.model)
     if verify:
         verify_build(str(shards))
 
