@@ -324,8 +324,9 @@ def _alive(pids: set[int]) -> set[int]:
 def test_killed_train_takes_torchrun_and_workers_down_then_resumes(build, tmp_path, sig):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    short = ["--set", "train.budget_tokens=300", "--set", "train.checkpoint_every_tokens=100"]
     cmd = [sys.executable, "-m", "mlan.cli", "train", str(build / "recipe.yaml"), "--shards", str(build / "build"),
-           "--out", str(out), "--nproc", "2"]
+           "--out", str(out), "--nproc", "2", *short]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -349,7 +350,7 @@ def test_killed_train_takes_torchrun_and_workers_down_then_resumes(build, tmp_pa
         for p in _alive(_descendants(proc.pid)):
             os.kill(p, signal.SIGKILL)
     res = mlan("train", str(build / "recipe.yaml"), "--shards", str(build / "build"), "--out", str(out),
-               "--nproc", "2", "--resume")
+               "--nproc", "2", "--resume", *short)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "final" / "model.safetensors").is_file()
 
@@ -395,3 +396,17 @@ def test_fsdp2_gradients_equal_unsharded_and_no_view_warning(tmp_path):
     assert got["max_abs_diff"] <= 1e-6 * max(1.0, got["max_abs_grad"]), got
     assert got["view_warnings"] == 0, got
     assert "returned a view tensor" not in res.stderr
+
+
+# ---------------------------------------------------------------- tools/chaos.py, short
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_chaos_short(shared_data, tmp_path):
+    """Two seeded SIGKILLs each of `mlan build` and `mlan train --nproc 2`: resumed results identical, nothing left."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), MLAN_SHARED_DATA=str(shared_data))
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "chaos.py"), "--kills", "2", "--seed", "1",
+                          "--work", str(tmp_path)], capture_output=True, text=True, env=env, timeout=1750, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| mlan")]
+    assert len(rows) == 2, res.stdout
+    assert "| 2/2 byte-identical | 0 |" in rows[0] and "| 2/2 weights within 1e-6 | 0 |" in rows[1], res.stdout

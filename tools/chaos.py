@@ -2,7 +2,7 @@
 
 For each target: one uninterrupted reference run, then N trials. A trial starts the command in a session of
 its own, SIGKILLs the `mlan` process alone (as `kill -9 PID` from a shell would) after a seeded random delay
-in [0.5 s, 1.1 × the reference's wall time], counts the processes it had started that are still alive 5 s
+in [0.5 s, 0.95 × the reference's wall time], counts the processes it had started that are still alive 5 s
 later (then kills them so the next trial starts clean), and runs the command again (`--resume` for train).
 The resumed build must be byte-identical to the reference (every shard and manifest.json); the resumed
 training run's final weights must be within 1e-6 of the reference's. A resume that finds the killed run's
@@ -165,7 +165,7 @@ def chaos_build(work: Path, recipe: Path, kills: int, rng: random.Random) -> tup
         out_dir, cache = work / f"build-{i}", work / f"cache-{i}"
         args = ["build", str(recipe), "--out", str(out_dir), "--cache", str(cache), "--workers", "2",
                 *BUILD_SETS]
-        delay = rng.uniform(0.5, 1.1 * wall)
+        delay = rng.uniform(0.5, 0.95 * wall)
         killed, left = kill_at(args, delay, work / f"build-{i}-killed.log")
         rc, log, _ = mlan(args, work / f"build-{i}-resume.log")
         same = rc == 0 and build_files(out_dir) == want
@@ -191,7 +191,7 @@ def chaos_train(work: Path, recipe: Path, shards: Path, kills: int, rng: random.
     for i in range(kills):
         run = work / f"run-{i}"
         args = ["train", str(recipe), "--shards", str(shards), "--out", str(run), "--nproc", "2", *sets]
-        delay = rng.uniform(0.5, 1.1 * wall)
+        delay = rng.uniform(0.5, 0.95 * wall)
         killed, left = kill_at(args, delay, work / f"run-{i}-killed.log")
         rc, log, _ = mlan([*args, "--resume"], work / f"run-{i}-resume.log")
         diff = max_diff(weights(run), want) if rc == 0 else float("inf")
