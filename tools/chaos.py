@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MLAN_SHARED_DATA", REPO.parent / "shared" / "data"))
 GRACE_S = 5.0
 BUILD_SETS = ["--set", "mixture.budget.tokens=20000", "--set", "shards.target_tokens=4000"]
-TRAIN_SETS = ["--set", "train.budget_tokens=8000", "--set", "train.checkpoint_every_tokens=2000",
+TRAIN_SETS = ["--set", "train.budget_tokens=6000", "--set", "train.checkpoint_every_tokens=1500",
               "--set", "train.grad_accum=1", "--set", "train.loader_workers=1"]
 SOURCE_LIMIT = 300  # records per source: tokenizing stays a few seconds, the kill still lands in every phase
 
