@@ -329,6 +329,7 @@ def test_killed_train_takes_torchrun_and_workers_down_then_resumes(build, tmp_pa
            "--out", str(out), "--nproc", "2", *short]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    tree: set[int] = set()
     try:
         deadline = time.monotonic() + 240
         while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
@@ -347,7 +348,7 @@ def test_killed_train_takes_torchrun_and_workers_down_then_resumes(build, tmp_pa
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for p in _alive(_descendants(proc.pid)):
+        for p in _alive(tree | _descendants(proc.pid)):  # on failure: what the kill left behind
             os.kill(p, signal.SIGKILL)
     res = mlan("train", str(build / "recipe.yaml"), "--shards", str(build / "build"), "--out", str(out),
                "--nproc", "2", "--resume", *short)
