@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlan.child_process import start_descendant_reaper
 from mlan.mixture import cache as tcache
 from mlan.mixture.pack import Packing, pack
 from mlan.mixture.plan import SourceDocs, check_modalities, make_plan
@@ -690,6 +691,7 @@ def build_command(args) -> int:
     out = args.out or default_out(args.recipe)
     check_source_paths(recipe.sources)  # before the lock: a typo must not create the --out folder
     lock = lock_output(out, "build")  # one writer per --out (LockError names the live holder)
+    start_descendant_reaper()  # a killed build leaves no Ray agent or worker behind
     try:
         build(recipe, out, workers=args.workers, address=args.address, cache_dir=args.cache, progress=True)
     finally:
