@@ -129,7 +129,12 @@ def kill_at(args: list[str], delay: float, log: Path) -> tuple[bool, int]:
     proc.wait()
     time.sleep(GRACE_S)
     left = alive(seen)
-    for pid, _ in left:  # clean up so that the next trial starts from a quiet machine
+    for pid, _ in left:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:80].decode(errors="replace")
+        except OSError:
+            name = "?"
+        print(f"  left alive: {pid} {name}", file=sys.stderr)  # clean up so that the next trial starts from a quiet machine
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
