@@ -356,6 +356,30 @@ def test_killed_train_takes_torchrun_and_workers_down_then_resumes(build, tmp_pa
     assert (out / "final" / "model.safetensors").is_file()
 
 
+def test_reaper_ends_what_a_killed_parent_left_running(tmp_path):
+    """`mlan build`'s reaper: a grandchild in a session of its own (like Ray's agents) dies with the parent."""
+    code = ("import subprocess, sys, time\n"
+            "from mlan.child_process import start_descendant_reaper\n"
+            "start_descendant_reaper()\n"
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+            "print(g.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    grandchild = int(parent.stdout.readline())
+    try:
+        time.sleep(1.0)  # the reaper has seen the grandchild
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive({grandchild}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive({grandchild}), "the grandchild outlived its killed parent by 10 s"
+    finally:
+        if _alive({grandchild}):
+            os.kill(grandchild, signal.SIGKILL)
+
+
 def test_a_step_folder_left_by_a_killed_run_never_blocks_a_save(tmp_path):
     """The issue's `OSError: Directory not empty: step-N.tmp -> step-N`: the step is replaced."""
     import torch.distributed as dist
