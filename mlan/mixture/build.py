@@ -691,10 +691,13 @@ def build_command(args) -> int:
     out = args.out or default_out(args.recipe)
     check_source_paths(recipe.sources)  # before the lock: a typo must not create the --out folder
     lock = lock_output(out, "build")  # one writer per --out (LockError names the live holder)
-    start_descendant_reaper()  # a killed build leaves no Ray agent or worker behind
+    reaper = start_descendant_reaper()  # a killed build leaves no Ray agent or worker behind
     try:
         build(recipe, out, workers=args.workers, address=args.address, cache_dir=args.cache, progress=True)
     finally:
+        if reaper is not None:  # the build ended on its own (Ray shut down): the reaper is not needed
+            reaper.terminate()
+            reaper.wait()
         if lock is not None:
             lock.release()
     return 0
