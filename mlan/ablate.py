@@ -11,13 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlan.child_process import run_child
 from mlan.errors import UserError
 from mlan.recipe import Recipe, load_recipe
 
@@ -104,7 +104,7 @@ def _mlan(args: list[str], log: Callable[[str], None]) -> None:
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    rc = subprocess.call(cmd, env=env)
+    rc = run_child(cmd, env=env)  # own process group, dies with this process (kill -9 included)
     if rc != 0:
         raise UserError(f"`mlan {' '.join(args[:1])}` failed with status {rc} (command: mlan {' '.join(args)})")
 

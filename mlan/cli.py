@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
-from mlan.errors import MlanError, UserError  # noqa: F401  (UserError: re-exported for callers)
+from mlan.errors import MlanError, UserError, one_line  # noqa: F401  (UserError: re-exported for callers)
 
 # command → "module:function"; modules are imported only when their command runs (fast `--help`).
 COMMANDS: dict[str, str] = {
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final/)")
     p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun --nproc-per-node)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking every shard's sha256 against the manifest before step 1")
     _add_set(p)
 
     p = sub.add_parser("eval", help="evaluate a model on language and vision tasks")
@@ -112,19 +117,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module_name, func_name = COMMANDS[args.command].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every `finally` (child process groups) runs."""
 
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+# OS errors a user causes by naming a path that is not there or not usable; one line, exit 2 like MlanError.
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def error_line(command: str, err: BaseException) -> str:
+    """`mlan CMD: error: <message>` on one line (a message that already carries the prefix keeps one)."""
+    message = one_line(err)
+    prefix = f"mlan {command}: error: "
+    message = message.removeprefix(prefix)
+    return prefix + message
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe (`mlan inspect … | head`): point stdout at /dev/null so the final flush is silent."""
     try:
-        return int(func(args) or 0)
-    except (MlanError, FileNotFoundError) as err:
-        print(f"mlan {args.command}: error: {err}", file=sys.stderr)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a command-specific failure (e.g. `verify` found bad shards), 2 a user error (one
+    line on stderr), 130 Ctrl-C, 143 SIGTERM, 141 the reader of stdout went away (quietly)."""
+    args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        module_name, func_name = COMMANDS[args.command].split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        rc = int(func(args) or 0)
+        sys.stdout.flush()
+        return rc
+    except (MlanError, *_PATH_ERRORS) as err:
+        print(error_line(args.command, err), file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE
+    except Terminated:
+        print(f"mlan {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"mlan {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

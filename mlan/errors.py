@@ -20,3 +20,29 @@ class MlanError(Exception):
 
 class UserError(MlanError):
     """A generic bad-input error raised by a command (wrong argument, missing file)."""
+
+
+class LockError(MlanError):
+    """Another live `mlan` process holds the output folder's lock; the message names the folder and the holder."""
+
+
+class WeightsError(MlanError):
+    """A model folder whose weights mlan will not load (pickle only, a corrupt or hostile safetensors header)."""
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a user error as one line, whatever wrapped it on the way up.
+
+    A DataLoader worker re-raises its exception in the main process with the worker's whole traceback as the
+    message ("Caught ShardError in DataLoader worker process 0. Original Traceback …"); the original message
+    is its last line. Any other multi-line message is joined with "; " so that it still names what is at fault.
+    """
+    text = str(err).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        last = lines[-1]
+        head, sep, message = last.partition(": ")
+        return message if sep and "Error" in head else last
+    return "; ".join(lines)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mlan.errors import MlanError
 from mlan.families.name_map import NameMap, NameMapError, map_names
+from mlan.weights import read_safetensors_header, safetensors_files
 
 INDEX_FILE = "model.safetensors.index.json"
 CHUNK_RANGE = (1 << 16, 1 << 20)  # elements processed at once: 1/32 of the largest tensor, within this range
@@ -76,30 +77,12 @@ class TensorEntry:
 
 
 def read_header(file: Path) -> tuple[bytes, dict]:
-    """The raw header bytes (length prefix included) and the parsed JSON header of a safetensors file."""
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) != 8:
-            raise MergeError(f"{file}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", prefix)
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MergeError(f"{file}: unreadable safetensors header ({err})") from None
-    return prefix + raw, header
+    """The raw header bytes (length prefix included) and the parsed JSON header, bounded and type-checked."""
+    return read_safetensors_header(file)
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    index = directory / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({directory / f for f in weight_map.values()})
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise MergeError(f"{directory}: no *.safetensors weights "
-                         "(convert a .bin checkpoint once with from_pretrained + save_pretrained)")
-    return files
+    return safetensors_files(directory)
 
 
 def read_checkpoint(directory: Path) -> dict[str, TensorEntry]:

@@ -365,12 +365,16 @@ def render_command(args) -> int:
 
     from mlan.errors import UserError
     from mlan.recipe import load_recipe
+    from mlan.sources.images import ImageLimits, set_image_limits
+    from mlan.sources.readers import check_source_paths
 
     recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
     spec = next((s for s in recipe.sources if s.name == args.source), None)
     if spec is None:
         names = ", ".join(s.name for s in recipe.sources) or "(none)"
         raise UserError(f"{args.recipe}: no source named {args.source!r}; the recipe has: {names}")
+    check_source_paths([spec])  # a missing path or a folder without data files: one line, exit 2
+    set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))  # as the build
     renderer = Renderer(recipe.model, recipe.mixture.seq_len, recipe.mixture.overlong)
     image_id = renderer.family.image_token_id if renderer.family.image_token is not None else None
     console = Console(highlight=False, soft_wrap=True)

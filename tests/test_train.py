@@ -99,7 +99,7 @@ def test_budget_over_the_build_is_a_recipe_error():
 
 def test_worker_command_is_torchrun():
     cmd = worker_command("r.yaml", "b", "o", 2, True, ["train.lr=1e-3"])
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc-per-node=2" in cmd
+    assert cmd[1:3] == ["-m", "mlan.train.node_agent"] and "--nproc-per-node=2" in cmd  # torchrun's agent
     assert cmd[cmd.index("-m", 3) + 1] == "mlan.train.trainer" and "--resume" in cmd
     assert cmd[-2:] == ["--set", "train.lr=1e-3"]
 

@@ -21,6 +21,7 @@ import torch
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
 from mlan.eval.tasks import Item, Task, load_task, parse_task_arg
+from mlan.weights import check_model_dir
 
 # ---------------------------------------------------------------- answer extraction
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -122,6 +123,7 @@ def load_model(path: str) -> Loaded:
     p = Path(path)
     if p.exists() and not (p / "config.json").is_file():
         raise UserError(f"{path}: not a model directory (no config.json)")
+    check_model_dir(path)  # safetensors only, headers sound: never unpickle, never trust a length field
     try:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad folder/id
@@ -133,7 +135,7 @@ def load_model(path: str) -> Loaded:
     if cfg.model_type == "llava":
         from transformers import LlavaForConditionalGeneration
 
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         vc = cfg.vision_config
         n = int(getattr(cfg, "image_seq_length", 0) or (vc.image_size // vc.patch_size) ** 2)
         loaded = Loaded(model, tok, "llava", int(cfg.image_token_id), n, int(vc.image_size), 1, [])
@@ -142,12 +144,12 @@ def load_model(path: str) -> Loaded:
 
         from mlan.families.modeling import reference_cross_attention
 
-        model = reference_cross_attention(MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32))
+        model = reference_cross_attention(MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_safetensors=True))
         vc = cfg.vision_config
         loaded = Loaded(model, tok, "mllama", int(cfg.image_token_id), 1, int(vc.image_size), int(vc.max_num_tiles), [])
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{path}: not a causal LM ({type(err).__name__}: {str(err).splitlines()[0]})") from None
         loaded = Loaded(model, tok, "text", None, 0, 0, 1, [])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from mlan.errors import MlanError
 from mlan.recipe import FreezeSpec, LoraSpec, ModelSpec
+from mlan.weights import check_model_dir
 
 GROUPS = ("vision_tower", "projector", "language_model", "cross_attention")
 
@@ -90,28 +92,52 @@ def build_tiny(family: str, fc: dict[str, Any]) -> nn.Module:
     raise ModelBuildError(f"model.family: unknown family {family!r}; allowed: llava, mllama")
 
 
+def check_model_files(model_spec: ModelSpec) -> None:
+    """Before any worker starts: each checkpoint the recipe names (model.config, model.llm,
+    model.vision_tower) is a local folder with sound safetensors weights, or a hub id; a path that is not
+    there is a ModelBuildError naming the key."""
+    named = {"model.llm": model_spec.llm, "model.vision_tower": model_spec.vision_tower}
+    if model_spec.config not in ("tiny", "compose") and not (model_spec.llm or model_spec.vision_tower):
+        named["model.config"] = model_spec.config
+    for key, value in named.items():
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelBuildError(f"{key}: {value}: not a model folder (no config.json)")
+            try:
+                check_model_dir(path)
+            except MlanError as err:
+                raise ModelBuildError(f"{key}: {err}") from None
+        elif path.exists() or value.startswith((".", "/", "~")) or value.count("/") != 1:
+            raise ModelBuildError(f"{key}: {value}: no such model folder (and not a hub id of the form owner/name)")
+
+
 def load_pretrained(path_or_id: str, family: str) -> nn.Module:
     """A full VLM checkpoint (local save_pretrained folder or hub id) of the named family."""
     from transformers import AutoConfig, LlavaForConditionalGeneration, MllamaForConditionalGeneration
 
+    check_model_dir(path_or_id)
     cfg = AutoConfig.from_pretrained(path_or_id)
     classes = {"llava": LlavaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}
     if cfg.model_type != family:
         raise ModelBuildError(
             f"model.config: {path_or_id!r} is a {cfg.model_type!r} checkpoint, the recipe's family is {family!r} "
             "(to compose LLaVA from a base LLM, set model.llm and model.vision_tower instead)")
-    return classes[family].from_pretrained(path_or_id, dtype=torch.float32)
+    return classes[family].from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
 
 
 def _vision_model(path_or_id: str) -> nn.Module:
     """The vision half of a CLIP or SigLIP checkpoint (a full dual-encoder checkpoint is fine)."""
     from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
 
+    check_model_dir(path_or_id)
     kind = AutoConfig.from_pretrained(path_or_id).model_type
     if kind in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(path_or_id, dtype=torch.float32)
+        return CLIPVisionModel.from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
     if kind in ("siglip", "siglip_vision_model"):
-        return SiglipVisionModel.from_pretrained(path_or_id, dtype=torch.float32)
+        return SiglipVisionModel.from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
     raise ModelBuildError(f"model.vision_tower: {path_or_id!r} is a {kind!r} model; expected CLIP or SigLIP")
 
 
@@ -128,7 +154,8 @@ def compose_llava(model_spec: ModelSpec, fc: dict[str, Any]) -> nn.Module:
         raise ModelBuildError(
             f"model.config = {model_spec.config!r}: give either a full checkpoint in model.config "
             "or model.llm + model.vision_tower, not both")
-    llm = AutoModelForCausalLM.from_pretrained(model_spec.llm, dtype=torch.float32)
+    check_model_dir(model_spec.llm)
+    llm = AutoModelForCausalLM.from_pretrained(model_spec.llm, dtype=torch.float32, use_safetensors=True)
     vision = _vision_model(model_spec.vision_tower)
     vcfg = vision.config
     siglip = vcfg.model_type.startswith("siglip")

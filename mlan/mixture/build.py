@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlan.child_process import start_descendant_reaper
 from mlan.mixture import cache as tcache
 from mlan.mixture.pack import Packing, pack, row_bound
 from mlan.mixture.plan import PlanError, SourceDocs, check_modalities, make_plan
@@ -33,6 +34,8 @@ from mlan.mixture.shards import (
     write_tar,
 )
 from mlan.recipe import Recipe, load_recipe
+from mlan.run_lock import lock_output
+from mlan.sources.readers import check_source_paths
 
 RECORDS_PER_PART = 512
 PROGRESS_DIR = ".progress"  # per-shard sidecars: planned content + sha256 (what resume trusts)
@@ -486,6 +489,7 @@ def build(
 
     if not recipe.sources:
         raise BuildError("the recipe has no sources")
+    check_source_paths(recipe.sources)  # a missing path fails here, before Ray starts and other sources are read
     mix = recipe.mixture
     check_modalities([s.modality for s in recipe.sources], mix.ratio.text)  # before any work
     console = _console()
@@ -767,8 +771,18 @@ def default_out(recipe_path: str) -> str:
 def build_command(args) -> int:
     """`mlan build`; an impossible plan is a PlanError (a RecipeError): one line, exit status 2."""
     recipe = load_recipe(args.recipe, args.overrides)
-    build(recipe, args.out or default_out(args.recipe), workers=args.workers, address=args.address,
-          cache_dir=args.cache, progress=True)
+    out = args.out or default_out(args.recipe)
+    check_source_paths(recipe.sources)  # before the lock: a typo must not create the --out folder
+    lock = lock_output(out, "build")  # one writer per --out (LockError names the live holder)
+    reaper = start_descendant_reaper()  # a killed build leaves no Ray agent or worker behind
+    try:
+        build(recipe, out, workers=args.workers, address=args.address, cache_dir=args.cache, progress=True)
+    finally:
+        if reaper is not None:  # the build ended on its own (Ray shut down): the reaper is not needed
+            reaper.terminate()
+            reaper.wait()
+        if lock is not None:
+            lock.release()
     return 0
 
 

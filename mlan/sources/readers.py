@@ -230,6 +230,26 @@ def iter_source(spec: SourceSpec, raw_lines: bool = False) -> Iterator[tuple[str
             index += 1
 
 
+def check_source_paths(specs: list[SourceSpec]) -> None:
+    """Every source path exists and (a file or folder source) holds data files; its image root exists.
+
+    Called by `mlan build` and `mlan render` before any work (and before Ray starts), so a typo in one source
+    is one SourceError naming the source and path, not a failure after the other sources were read.
+    """
+    import fsspec
+
+    for spec in specs:
+        try:
+            if source_kind(spec.path) == "files":
+                data_files(spec.path)
+        except SourceError as err:
+            raise SourceError(f"source {spec.name!r}: {err}") from None
+        if spec.images is not None:
+            fs, root = fsspec.core.url_to_fs(spec.images)
+            if not fs.isdir(root):
+                raise SourceError(f"source {spec.name!r}: {spec.images}: image root folder not found")
+
+
 def read_records(spec: SourceSpec) -> Iterator[tuple[int, dict | RecordError]]:
     """Raw records with their index in the source, in a stable order; a malformed one is a RecordError."""
     for _, index, record in iter_source(spec):

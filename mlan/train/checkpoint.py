@@ -3,7 +3,8 @@
 One checkpoint = one DCP folder `RUN/checkpoints/step-XXXXXXXX` holding the sharded model and optimizer
 state, the replicated train state (step, token counters, schedule) and, under a per-rank key, each
 rank's loader cursor and RNG states. A folder is written as `….tmp` and renamed by rank 0 once every
-rank has finished, so a run killed mid-save resumes from the previous complete checkpoint.
+rank has finished, so a run killed mid-save resumes from the previous complete checkpoint; the leftover
+`.tmp` folder is removed when the next run starts, and a step folder that already exists is replaced.
 """
 from __future__ import annotations
 
@@ -62,6 +63,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def remove_unfinished(run_dir: Path) -> list[Path]:
+    """Delete the `step-*.tmp` folders a killed run left behind (the caller holds the run's lock)."""
+    gone = sorted(p for p in (Path(run_dir) / CHECKPOINTS).glob("step-*.tmp") if p.is_dir())
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, train: dict, loader: dict) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd, "train": dict(train),
@@ -80,6 +89,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     dcp.save(_state(model, optimizer, rank, train, loader), checkpoint_id=str(tmp))
     dist.barrier()
     if rank == 0:
+        if final.exists():  # the same step written by an earlier (killed) run: this one replaces it
+            shutil.rmtree(final)
         tmp.rename(final)
         older = sorted(p for p in final.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in older[:-keep]:

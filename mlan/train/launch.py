@@ -7,65 +7,89 @@ Many nodes: run the same worker under torchrun on every node yourself, e.g.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from mlan.child_process import run_child
+from mlan.errors import MlanError
+from mlan.families.modeling import check_model_files
+from mlan.recipe import load_recipe
+from mlan.run_lock import lock_output
+from mlan.train.node_agent import ERROR_FILE_ENV
+from mlan.train.shard_check import verify_build
 
-class TrainingFailed(RuntimeError):
-    """A worker exited non-zero; its own error was printed above."""
+
+class TrainingFailed(MlanError, RuntimeError):
+    """The workers failed; a worker's user error is the message, else the failure summary printed above."""
 
 
 def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
-                   overrides: Iterable[str]) -> list[str]:
-    """The torchrun command line for one node with `nproc` local workers."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   overrides: Iterable[str], verify: bool = True) -> list[str]:
+    """The torchrun command line (through mlan's quiet agent) for one node with `nproc` local workers."""
+    cmd = [sys.executable, "-m", "mlan.train.node_agent", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "mlan.train.trainer", str(recipe), "--shards", str(shards), "--out", str(out)]
     if resume:
         cmd.append("--resume")
+    if not verify:
+        cmd.append("--no-verify")
     for o in overrides:
         cmd += ["--set", o]
     return cmd
 
 
-def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[str]) -> None:
-    """Fail fast, before any worker starts, on a bad recipe, a missing build or an impossible budget."""
-    from mlan.recipe import load_recipe
+def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[str], verify: bool = True) -> None:
+    """Fail fast, before any worker starts, on a bad recipe, a missing or damaged build or an impossible budget."""
     from mlan.train.trainer import read_manifest, resolve_budget
 
     recipe = load_recipe(recipe_path, list(overrides))
     resolve_budget(recipe.train, read_manifest(str(shards)))
+    check_model_files(recipe.model)
+    if verify:
+        verify_build(str(shards))
 
 
 def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, nproc: int = 2,
-                 resume: bool = False, overrides: Iterable[str] = ()) -> Path:
-    """Launch a run on this machine and wait; returns RUN/final (a save_pretrained folder)."""
+                 resume: bool = False, overrides: Iterable[str] = (), verify: bool = True) -> Path:
+    """Launch a run on this machine and wait; returns RUN/final (a save_pretrained folder).
+
+    The run folder is locked for the whole run (torchrun inherits the lock, so it is held until the last of
+    them is gone); torchrun and its workers die with this process, whatever kills it.
+    """
     if nproc < 1:
-        raise ValueError(f"--nproc {nproc}: need at least one process")
-    preflight(recipe_path, shards, overrides)
+        raise TrainingFailed(f"--nproc {nproc}: need at least one process")
+    preflight(recipe_path, shards, overrides, verify)
+    lock = lock_output(out, "train")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cmd = worker_command(str(recipe_path), str(shards), str(out), nproc, resume, overrides)
-    rc = subprocess.call(cmd, env=env)
+    # the shards were verified above: the workers skip their own check
+    cmd = worker_command(str(recipe_path), str(shards), str(out), nproc, resume, overrides, verify=False)
+    fd, error_file = tempfile.mkstemp(prefix="mlan-train-", suffix=".err")
+    os.close(fd)
+    env[ERROR_FILE_ENV] = error_file
+    try:
+        rc = run_child(cmd, env=env, pass_fds=(lock.fileno(),) if lock is not None else ())
+        with open(error_file, encoding="utf-8") as f:
+            reported = f.readline().strip()
+    finally:
+        os.unlink(error_file)
+        if lock is not None:
+            lock.release()
+    if reported:
+        raise TrainingFailed(reported)
     if rc != 0:
-        raise TrainingFailed(f"mlan train: workers exited with status {rc} (command: {' '.join(cmd)})")
+        raise TrainingFailed(f"workers exited with status {rc} (their output is above; command: {' '.join(cmd)})")
     return Path(out) / "final"
 
 
 def train_command(args) -> int:
-    """cli.py dispatches `mlan train RECIPE --shards DIR --out RUN [--nproc N] [--resume] [--set K=V]` here."""
-    from mlan.data.loader import ManifestError
+    """cli.py dispatches `mlan train RECIPE --shards DIR --out RUN [--nproc N] [--resume] [--no-verify] [--set K=V]`.
 
-    try:
-        final = run_training(args.recipe, args.shards, args.out, nproc=args.nproc, resume=args.resume,
-                             overrides=args.overrides)
-    except TrainingFailed as err:
-        print(err, file=sys.stderr)
-        return 1
-    except ManifestError as err:  # a manifest that breaks the build-output contract (RecipeError: cli.py)
-        print(f"mlan train: error: {err}", file=sys.stderr)
-        return 2
+    Every failure is an MlanError: cli.py prints it as one line and exits 2.
+    """
+    final = run_training(args.recipe, args.shards, args.out, nproc=args.nproc, resume=args.resume,
+                         overrides=args.overrides, verify=not getattr(args, "no_verify", False))
     print(f"mlan train: exported {final}")
     return 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers.utils import ModelOutput
 
 from mlan.families.modeling import unwrap
 
@@ -80,6 +82,20 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def _loss_and_logits(module: nn.Module, args: tuple, output: Any) -> Any:
+    """The root's output reduced to what training reads: `loss` and `logits`.
+
+    LLaVA also returns `image_outputs.pooler_output`, the projected image features split per image: views
+    (torch.split) that require grad. FSDP2 warns for any view among a root's outputs ("returned a view
+    tensor … in-place op … wrong gradients"), because an in-place op on one would drop its pre-backward hook.
+    The trainer never reads them, so dropping them removes the cause; the gradients reach the projector
+    through the logits (tests/test_faults.py compares FSDP2 gradients with the unsharded model's).
+    """
+    if isinstance(output, ModelOutput):
+        return type(output)(loss=output.get("loss"), logits=output.get("logits"))
+    return output
+
+
 def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
     """Activation checkpointing, per-block compile, then fully_shard blocks and root (in place)."""
     if cfg.activation_checkpointing:
@@ -93,6 +109,8 @@ def parallelize(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
         if cfg.compile:
             block.compile()  # in place: parameter names stay those of the Hugging Face model
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
+    # registered before the root's fully_shard, so it runs ahead of FSDP's post-forward hook (see _loss_and_logits)
+    model.register_forward_hook(_loss_and_logits)
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     for module in model.modules():
         if isinstance(module, FSDPModule):

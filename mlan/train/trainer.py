@@ -24,15 +24,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlan.errors import MlanError
+from mlan.child_process import start_parent_watchdog
+from mlan.data.loader import ShardError
+from mlan.errors import MlanError, one_line
 from mlan.families import modeling
 from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
 from mlan.train.attention import set_attention
 from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, target_loss_sum
 from mlan.train.metrics import MetricsLog, Progress, peak_flops, reset_peak_memory, step_telemetry
+from mlan.train.node_agent import ERROR_FILE_ENV, reported_error
 from mlan.train.parallel import DistEnv, ParallelConfig, init_distributed, parallelize, resolve_precision
 from mlan.train.schedule import STAGE_LR, TokenSchedule
+from mlan.train.shard_check import verify_build
 from mlan.train.trackers import make_trackers
 
 
@@ -297,17 +301,35 @@ class RunPaths:
         return self.run / "final"
 
 
+def verify_on_rank0(shards: str, env: DistEnv) -> None:
+    """Collective: rank 0 checks the manifest and every shard's sha256; every rank raises its verdict."""
+    problem: list[str | None] = [None]
+    if env.is_main:
+        try:
+            verify_build(shards)
+        except MlanError as err:
+            problem[0] = str(err)
+    if env.world_size > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise ShardError(problem[0])
+
+
 def train(recipe_path: str, shards: str, out: str, resume: bool = False,
-          overrides: Iterable[str] = (), batches_factory=None) -> Path:
+          overrides: Iterable[str] = (), batches_factory=None, verify: bool = True) -> Path:
     """Run (or continue) a training run on this process's rank; returns RUN/final."""
     env = init_distributed()
     recipe = load_recipe(recipe_path, list(overrides))
     spec = recipe.train
     manifest = read_manifest(shards)
+    if verify:  # before step 1: never train on a shard `mlan verify` would reject
+        verify_on_rank0(shards, env)
     family_config = manifest["family_config"]
     budget = resolve_budget(spec, manifest)
     paths = RunPaths(Path(out))
     paths.run.mkdir(parents=True, exist_ok=True)
+    if env.is_main:  # half-written checkpoints of a killed run: never resumed from, never in the way
+        ckpt.remove_unfinished(paths.run)
     latest = ckpt.latest_checkpoint(paths.run)
     if latest is not None and not resume:
         raise TrainError(f"{paths.run}: has checkpoints ({latest.name}); pass --resume or choose a new --out")
@@ -435,20 +457,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-verify", action="store_true", help="skip the shard sha256 check before step 1")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mlan.data.loader import ManifestError, ShardError
+def report_error(message: str) -> None:
+    """One line for the user: to the launcher's error file under `mlan train` (it prints it once), else stderr."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:  # O_APPEND: the first rank's line stays first
+            f.write(message + "\n")
+    else:
+        print(f"mlan train: error: {message}", file=sys.stderr)
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: exit when torchrun is gone (it may be SIGKILLed)
+        start_parent_watchdog()
     rc = 0
     try:
-        train(args.recipe, args.shards, args.out, args.resume, args.overrides)
-    except (RecipeError, TrainError, FileNotFoundError, modeling.ModelBuildError, ManifestError, ShardError) as err:
-        print(f"mlan train: error: {err}", file=sys.stderr)
+        train(args.recipe, args.shards, args.out, args.resume, args.overrides, verify=not args.no_verify)
+    except (MlanError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        report_error(one_line(err))  # a damaged shard, row or image, a bad key: one line naming it, exit 2
         rc = 2
+    except Exception:
+        if reported_error() is None:
+            raise  # a bug: keep the traceback
+        rc = 2  # a peer rank stopped on a user error and cut this rank's collective: it has said why
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,111 @@
+"""Model files mlan agrees to read: safetensors only, with the header checked before anything trusts it.
+
+A pickle checkpoint (`pytorch_model.bin`, `*.pt`) can run code when loaded, so mlan never unpickles one, not
+even with `weights_only`. A safetensors file starts with an 8-byte little-endian header length and a JSON
+header; a hostile or damaged file can claim a length of exabytes (a MemoryError when read) or hold JSON that
+is not an object of tensor entries (a TypeError deep in the reader). Both are one-line `WeightsError`s here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from mlan.errors import WeightsError
+
+# The safetensors reference implementation refuses headers over 100 MB; so does mlan (before reading them).
+MAX_HEADER_BYTES = 100_000_000
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_safetensors_header(file: str | Path) -> tuple[bytes, dict[str, Any]]:
+    """The raw header bytes (8-byte length prefix included) and the parsed, type-checked JSON header.
+
+    The length is checked against the file's size before it is read; every tensor entry must be an object
+    with a string dtype, a shape of non-negative ints and data offsets inside the file's data section.
+    """
+    file = Path(file)
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise WeightsError(f"{file}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise WeightsError(f"{file}: corrupt safetensors header (its length field says {n:,} bytes; "
+                               f"the file holds {size:,})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{file}: corrupt safetensors header (not JSON: {err})") from None
+    check_header(file, header, data_bytes=size - 8 - n)
+    return prefix + raw, header
+
+
+def check_header(file: Path, header: Any, data_bytes: int) -> None:
+    """Types and bounds of a parsed header; raises WeightsError naming the file and the tensor."""
+    if not isinstance(header, dict):
+        raise WeightsError(f"{file}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise WeightsError(f"{file}: corrupt safetensors header (__metadata__ is not an object of strings)")
+            continue
+        where = f"{file}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise WeightsError(f"{where}: corrupt safetensors header (entry is a {type(info).__name__}, "
+                               "not an object)")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise WeightsError(f"{where}: corrupt safetensors header (dtype {dtype!r})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise WeightsError(f"{where}: corrupt safetensors header (shape {shape!r})")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise WeightsError(f"{where}: corrupt safetensors header (data_offsets {offsets!r} outside the "
+                               f"{data_bytes:,}-byte data section)")
+
+
+def safetensors_files(directory: str | Path) -> list[Path]:
+    """The safetensors weight files of a checkpoint folder; refuses a folder that holds only pickle weights."""
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise WeightsError(f"{index}: not a safetensors index (no weight_map object: {err})") from None
+        files = [directory / name for name in names]
+        for f in files:
+            if not f.is_file():
+                raise WeightsError(f"{index}: names shard {f.name}, which is missing")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise WeightsError(f"{directory}: only pickle weights ({', '.join(pickles)}); mlan loads safetensors only "
+                           "and never unpickles: convert once where you trust the file "
+                           "(from_pretrained + save_pretrained(safe_serialization=True))")
+    raise WeightsError(f"{directory}: no *.safetensors weights")
+
+
+def check_model_dir(path: str | Path) -> None:
+    """Before `from_pretrained` on a local folder: safetensors present and every header sound.
+
+    A hub id (not a local folder) is left to the caller; from_pretrained is then called with
+    use_safetensors=True, which refuses a pickle-only repository without loading it.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        return
+    for file in safetensors_files(directory):
+        read_safetensors_header(file)
