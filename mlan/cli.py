@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items per task")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--images", default=None, help="image root for image tasks")
+    p.add_argument("--image-pattern", default=None, help="image path pattern over record fields and {split}, "
+                   "e.g. 'images/{directory}/test1-{identifier}-0.png'")
 
     p = sub.add_parser("ablate", help="sweep mixture ratios: build, train and evaluate each")
     p.add_argument("recipe")
