@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "demo": "mlan.demo:demo_command",
     "merge": "mlan.merge:merge_command",
     "merge-sweep": "mlan.merge:merge_sweep_command",
+    "continual": "mlan.continual.run:continual_command",
 }
 
 
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image root for image tasks")
     p.add_argument("--keep-models", action="store_true", help="keep every merged checkpoint (default: delete "
                    "each once it is evaluated; `mlan merge` rebuilds any point bit for bit)")
+
+    p = sub.add_parser("continual", help="a task sequence (language, then VL tasks): build, train, eval each; "
+                       "the forgetting matrix")
+    p.add_argument("recipe", help="a continual recipe (docs/continual.md)")
+    p.add_argument("--out", required=True, help="output folder (resumable: rerun to continue)")
+    _add_set(p)
     return parser
 
 
