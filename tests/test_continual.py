@@ -73,8 +73,8 @@ def check_outputs(out: Path, task_sets: list[list[str]], floor: float | None = N
     fg = json.loads((out / "forgetting.json").read_text())
     assert {int(k): v for k, v in fg["nl_delta"].items()} == pytest.approx(ref["nl"])
     assert {int(k): v for k, v in fg["vl_avg"].items()} == pytest.approx(ref["vl"])
-    got = {int(t): {int(k): v for k, v in by.items()} for t, by in fg["delta"].items()}
-    assert got == pytest.approx({t: by for t, by in ref["delta"].items() if by})
+    got = {(int(t), int(k)): v for t, by in fg["delta"].items() for k, v in by.items()}
+    assert got == pytest.approx({(t, k): v for t, by in ref["delta"].items() for k, v in by.items()})
     last = max(w)
     vl_tasks = range(2, last)
     if vl_tasks:
