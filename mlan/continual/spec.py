@@ -51,14 +51,14 @@ class ContinualSpec(_Strict):
     name: str = "continual"
     method: Method = "naive"
     rehearsal: RehearsalSpec | None = None
-    generated_data: Literal["continual-tiny"] | None = None  # generate the data into OUT/data first
+    generated_data: Literal["continual-tiny"] | None = None  # generate the data into OUT/data first (`{out}/data/…`)
     # ω of a task with a 0 accuracy: None = the harmonic mean's limit 0; 0.1 = the floor the paper's tables suggest
     zero_floor: float | None = Field(None, gt=0)
     nproc: int = Field(1, ge=1)  # training processes per task
     workers: int | None = Field(None, ge=1)  # build tokenizer actors
     base: dict[str, Any] = {}  # an mlan recipe without sources, mixture.budget or eval.tasks
     tasks: list[TaskSpec] = Field(min_length=2)
-    base_dir: str = "."  # where relative paths resolve: the recipe's folder, or OUT with generated_data
+    base_dir: str = "."  # the recipe's folder: relative paths resolve against it; `{out}` is the output folder
 
     @model_validator(mode="after")
     def _unique(self) -> ContinualSpec:
@@ -73,8 +73,19 @@ class ContinualSpec(_Strict):
         return self
 
 
+def _fill_out(node: Any, out: str) -> Any:
+    """`{out}` in any string → the output folder (where `generated_data` writes its files)."""
+    if isinstance(node, str):
+        return node.replace("{out}", out)
+    if isinstance(node, list):
+        return [_fill_out(v, out) for v in node]
+    if isinstance(node, dict):
+        return {k: _fill_out(v, out) for k, v in node.items()}
+    return node
+
+
 def load_continual(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out: str | Path | None = None) -> ContinualSpec:
-    """Read, override (`--set method=msgm`, `--set tasks.colours.budget.examples=100`) and check every task."""
+    """Read, override (`--set method=msgm`, `--set tasks.colours.budget.examples=100`), fill `{out}`."""
     path = Path(path)
     if not path.is_file():
         raise ContinualError(f"{path}: continual recipe not found")
@@ -86,8 +97,9 @@ def load_continual(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
         raise ContinualError(f"{path}: the top level must be a mapping")
     for assignment in overrides:
         apply_override(raw, assignment)
-    base_dir = Path(out) if raw.get("generated_data") and out is not None else path.parent
-    raw["base_dir"] = str(base_dir.resolve())
+    if out is not None:
+        raw = _fill_out(raw, str(Path(out).resolve()))
+    raw["base_dir"] = str(path.parent.resolve())
     try:
         spec = ContinualSpec.model_validate(raw)
     except ValidationError as err:
