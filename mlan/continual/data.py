@@ -14,7 +14,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-
 from PIL import Image
 
 from mlan.synthetic import colour_image, generate_demo_data

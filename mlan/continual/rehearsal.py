@@ -44,7 +44,7 @@ def sample_indices(n_records: int, fraction: float, seed: int, key: str) -> np.n
 
 
 def _write_sample(spec: SourceSpec, indices: np.ndarray, target: Path) -> None:
-    keep = set(int(i) for i in indices)
+    keep = {int(i) for i in indices}
     lines = []
     for index, record in read_records(spec):
         if index in keep:

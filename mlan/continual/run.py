@@ -22,7 +22,14 @@ from mlan.ablate import export_complete
 from mlan.continual.data import generate_continual_tiny
 from mlan.continual.rehearsal import replay_sources, with_replay
 from mlan.continual.scores import write_outputs
-from mlan.continual.spec import ContinualError, ContinualSpec, check_tasks, load_continual, parse_task, task_raw
+from mlan.continual.spec import (
+    ContinualError,
+    ContinualSpec,
+    check_tasks,
+    load_continual,
+    parse_task,
+    task_raw,
+)
 from mlan.eval.harness import evaluate
 from mlan.recipe import Recipe
 
