@@ -208,7 +208,8 @@ def test_sigkill_mid_sequence_resumes_to_the_same_matrix(tmp_path) -> None:
         if "vision_tower" in name or "embed_tokens" in name or "norm" in name or "lm_head" in name:
             assert torch.equal(w, prev[name]), name
         elif "language_model" in name and name.endswith("proj.weight"):
-            assert int(torch.linalg.matrix_rank((w - prev[name]).double())) <= 32, name
+            diff = (w - prev[name]).double()  # merged in fp32: rounding noise far below the adapters' update
+            assert int(torch.linalg.matrix_rank(diff, rtol=1e-4)) <= 32, name
     assert any(not torch.equal(w, prev[n]) for n, w in cur.items() if "multi_modal_projector" in n)
 
     killed = tmp_path / "killed"
