@@ -145,15 +145,15 @@ def test_rehearsal_sample_is_seeded_and_exact(data_root) -> None:
     earlier = [(spec.tasks[j].name, recipes[j], 1) for j in (1, 2)]
     a = replay_sources(spec.rehearsal, earlier, data_root / "replay-a")
     b = replay_sources(spec.rehearsal, earlier, data_root / "replay-b")
-    assert [(r.task, r.count, r.of) for r in a] == [("colours", 12, 240), ("positions", 12, 240)]
+    assert [(r.task, r.count, r.of) for r in a] == [("colours", 20, 400), ("positions", 20, 400)]
     assert [Path(r.entry["path"]).read_text() for r in a] == [Path(r.entry["path"]).read_text() for r in b]
     for r, (_, recipe, _) in zip(a, earlier):
         records = [rec for _, rec in read_records(recipe.sources[0])]
-        idx = sample_indices(240, 0.05, spec.rehearsal.seed, f"{r.task}/{r.source}")
+        idx = sample_indices(400, 0.05, spec.rehearsal.seed, f"{r.task}/{r.source}")
         replayed = [json.loads(line) for line in Path(r.entry["path"]).read_text().splitlines()]
-        assert replayed == [records[i] for i in idx] and len(set(idx.tolist())) == 12
+        assert replayed == [records[i] for i in idx] and len(set(idx.tolist())) == 20
     sources, budget = with_replay([{"name": "w", "weight": 1.0}], {"examples": 200}, a, "warmth")
-    assert budget == {"examples": 224} and [s["weight"] for s in sources] == [200.0, 12.0, 12.0]
+    assert budget == {"examples": 240} and [s["weight"] for s in sources] == [200.0, 20.0, 20.0]
     with pytest.raises(ContinualError, match="budget in examples"):
         with_replay([{"name": "w"}], {"tokens": 5000}, a, "warmth")
 
@@ -171,8 +171,8 @@ def test_rehearsal_counts_exact_in_build_stats(data_root, tmp_path) -> None:
     assert main(["build", str(recipe_file), "--out", str(tmp_path / "build"), "--workers", "1",
                  "--cache", str(tmp_path / "cache")]) == 0
     stats = json.loads((tmp_path / "build" / "stats.json").read_text())
-    assert stats["examples"]["by_source"] == {"warmth": 50, "rehearsal-colours": 12, "rehearsal-positions": 12}
-    assert replayed_counts(tmp_path / "build") == {"rehearsal-colours": 12, "rehearsal-positions": 12}
+    assert stats["examples"]["by_source"] == {"warmth": 50, "rehearsal-colours": 20, "rehearsal-positions": 20}
+    assert replayed_counts(tmp_path / "build") == {"rehearsal-colours": 20, "rehearsal-positions": 20}
     assert "rehearsal-colours" in (tmp_path / "build" / "report.md").read_text()
 
 
@@ -197,7 +197,7 @@ def test_sigkill_mid_sequence_resumes_to_the_same_matrix(tmp_path) -> None:
         build = next(whole.glob(f"task-{k}-*")) / "build"
         by_source = json.loads((build / "stats.json").read_text())["examples"]["by_source"]
         assert by_source == {next(whole.glob(f"task-{k}-*")).name.split("-", 2)[2]: 60,
-                             **{f"rehearsal-{t}": 12 for t in want}}
+                             **{f"rehearsal-{t}": 20 for t in want}}
     # msgm: the vision tower and embeddings of each VL export equal the previous export's; LM linears move by rank ≤ r
     from safetensors.torch import load_file
 

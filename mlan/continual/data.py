@@ -65,7 +65,7 @@ def _vl_task(root: Path, name: str, labels: list[str], draw, prompt: str, choice
     (root / f"eval_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals), encoding="utf-8")
 
 
-def generate_continual_tiny(out: str | Path, *, n_train: int = 240, n_eval: int = 48, image_size: int = 56,
+def generate_continual_tiny(out: str | Path, *, n_train: int = 400, n_eval: int = 48, image_size: int = 56,
                             seed: int = 0) -> Path:
     """Write the four tasks' files under `out` once (a marker file says complete); returns `out`."""
     root = Path(out)
