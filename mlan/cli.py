@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "demo": "mlan.demo:demo_command",
     "merge": "mlan.merge:merge_command",
     "merge-sweep": "mlan.merge:merge_sweep_command",
+    "continual": "mlan.continual.run:continual_command",
 }
 
 
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items per task")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--images", default=None, help="image root for image tasks")
+    p.add_argument("--image-pattern", default=None, help="image path pattern over record fields and {split}, "
+                   "e.g. 'images/{directory}/test1-{identifier}-0.png'")
 
     p = sub.add_parser("ablate", help="sweep mixture ratios: build, train and evaluate each")
     p.add_argument("recipe")
@@ -114,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image root for image tasks")
     p.add_argument("--keep-models", action="store_true", help="keep every merged checkpoint (default: delete "
                    "each once it is evaluated; `mlan merge` rebuilds any point bit for bit)")
+
+    p = sub.add_parser("continual", help="a task sequence (language, then VL tasks): build, train, eval each; "
+                       "the forgetting matrix")
+    p.add_argument("recipe", help="a continual recipe (docs/continual.md)")
+    p.add_argument("--out", required=True, help="output folder (resumable: rerun to continue)")
+    _add_set(p)
     return parser
 
 

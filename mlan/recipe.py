@@ -177,6 +177,7 @@ class EvalTaskSpec(_Strict):
     format: str | None = None  # None: inferred from the file
     group: Literal["language", "vision"] | None = None
     images: str | None = None
+    image_pattern: str | None = None  # image path over record fields + {split}; see mlan.eval.tasks
     limit: int | None = Field(None, ge=1)
 
 

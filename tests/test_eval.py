@@ -206,7 +206,7 @@ def test_common_jsonl_forms(tmp_path, colour_png) -> None:
         {"question": "q2", "choices": ["a", "b"], "answer": "B"},
         {"question": "q3", "choices": ["x", "y"], "answer": "x", "image": colour_png},
     ]))
-    t = load_task(mc)
+    t = load_task(mc, images=str(Path(colour_png).parent))  # an absolute image path must lie inside the root
     assert [i.answer for i in t.items] == ["c", "b", "x"] and t.group == "vision"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 5}) + "\n")

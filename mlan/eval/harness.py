@@ -43,6 +43,18 @@ def normalize_number(text: str) -> str | None:
     return repr(value)
 
 
+_WHOLE_NUMBER = re.compile(r"\s*(-?)\$?(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?\s*%?\s*\.?\s*")
+
+
+def as_number(text: str) -> float | None:
+    """The value of a text that is only a number ('4', '4.00', '-1,000', '$3.5', '.5'); None otherwise."""
+    m = _WHOLE_NUMBER.fullmatch(text)
+    if not m or (m.group(2) is None and m.group(3) is None):
+        return None
+    value = float(m.group(1) + (m.group(2) or "0").replace(",", "") + (m.group(3) or ""))
+    return value if math.isfinite(value) else None
+
+
 def extract_gsm8k(text: str) -> str | None:
     """GSM8K: the number after the last `####`; else after 'the answer is'; else the last number in the text."""
     if "####" in text:
@@ -84,7 +96,7 @@ def extract_answer(text: str, gold: str, extractor: str = "auto", choices: tuple
     if re.fullmatch(r"answer\d+", g):
         found = re.search(r"answer\s*(\d+)", span.lower())
         return f"answer{found.group(1)}" if found else None
-    if normalize_number(g) is not None and normalize_text(g).replace(" ", "").isdigit():
+    if as_number(g) is not None:
         return normalize_number(span)
     if choices:
         norm = normalize_text(span)
@@ -96,8 +108,12 @@ def extract_answer(text: str, gold: str, extractor: str = "auto", choices: tuple
 
 
 def is_correct(pred: str | None, gold: str) -> bool:
+    """Exact match after normalization; numbers compare as numbers (4 = 4.0 = 4.00, 1,000 = 1000)."""
     if pred is None:
         return False
+    p, g = as_number(pred), as_number(gold)
+    if p is not None and g is not None:
+        return math.isclose(p, g, rel_tol=1e-9, abs_tol=1e-9)
     return normalize_text(pred) == normalize_text(gold)
 
 
@@ -364,27 +380,28 @@ def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_t
     return results
 
 
-def _as_task(spec: Any, limit: int | None, images: str | None) -> Task:
+def _as_task(spec: Any, limit: int | None, images: str | None, image_pattern: str | None = None) -> Task:
     if isinstance(spec, Task):
         return spec
     if isinstance(spec, (str, Path)):
         name, path = parse_task_arg(str(spec))
-        return load_task(path, name, images=images, limit=limit)
+        return load_task(path, name, images=images, limit=limit, image_pattern=image_pattern)
     # an EvalTaskSpec (recipe) or a dict with its keys
     get = (lambda k: getattr(spec, k, None)) if not isinstance(spec, dict) else spec.get
     return load_task(get("path"), get("name"), kind=get("kind"), format=get("format"), group=get("group"),
-                     images=get("images") or images, limit=get("limit") or limit)
+                     images=get("images") or images, limit=get("limit") or limit,
+                     image_pattern=get("image_pattern") or image_pattern)
 
 
 def evaluate(model_path: str, tasks: list, batch_size: int = 8, limit: int | None = None,
              max_new_tokens: int = 64, images: str | None = None, reference: str | None = None,
-             keep_records: bool = False) -> dict:
+             keep_records: bool = False, image_pattern: str | None = None) -> dict:
     """Evaluate a model directory on task files / NAME=PATH strings / recipe task specs.
 
     Returns {"model", "tasks": {name: {accuracy (%), n, group, kind, format, path}}, "language_avg",
     "vision_avg"} plus "forgetting" ({omega, reference_omega, delta} per group) when `reference` is a results file.
     """
-    loaded_tasks = [_as_task(t, limit, images) for t in tasks]  # check every file before loading the model
+    loaded_tasks = [_as_task(t, limit, images, image_pattern) for t in tasks]  # check every file before loading the model
     names = [t.name for t in loaded_tasks]
     if len(set(names)) != len(names):
         raise UserError(f"task names must be unique; got {names} (use NAME=PATH)")
@@ -421,7 +438,8 @@ def format_table(results: dict) -> str:
 def eval_command(args) -> int:
     """CLI entry: `mlan eval MODEL --tasks … [--out FILE] [--reference FILE]`."""
     results = evaluate(args.model, args.tasks, batch_size=args.batch_size, limit=args.limit,
-                       max_new_tokens=args.max_new_tokens, images=args.images, reference=args.reference)
+                       max_new_tokens=args.max_new_tokens, images=args.images, reference=args.reference,
+                       image_pattern=getattr(args, "image_pattern", None))
     print(format_table(results))
     if args.out:
         out = Path(args.out)

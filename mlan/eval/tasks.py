@@ -4,12 +4,18 @@ Formats (all local JSON or JSONL):
 - `llm_adapters`: {instruction, answer} as LLM-Adapters renders ARC ("answerK", options from the
   "Answer format: answer1/…" line) and BoolQ ("true"/"false"); scored by log-likelihood choice.
 - `gsm8k`: {question, answer "… #### N"}; greedy generation, the number after `####` is the gold answer.
-- `nlvr`: {sentence, label, identifier, directory}; image images/{directory}/dev-{identifier}-0.png;
-  true/false by log-likelihood choice.
+- `nlvr`: {sentence, label, identifier, directory}; image images/{directory}/{split}-{identifier}-0.png where
+  {split} is the file's stem (dev.json → dev-…, test1.json → test1-…), else the dev- name; true/false by
+  log-likelihood choice.
 - `hf_mc`: ARC / OpenBookQA as on the Hub: {question | question_stem, choices {text, label}, answerKey}.
 - `boolq_hf`: {question, passage, answer: bool}.
 - `mc`: {question, choices [..], answer: index | letter | choice text} (optional `image`).
 - `qa`: {question, answer} (optional `image`); generation + exact match after answer extraction.
+
+An `image_pattern` (task key or `mlan eval --image-pattern`) overrides where any format's image is: a format
+string over the record's fields plus {split} (the file's stem), e.g. "images/{directory}/test1-{identifier}-0.png".
+Image paths resolve under the image root (`images`, else the task file's folder) and never outside it,
+with the same containment check as build sources (mlan.sources.images.resolve_path).
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlan.errors import UserError
+from mlan.sources.images import ImageContext, resolve_path
+from mlan.sources.records import RecordError
 
 Kind = Literal["choice", "generate"]
 Group = Literal["language", "vision"]
@@ -141,22 +149,46 @@ def gsm8k_gold(answer: str) -> str:
 
 
 def _resolve_image(value: str, path: Path, images: str | None, i: int, fld: str) -> str:
-    root = Path(images) if images else path.parent
-    p = Path(value)
-    p = p if p.is_absolute() else root / p
-    if not p.is_file():
-        raise UserError(f"{path}: record {i}: field {fld!r}: image not found: {p}")
-    return str(p)
+    """An image path of record `i` → an existing file inside the image root (else a one-line UserError)."""
+    root = str(Path(images) if images else path.parent)
+    try:
+        return str(resolve_path(value, ImageContext(root=root, file=str(path), index=i), fld).path)
+    except RecordError as err:
+        raise UserError(str(err)) from None
 
 
-def _item(fmt: str, rec: dict, path: Path, i: int, images: str | None) -> Item:
+def _pattern_image(rec: dict, pattern: str, path: Path, i: int) -> str:
+    """`image_pattern` filled from the record's fields and {split} (the task file's stem)."""
+    try:
+        return pattern.format(**{**rec, "split": path.stem})
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"{path}, record {i}: image_pattern {pattern!r} cannot be filled: {err!r}") from None
+
+
+NLVR_PATTERNS = ("images/{directory}/{split}-{identifier}-0.png", "images/{directory}/dev-{identifier}-0.png")
+
+
+def _record_image(fmt: str, rec: dict, path: Path, i: int, images: str | None, pattern: str | None) -> str | None:
+    """The resolved image of a record: the pattern when given, else the format's own rule."""
+    if pattern:
+        return _resolve_image(_pattern_image(rec, pattern, path, i), path, images, i, "image_pattern")
+    if fmt == "nlvr":
+        _need(rec, "identifier", path, i, (str, int))
+        _need(rec, "directory", path, i, (str, int))
+        candidates = list(dict.fromkeys(_pattern_image(rec, p, path, i) for p in NLVR_PATTERNS))
+        root = Path(images) if images else path.parent
+        found = next((c for c in candidates if (root / c).is_file()), candidates[0])
+        return _resolve_image(found, path, images, i, "identifier")
+    return _resolve_image(rec["image"], path, images, i, "image") if rec.get("image") else None
+
+
+def _item(fmt: str, rec: dict, path: Path, i: int, images: str | None, pattern: str | None = None) -> Item:
     if fmt == "llm_adapters":
         return _llm_adapters(rec, path, i)
     if fmt == "gsm8k":
         return Item(prompt=_need(rec, "question", path, i), answer=gsm8k_gold(_need(rec, "answer", path, i)))
     if fmt == "nlvr":
-        ident, directory = _need(rec, "identifier", path, i), str(_need(rec, "directory", path, i, (str, int)))
-        image = _resolve_image(f"images/{directory}/dev-{ident}-0.png", path, images, i, "identifier")
+        image = _record_image(fmt, rec, path, i, images, pattern)
         prompt = f"{_need(rec, 'sentence', path, i)}\nIs this sentence true or false about the image?"
         label = str(_need(rec, "label", path, i)).lower()
         if label not in ("true", "false"):
@@ -177,7 +209,7 @@ def _item(fmt: str, rec: dict, path: Path, i: int, images: str | None) -> Item:
     if fmt == "boolq_hf":
         prompt = f"{_need(rec, 'passage', path, i)}\nQuestion: {_need(rec, 'question', path, i)}?"
         return Item(prompt=prompt, answer="true" if rec["answer"] else "false", choices=("true", "false"))
-    image = _resolve_image(rec["image"], path, images, i, "image") if rec.get("image") else None
+    image = _record_image(fmt, rec, path, i, images, pattern)
     question = _need(rec, "question", path, i)
     if fmt == "mc":
         choices = tuple(str(c) for c in rec["choices"])
@@ -214,6 +246,7 @@ def load_task(
     group: Group | None = None,
     images: str | None = None,
     limit: int | None = None,
+    image_pattern: str | None = None,
 ) -> Task:
     """Read a benchmark file; format, kind and group are inferred unless given."""
     path = Path(path)
@@ -229,7 +262,7 @@ def load_task(
         raise UserError(f"{path}: unknown task format {fmt!r}; known formats: {', '.join(FORMATS)}")
     if limit is not None:
         records = records[:limit]
-    items = [_item(fmt, rec, path, i, images) for i, rec in enumerate(records)]
+    items = [_item(fmt, rec, path, i, images, image_pattern) for i, rec in enumerate(records)]
     kind = kind or ("choice" if fmt in _CHOICE_FORMATS else "generate")
     if kind == "choice" and any(not it.choices for it in items):
         raise UserError(f"{path}: kind 'choice' needs options, but format {fmt!r} has none")
