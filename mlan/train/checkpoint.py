@@ -8,6 +8,7 @@ rank has finished, so a run killed mid-save resumes from the previous complete c
 """
 from __future__ import annotations
 
+import ast
 import json
 import random
 import shutil
@@ -47,9 +48,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     keys = np.frombuffer(state["numpy"].numpy().tobytes(), dtype=np.uint32)
     np.random.set_state(("MT19937", keys, int(state["numpy_pos"]), 0, 0.0))
-    random.setstate(eval(state["python"], {"__builtins__": {}}))  # a tuple of ints, written by repr()
+    random.setstate(_python_rng(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _python_rng(text: str) -> tuple:
+    """`random.getstate()` back from its repr(): parsed as a literal (never evaluated) and shape-checked."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = None
+    ok = (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], int)
+          and isinstance(value[1], tuple) and all(isinstance(x, int) for x in value[1]))
+    if not ok:
+        raise ValueError("checkpoint: the Python RNG state is not random.getstate()'s (version, ints, gauss)")
+    return value
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
