@@ -103,9 +103,22 @@ def load_pretrained(path_or_id: str, family: str) -> nn.Module:
     return classes[family].from_pretrained(path_or_id, dtype=torch.float32)
 
 
-def _vision_model(path_or_id: str) -> nn.Module:
-    """The vision half of a CLIP or SigLIP checkpoint (a full dual-encoder checkpoint is fine)."""
+def _vision_model(path_or_id: str, fc: dict[str, Any] | None = None) -> nn.Module:
+    """The vision half of a CLIP or SigLIP checkpoint (a full dual-encoder checkpoint is fine).
+
+    `tiny` is a small *randomly initialised* CLIP tower (mlan/families/tiny.py) at the build's image size:
+    no pretrained CLIP/SigLIP weights are reachable offline, so a real LLM gets a random tower.
+    """
     from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+
+    if path_or_id == "tiny":
+        from mlan.families import tiny
+
+        vcfg = tiny.tiny_llava_config().vision_config
+        fc = fc or {}
+        vcfg.image_size = int(fc.get("image_size") or vcfg.image_size)
+        vcfg.patch_size = int(fc.get("patch_size") or vcfg.patch_size)
+        return CLIPVisionModel(vcfg)
 
     kind = AutoConfig.from_pretrained(path_or_id).model_type
     if kind in ("clip", "clip_vision_model"):
@@ -128,8 +141,10 @@ def compose_llava(model_spec: ModelSpec, fc: dict[str, Any]) -> nn.Module:
         raise ModelBuildError(
             f"model.config = {model_spec.config!r}: give either a full checkpoint in model.config "
             "or model.llm + model.vision_tower, not both")
-    llm = AutoModelForCausalLM.from_pretrained(model_spec.llm, dtype=torch.float32)
-    vision = _vision_model(model_spec.vision_tower)
+    from mlan.pretrained import resolve_model_path
+
+    llm = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_spec.llm), dtype=torch.float32)
+    vision = _vision_model(model_spec.vision_tower, fc)
     vcfg = vision.config
     siglip = vcfg.model_type.startswith("siglip")
     n_img = (vcfg.image_size // vcfg.patch_size) ** 2
