@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "demo": "mlan.demo:demo_command",
     "merge": "mlan.merge:merge_command",
     "merge-sweep": "mlan.merge:merge_sweep_command",
+    "study": "mlan.study:study_command",
 }
 
 
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="image root for image tasks")
     p.add_argument("--keep-models", action="store_true", help="keep every merged checkpoint (default: delete "
                    "each once it is evaluated; `mlan merge` rebuilds any point bit for bit)")
+
+    p = sub.add_parser("study", help="the MLAN study on SmolLM2-135M-Instruct (offline): ratios, Soft Targets, "
+                       "LoRA, merges; one report")
+    p.add_argument("--out", default="study-out")
+    p.add_argument("--recipe", default=None, help="study recipe (default: recipes/study-smollm2.yaml)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of every cell with tiny budgets")
+    p.add_argument("--nproc", type=int, default=1, help="training processes per run")
     return parser
 
 

@@ -173,3 +173,69 @@ def test_chatml_image_documents_widen_each_image_token(smol_tokenizer, shared_da
         assert doc.input_ids.tolist() == widened
         assert doc.n_images == len(conv.images) >= 1
         assert int(doc.loss_mask[np.asarray(doc.input_ids) == 49152].sum()) == 0
+
+
+# ---------------------------------------------------------------- mlan eval vs an independent scorer
+def _independent_choice(model, tok, prompt_text: str, options: list[str]) -> list[float]:
+    """Summed log-probability of each option after the chat prompt: one unpadded forward per option."""
+    prompt = tok.apply_chat_template([{"role": "user", "content": prompt_text}], tokenize=True,
+                                     add_generation_prompt=True, return_dict=False)
+    out = []
+    for option in options:
+        opt = tok.encode(option, add_special_tokens=False)
+        ids = torch.tensor([list(prompt) + opt])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        out.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(opt)))
+    return out
+
+
+@needs_package
+@pytest.mark.slow
+def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp_path):
+    """`mlan eval smollm2-135m-instruct` on ARC-easy, ARC-challenge, BoolQ and GSM8K subsets, recomputed with
+    plain transformers forward passes / greedy generation over the same prompts and items."""
+    import json
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlan.eval.harness import evaluate
+
+    ev = shared_data / "eval"
+    tasks = [f"arc_easy={ev / 'arc-easy_test.json'}", f"arc_challenge={ev / 'arc-challenge_test.json'}",
+             f"boolq={ev / 'boolq_test.json'}", f"gsm8k={ev / 'gsm8k_test.jsonl'}"]
+    n = 6
+    results = evaluate(BASE, tasks, batch_size=4, limit=n, max_new_tokens=48, keep_records=True)
+    model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(smol_dir))
+    for name, file in (("arc_easy", "arc-easy_test.json"), ("arc_challenge", "arc-challenge_test.json"),
+                       ("boolq", "boolq_test.json")):
+        records = json.loads((ev / file).read_text())[:n]
+        correct = 0
+        for rec, got in zip(records, results["tasks"][name]["records"]):
+            options = re.search(r"Answer format:\s*([^\n]+)", rec["instruction"]).group(1).split("/")
+            lls = _independent_choice(model, tok, rec["instruction"].strip(), [o.strip() for o in options])
+            assert got["loglikelihoods"] == pytest.approx(lls, abs=2e-3)
+            pred = options[max(range(len(lls)), key=lls.__getitem__)].strip()
+            assert got["prediction"] == pred
+            correct += pred == rec["answer"].strip()
+        assert results["tasks"][name]["accuracy"] == pytest.approx(100.0 * correct / n)
+    records = [json.loads(line) for line in (ev / "gsm8k_test.jsonl").read_text().splitlines()[:n]]
+    correct = 0
+    for rec, got in zip(records, results["tasks"]["gsm8k"]["records"]):
+        enc = tok.apply_chat_template([{"role": "user", "content": rec["question"].strip()}], tokenize=True,
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=48, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert got["generation"] == text
+        # the number after '####', else after 'the answer is', else the last number (GSM8K's usual extraction)
+        num = r"-?\d[\d,]*(?:\.\d+)?"
+        tail = re.split(r"####|the (?:direct |correct |final )?answer is", text, flags=re.IGNORECASE)
+        found = re.findall(num, tail[-1]) if len(tail) > 1 else []
+        pick = found[0] if found else (re.findall(num, text) or [None])[-1]
+        gold = rec["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        correct += pick is not None and pick.replace(",", "") == gold
+    assert results["tasks"]["gsm8k"]["accuracy"] == pytest.approx(100.0 * correct / n)
