@@ -45,7 +45,7 @@ class StudySettings:
     ratios: tuple[float, ...] = (0.0, 0.25, 0.75, 1.0)
     alphas: tuple[float, ...] = (0.3, 0.6)
     densities: tuple[float, ...] = (0.2, 1.0)
-    heldout_docs: int = 40
+    heldout_docs: int = 30
     overrides: tuple[str, ...] = ()
 
     @classmethod
