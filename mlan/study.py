@@ -122,8 +122,8 @@ def step_seconds(run: Path) -> float | None:
     path = run / "metrics.jsonl"
     if not path.is_file():
         return None
-    rates = sorted(r["tokens"] / r["tokens_per_s"] for r in read_metrics(path)
-                   if r.get("tokens_per_s") and r.get("tokens"))
+    rates = sorted(r["step_tokens"] / r["tokens_per_s"] for r in read_metrics(path)
+                   if r.get("tokens_per_s") and r.get("step_tokens"))
     if not rates:
         return None
     return rates[len(rates) // 2]
@@ -188,7 +188,7 @@ class Study:
         r = shlex.quote(str(self.recipe_path))
         return [f"mlan build {r} --out {build} --cache {self.cache} {s}".strip(),
                 f"mlan train {r} --shards {build} --out {d / 'run'} --nproc {self.nproc} --resume {s}".strip(),
-                f"mlan eval {d / 'run' / 'final'} --tasks <recipe eval.tasks> --out {d / 'eval.json'}"]
+                f"rm -f {d / 'eval.json'} {d / 'result.json'} && {self.again}  # re-scores with the recipe's eval.tasks"]
 
     # -- cells
     def base(self) -> dict:
@@ -211,7 +211,7 @@ class Study:
         _atomic_write(d / "eval-all.json", json.dumps(merged, indent=2) + "\n")
         row = self._row("base", None, merged, heldout_loss(self.base_llm, self.alpaca, self.settings.heldout_docs))
         row["seconds"] = time.perf_counter() - t0
-        row["commands"] = [f"mlan eval {self.recipe.model.llm} --tasks <recipe language tasks>", self.again]
+        row["commands"] = [f"rm -rf {d} && {self.again}  # the base LLM (language) and the untrained VLM (vision)"]
         return self._finish("base", row)
 
     def _save_untrained_vlm(self, out: Path) -> None:
@@ -256,7 +256,7 @@ class Study:
         row.update(tokens_text=int(by_mod.get("text", 0)), tokens_image_text=int(by_mod.get("image_text", 0)),
                    tokens_total=int(manifest["totals"]["tokens"]), step_s=step_seconds(d / "run"),
                    train_tokens_per_s=_per_step_tokens(d / "run"), seconds=time.perf_counter() - t0, **times)
-        row["commands"] = [*self._commands([f"mixture.ratio.text={ratio}", *extra], d, build), self.again]
+        row["commands"] = self._commands([f"mixture.ratio.text={ratio}", *extra], d, build)
         return self._finish(cell, row)
 
     def merge(self, vlm_cell: str) -> list[dict]:
@@ -282,7 +282,8 @@ class Study:
             p = self._row(f"merge α={r['alpha']:g} K={r['density']:g}", None, res, None)
             p.update(alpha=r["alpha"], density=r["density"],
                      command=f"mlan merge --vlm {vlm} --llm {self.base_llm} --alpha {r['alpha']:g} "
-                             f"--density {r['density']:g} --out MERGED && mlan eval MERGED --tasks <recipe eval.tasks>")
+                             f"--density {r['density']:g} --out MERGED  # scored by: rm -rf "
+                             f"{self.out / 'merge' / r['point']} {self.out / 'merge' / 'result.json'} && {self.again}")
             points.append(p)
         del base
         self._finish("merge", {"points": points, "seconds": time.perf_counter() - t0})
@@ -296,6 +297,10 @@ class Study:
         for group in ("language", "vision"):
             accs = [t["accuracy"] for t in results["tasks"].values() if t["group"] == group]
             row[f"omega_{group}"] = harmonic_mean(accs) if accs else None
+        # GSM8K at ~0 % (a 135M model, 0-shot) sends the harmonic mean to 0 for every arm: ω over the
+        # choice tasks alone is reported beside it
+        choice = [t["accuracy"] for t in results["tasks"].values() if t["group"] == "language" and t["kind"] == "choice"]
+        row["omega_language_choice"] = harmonic_mean(choice) if choice else None
         base = self.out / "base" / "eval-all.json"
         if base.is_file() and cell != "base":
             fg = forgetting(json.loads(base.read_text()), results, "base")["groups"]
@@ -330,13 +335,22 @@ def write_report(study: Study, started: float) -> None:
     ratio_rows = sorted((r for c, r in rows.items() if c.startswith("ratio-")), key=lambda r: r["text_ratio"])
     hm = lambda r: (harmonic_mean([r["language_avg"], r["vision_avg"]])
                     if r.get("language_avg") is not None and r.get("vision_avg") is not None else None)
-    for r in [*rows.values()]:
+    base_choice = base.get("omega_language_choice") if base else None
+    for c, r in rows.items():
+        if (out / c / "run").is_dir():
+            r["step_s"] = step_seconds(out / c / "run")
+        if r.get("omega_language_choice") is not None and base_choice is not None and c != "base":
+            r["delta_language_choice"] = base_choice - r["omega_language_choice"]
+    for r in [*rows.values(), *(rows["merge"]["points"] if "merge" in rows else [])]:
         if isinstance(r, dict) and "language_avg" in r:
+            if r.get("omega_language_choice") is not None and base_choice is not None and "alpha" in r:
+                r["delta_language_choice"] = base_choice - r["omega_language_choice"]
             r["hm_lang_vision"] = hm(r)
             if base and r.get("heldout_loss") is not None and base.get("heldout_loss") is not None:
                 r["heldout_loss_delta"] = r["heldout_loss"] - base["heldout_loss"]
     score_cols = ([(n, n, 1) for n in lang_tasks] + [("language avg", "language_avg", 1),
                   ("ω lang", "omega_language", 1), ("Δ lang vs base", "delta_language", 1),
+                  ("ω lang (choice tasks)", "omega_language_choice", 1), ("Δ (choice tasks)", "delta_language_choice", 1),
                   ("held-out loss", "heldout_loss", 3), ("Δ loss", "heldout_loss_delta", 3)]
                   + [(n, n, 1) for n in vis_tasks] + [("vision avg", "vision_avg", 1), ("ω vision", "omega_vision", 1),
                   ("HM(lang, vision)", "hm_lang_vision", 1)])
@@ -385,7 +399,7 @@ def write_report(study: Study, started: float) -> None:
     _atomic_write(out / "report.md", "\n".join(lines) + "\n")
     flat = [r for r in rows.values() if "language_avg" in r] + (merge["points"] if merge else [])
     keys = ["cell", "text_ratio", "alpha", "density", *lang_tasks, "language_avg", "omega_language",
-            "delta_language", "heldout_loss", "heldout_loss_delta", *vis_tasks, "vision_avg", "omega_vision",
+            "delta_language", "omega_language_choice", "delta_language_choice", "heldout_loss", "heldout_loss_delta", *vis_tasks, "vision_avg", "omega_vision",
             "delta_vision", "hm_lang_vision", "tokens_text", "tokens_image_text", "step_s", "seconds"]
     with (out / "study.csv").open("w", newline="") as f:
         w = csv.writer(f)

@@ -205,8 +205,8 @@ def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp
     ev = shared_data / "eval"
     tasks = [f"arc_easy={ev / 'arc-easy_test.json'}", f"arc_challenge={ev / 'arc-challenge_test.json'}",
              f"boolq={ev / 'boolq_test.json'}", f"gsm8k={ev / 'gsm8k_test.jsonl'}"]
-    n = 6
-    results = evaluate(BASE, tasks, batch_size=4, limit=n, max_new_tokens=48, keep_records=True)
+    n = 4
+    results = evaluate(BASE, tasks, batch_size=4, limit=n, max_new_tokens=32, keep_records=True)
     model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
     for name, file in (("arc_easy", "arc-easy_test.json"), ("arc_challenge", "arc-challenge_test.json"),
@@ -227,7 +227,7 @@ def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp
         enc = tok.apply_chat_template([{"role": "user", "content": rec["question"].strip()}], tokenize=True,
                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=48, do_sample=False, eos_token_id=tok.eos_token_id,
+            gen = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)
         text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         assert got["generation"] == text
