@@ -205,7 +205,7 @@ def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp
     ev = shared_data / "eval"
     tasks = [f"arc_easy={ev / 'arc-easy_test.json'}", f"arc_challenge={ev / 'arc-challenge_test.json'}",
              f"boolq={ev / 'boolq_test.json'}", f"gsm8k={ev / 'gsm8k_test.jsonl'}"]
-    n = 4
+    n = 3
     results = evaluate(BASE, tasks, batch_size=4, limit=n, max_new_tokens=32, keep_records=True)
     model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
