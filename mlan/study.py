@@ -129,7 +129,8 @@ def step_seconds(run: Path) -> float | None:
     return rates[len(rates) // 2]
 
 
-def _per_step_tokens(run: Path) -> float | None:
+def mean_tokens_per_s(run: Path) -> float | None:
+    """Mean training throughput over the logged steps (tokens / s)."""
     from mlan.train.metrics import read_metrics
 
     path = run / "metrics.jsonl"
@@ -255,7 +256,7 @@ class Study:
         by_mod = manifest["totals"].get("tokens_by_modality", {})
         row.update(tokens_text=int(by_mod.get("text", 0)), tokens_image_text=int(by_mod.get("image_text", 0)),
                    tokens_total=int(manifest["totals"]["tokens"]), step_s=step_seconds(d / "run"),
-                   train_tokens_per_s=_per_step_tokens(d / "run"), seconds=time.perf_counter() - t0, **times)
+                   train_tokens_per_s=mean_tokens_per_s(d / "run"), seconds=time.perf_counter() - t0, **times)
         row["commands"] = self._commands([f"mixture.ratio.text={ratio}", *extra], d, build)
         return self._finish(cell, row)
 
@@ -275,7 +276,6 @@ class Study:
                          max_new_tokens=ev.max_new_tokens)
         self.log(f"merge sweep: α {list(spec.alphas)} × K {list(spec.densities)} of {vlm} with the base LLM")
         rows = merge_sweep(spec)
-        base = self._done("base")
         points = []
         for r in rows:
             res = json.loads((self.out / "merge" / r["point"] / "results.json").read_text())
@@ -285,7 +285,6 @@ class Study:
                              f"--density {r['density']:g} --out MERGED  # scored by: rm -rf "
                              f"{self.out / 'merge' / r['point']} {self.out / 'merge' / 'result.json'} && {self.again}")
             points.append(p)
-        del base
         self._finish("merge", {"points": points, "seconds": time.perf_counter() - t0})
         return points
 
