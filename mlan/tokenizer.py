@@ -7,6 +7,11 @@ transformers' `TikTokenConverter` once, caches the result as a `tokenizer.json` 
 Special tokens follow `llama_models/llama3/tokenizer.py` (ids 128000..128255), with one change: llama_models
 calls 128011 `<|image|>`, but Hugging Face's Llama-3.2-Vision (and mlan) put `<|image|>` at 128256, after the
 256 specials. 128011 is therefore renamed to the otherwise unused `<|reserved_special_token_246|>`.
+
+Any other tokenizer (a folder, a hub id, or a named offline base such as `smollm2-135m-instruct`, see
+`mlan.pretrained`) gains the image token `<|image|>` as an added special token after its vocabulary when it has
+neither `<|image|>` nor `<image>`, and its chat template learns content lists of text and image parts
+(`with_image_token`). Nothing here assumes Llama-3 ids.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerFast
 
 LLAMA3_PATTERN = (
@@ -45,6 +51,27 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 _CACHE_FORMAT = "2"  # bump when the conversion below changes
+
+IMAGE_TOKEN_CANDIDATES = ("<|image|>", "<image>")  # Llama-3.2-Vision / mlan's llama3, then LLaVA's
+
+# Put in front of a chat template written for string contents only (e.g. ChatML's `'\n' + message['content']`):
+# it rewrites every content list of text and image parts into one string (an image part → the image token),
+# so the rest of the template renders image documents unchanged. List concatenation, not .append: transformers
+# renders templates in an immutable sandbox.
+_CONTENT_LIST_PREAMBLE = (
+    "{%- set _mlan = namespace(msgs=[]) -%}"
+    "{%- for _m in messages -%}"
+    "{%- if _m['content'] is string -%}{%- set _mlan.msgs = _mlan.msgs + [_m] -%}"
+    "{%- else -%}{%- set _t = namespace(s='') -%}"
+    "{%- for _p in _m['content'] -%}"
+    "{%- if _p['type'] == 'image' -%}{%- set _t.s = _t.s + 'IMAGE_TOKEN' -%}"
+    "{%- elif _p['type'] == 'text' -%}{%- set _t.s = _t.s + _p['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set _mlan.msgs = _mlan.msgs + [{'role': _m['role'], 'content': _t.s}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = _mlan.msgs -%}"
+)
 
 
 def llama3_model_file() -> Path:
@@ -84,7 +111,7 @@ def cache_dir() -> Path:
 
 def _convert_llama3(model_file: Path, out_dir: Path) -> None:
     """tokenizer.model → a saved PreTrainedTokenizerFast folder (slow: ~tens of seconds, done once)."""
-    from tokenizers import AddedToken, processors
+    from tokenizers import processors
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     backend = TikTokenConverter(vocab_file=str(model_file), pattern=LLAMA3_PATTERN).converted()
@@ -142,11 +169,28 @@ def _llama3_cached_dir() -> Path:
     return final
 
 
+def with_image_token(tok):
+    """`tok` itself when it has an image token; else `<|image|>` is added as a special token after its vocabulary
+    (id = len(tok) before) and a string-content chat template is taught content lists (see the preamble)."""
+    vocab = tok.get_vocab()
+    if any(t in vocab for t in IMAGE_TOKEN_CANDIDATES):
+        return tok
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    template = tok.chat_template
+    if isinstance(template, str) and "'image'" not in template and '"image"' not in template:
+        tok.chat_template = _CONTENT_LIST_PREAMBLE.replace("IMAGE_TOKEN", IMAGE_TOKEN) + template
+    return tok
+
+
 @lru_cache(maxsize=8)
 def _load_cached(name_or_path: str) -> PreTrainedTokenizerFast:
     if name_or_path == "llama3":
         return PreTrainedTokenizerFast.from_pretrained(str(_llama3_cached_dir()))
     from transformers import AutoTokenizer
+
+    from mlan.pretrained import resolve_model_path
+
+    name_or_path = resolve_model_path(name_or_path)  # a named offline base → its converted folder
 
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -162,11 +206,12 @@ def _load_cached(name_or_path: str) -> PreTrainedTokenizerFast:
             raise ValueError(f"cannot load a tokenizer from {name_or_path!r}: {tok_err}") from tok_err
     if not getattr(tok, "is_fast", False):
         raise ValueError(f"tokenizer {name_or_path!r} has no fast (Rust) implementation; mlan needs one")
-    return tok
+    return with_image_token(tok)
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
-    """`"llama3"` → the offline Llama-3 tokenizer; anything else → a local path or hub id via transformers.
+    """`"llama3"` → the offline Llama-3 tokenizer; a named offline base (`mlan.pretrained`) → its converted
+    folder's; anything else → a local path or hub id via transformers. Every one has an image token.
 
     Returned objects are shared per process (cached); do not mutate them.
     """

@@ -113,9 +113,10 @@ def test_image_token_lookup_in_other_tokenizers(tmp_path):
                                    unk_token="<unk>")
     bare.save_pretrained(tmp_path / "bare")
     no_image = get_family(ModelSpec(family="llava", tokenizer=str(tmp_path / "bare"), config="x"))
-    assert no_image.family_config()["image_token_id"] is None
-    with pytest.raises(ValueError, match="no image token"):
-        _ = no_image.image_token_id
+    # a tokenizer with neither token gains `<|image|>` right after its vocabulary (mlan.tokenizer.with_image_token)
+    assert no_image.image_token == "<|image|>" and no_image.image_token_id == len(vocab) == 3
+    assert no_image.family_config()["vocab_size"] == 4
+    assert no_image.tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "</s>", "hello"]
 
 
 def test_tiny_sizes_mirror_tiny_configs():

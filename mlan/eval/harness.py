@@ -136,6 +136,9 @@ def load_model(path: str) -> Loaded:
     """A model folder (save_pretrained) or hub id → model in eval mode + tokenizer; UserError names the path."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from mlan.pretrained import resolve_model_path
+
+    path = resolve_model_path(path)  # a named offline base (e.g. smollm2-135m-instruct) → its converted folder
     p = Path(path)
     if p.exists() and not (p / "config.json").is_file():
         raise UserError(f"{path}: not a model directory (no config.json)")

@@ -50,7 +50,10 @@ def _geometry(model: ModelSpec) -> VisionGeometry:
         else:
             cfg = _load_config(model.config)
             vision = getattr(cfg, "vision_config", None)
-            if vision is None:  # composed from parts: the vision tower's own config
+            if vision is None and model.vision_tower == "tiny":  # the random tiny tower (modeling._vision_model)
+                size, patch = TINY_LLAVA["image_size"], TINY_LLAVA["patch_size"]
+                tokens = (size // patch) ** 2
+            elif vision is None:  # composed from parts: the vision tower's own config
                 tower = _load_config(model.vision_tower)
                 vision = _vision_config(tower) if tower is not None else None
             if vision is not None and hasattr(vision, "image_size"):

