@@ -234,7 +234,7 @@ def _looks_local(value: str, base: Path) -> bool:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _expand_env(value: str) -> str:
+def expand_env(value: str) -> str:
     """`${NAME}` and `${NAME:-default}` from the environment, so shipped recipes can point at data that lives
     elsewhere (`${MLAN_SHARED_DATA:-../../shared/data}`) without editing them."""
     def replace(match: re.Match) -> str:
@@ -250,7 +250,7 @@ def _expand_env(value: str) -> str:
 
 def _resolve(value: str | None, base: Path, always_local: bool = False) -> str | None:
     if value is not None:
-        value = _expand_env(value)
+        value = expand_env(value)
     if value is None or "://" in value or not (always_local or _looks_local(value, base)):
         return value
     p = Path(value).expanduser()

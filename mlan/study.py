@@ -29,7 +29,7 @@ import yaml
 from mlan.ablate import _atomic_write, _mlan, _sets, export_complete, ratio_tag, write_plot
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting, harmonic_mean
-from mlan.recipe import Recipe, load_recipe
+from mlan.recipe import Recipe, expand_env, load_recipe
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "study-smollm2.yaml"
 NLVR_HELD_OUT_FROM = 900  # NLVR dev records [900, 988) are never trained on (the recipe's nlvr limit is 850)
@@ -67,7 +67,7 @@ def prepare(out: Path, recipe_src: Path) -> Path:
     shared = None
     for src in raw.get("sources", []):
         if src["name"] == "nlvr":
-            shared = (recipe_src.parent / src["images"]).resolve()
+            shared = (recipe_src.parent / expand_env(src["images"])).resolve()
     if shared is None:
         raise UserError(f"{recipe_src}: the study needs an `nlvr` source (its images feed the held-out vision task)")
     nlvr_eval = data / "nlvr_eval.jsonl"
@@ -83,9 +83,11 @@ def prepare(out: Path, recipe_src: Path) -> Path:
     for section in (raw.get("sources", []), raw.get("eval", {}).get("tasks", [])):
         for item in section:
             for key in ("path", "images"):
-                value = item.get(key)
-                if isinstance(value, str) and not value.startswith("data/") and not Path(value).is_absolute():
-                    item[key] = str((recipe_src.parent / value).resolve())
+                if not isinstance(item.get(key), str):
+                    continue
+                value = expand_env(item[key])
+                relative = not value.startswith("data/") and not Path(value).is_absolute()
+                item[key] = str((recipe_src.parent / value).resolve()) if relative else value
     study = out / "study.yaml"
     _atomic_write(study, "# written by `mlan study` from " + str(recipe_src) + "\n" + yaml.safe_dump(raw, sort_keys=False))
     return study
