@@ -26,12 +26,15 @@ from mlan.mixture.report import compute_stats, render_report
 from mlan.mixture.shards import (
     MANIFEST,
     PackedRow,
+    fs_of,
     join_url,
     row_key,
     row_to_sample,
     sha256_of,
     shard_name,
+    write_manifest,
     write_tar,
+    write_text_atomic,
 )
 from mlan.recipe import Recipe, load_recipe
 from mlan.run_lock import lock_output
@@ -47,20 +50,6 @@ class BuildError(RuntimeError):
 
 
 # ---------------------------------------------------------------- helpers
-def _fs(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
-def _write_text(url: str, text: str) -> None:
-    """Write via a temporary name then rename, so readers never see half a file."""
-    fs, path = _fs(url)
-    with fs.open(path + ".tmp", "w") as f:
-        f.write(text)
-    fs.mv(path + ".tmp", path)
-
-
 def _console():
     from rich.console import Console
 
@@ -301,13 +290,13 @@ def write_shard(out: str, index: int, rows: dict, caches: list[str], sidecar: di
         info["tokens"] += len(row)
         info["loss_tokens"] += int(row.loss.sum())
     info["tokens_by_source"] = dict(sorted(info["tokens_by_source"].items()))
-    fs, root = _fs(out)
+    fs, root = fs_of(out)
     final = f"{root}/{shard_name(index)}"
     with fs.open(final + ".tmp", "wb") as f:
         write_tar(f, samples)
     digest = sha256_of(fs.unstrip_protocol(final + ".tmp"))
     record = {"name": shard_name(index), "sha256": digest, **info}
-    _write_text(fs.unstrip_protocol(f"{root}/{PROGRESS_DIR}/shard-{index:06d}.json"), json.dumps({**sidecar, "shard": record}))
+    write_text_atomic(fs.unstrip_protocol(f"{root}/{PROGRESS_DIR}/shard-{index:06d}.json"), json.dumps({**sidecar, "shard": record}))
     fs.mv(final + ".tmp", final)
     return record
 
@@ -493,7 +482,7 @@ def build(
     mix = recipe.mixture
     check_modalities([s.modality for s in recipe.sources], mix.ratio.text)  # before any work
     console = _console()
-    fs, root = _fs(out)
+    fs, root = fs_of(out)
     fs.makedirs(f"{root}/shards", exist_ok=True)
     fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
     if fs.exists(f"{root}/{MANIFEST}"):
@@ -517,8 +506,8 @@ def build(
         arrays, too_many = source_arrays(recipe, caches)
         # every record that does not reach the mixture, listed before planning: a plan that fails still leaves it
         summaries, rejected, dropped = _record_summaries(recipe, caches, too_many)
-        _write_text(f"{out_url}/rejected.jsonl",
-                    "".join(json.dumps(r, sort_keys=True) + "\n" for r in _listing(recipe, rejected, dropped)))
+        write_text_atomic(f"{out_url}/rejected.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in _listing(recipe, rejected, dropped)))
         sources = source_docs(recipe, arrays)
         try:
             plan = make_plan(
@@ -571,8 +560,8 @@ def build(
         )
         stats["row_bound"] = row_bound(int(packing.row_tokens.sum()), int(planned["n_images"].sum()), mix.seq_len,
                                        mix.max_images_per_row)
-        _write_text(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
-        _write_text(f"{out_url}/report.md", render_report(stats))
+        write_text_atomic(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
+        write_text_atomic(f"{out_url}/report.md", render_report(stats))
         manifest = {
             "version": 1,
             "recipe": recipe.to_dict(),
@@ -590,7 +579,7 @@ def build(
             },
             "shards": shard_infos,
         }
-        _write_text(f"{out_url}/{MANIFEST}", json.dumps(manifest, indent=2) + "\n")
+        write_manifest(out_url, manifest)
         if progress:
             console.print(
                 f"built {packing.n_rows} rows in {n_shards} shards → {out}: {stats['tokens']['total']:,} tokens, "
@@ -698,7 +687,7 @@ def _write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_r
     """Write the shards not already finished, on the warm tokenizer actors if any, else on `workers` writer actors."""
     import ray
 
-    fs, root = _fs(out_url)
+    fs, root = fs_of(out_url)
     infos: list[dict | None] = [None] * (bounds.size - 1)
     refs: dict = {}
     jobs: list = []
