@@ -138,7 +138,11 @@ def row_key(shard: int, row: int) -> str:
 
 
 def write_tar(fileobj: IO[bytes], samples: list[dict[str, bytes | str]]) -> None:
-    """A plain tar, deterministic byte for byte (mtime 0, no owner), readable by webdataset and tarfile."""
+    """A plain tar, deterministic byte for byte (mtime 0, no owner), readable by webdataset and tarfile.
+
+    Kept instead of webdataset's TarWriter: with mtime=0, user/group "" and USTAR it is equal up to member
+    order, but TarWriter writes a sample's files sorted by extension (img0.png before json before loss.npy),
+    so its shards would not be byte-identical to the ones already built and recorded in manifests."""
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = sample["__key__"]
