@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlan.mixture.shards import fs_of
 from mlan.render import Document
 from mlan.sources.records import RecordError
 
@@ -49,10 +48,16 @@ def default_cache_dir() -> str:
     return os.environ.get("MLAN_TOKENIZED_CACHE") or str(Path.home() / ".cache" / "mlan" / "tokenized")
 
 
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
 def _hash_path(path: str, h: hashlib._Hash, with_bytes: bool) -> bool:
     """Feed a file's bytes (or a folder's listing) into `h`; False when the path is not on any filesystem."""
     try:
-        fs, p = fs_of(path)
+        fs, p = _fs(path)
         if not fs.exists(p):
             return False
     except Exception:  # noqa: BLE001 - an unknown protocol: treat as a hub id
@@ -193,7 +198,7 @@ def write_part(cache: str, part: int, docs: list[Document], indices: list[int], 
 
     Returns the part's META_COLUMNS, so the driver can write the cache's meta file without re-reading parts.
     """
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     fs.makedirs(root, exist_ok=True)
     pq_url, js_url = part_paths(root, part)
     table = docs_to_table(docs, indices, files)
@@ -207,7 +212,7 @@ def write_part(cache: str, part: int, docs: list[Document], indices: list[int], 
 
 
 def read_part_summary(cache: str, part: int) -> PartSummary | None:
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     _, js_url = part_paths(root, part)
     if not fs.exists(js_url):
         return None
@@ -216,14 +221,14 @@ def read_part_summary(cache: str, part: int) -> PartSummary | None:
 
 
 def mark_complete(cache: str, n_parts: int, info: dict) -> None:
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     with fs.open(f"{root}/{SUCCESS}", "w") as f:
         json.dump({"parts": n_parts, **info}, f)
 
 
 def read_complete(cache: str) -> dict | None:
     """The cache's completion record, or None when it was never finished."""
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     path = f"{root}/{SUCCESS}"
     if not fs.exists(path):
         return None
@@ -248,7 +253,7 @@ def _meta_of_parts(root: str, fs, n_parts: int, known: dict[int, pa.Table] | Non
 
 def write_meta(cache: str, n_parts: int, known: dict[int, pa.Table] | None = None) -> None:
     """The cache's meta file: every part's META_COLUMNS (from `known`, else read from the part) in one table."""
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     path = f"{root}/{META}"
     with fs.open(path + ".tmp", "wb") as f:
         pq.write_table(_meta_of_parts(root, fs, n_parts, known), f)
@@ -260,7 +265,7 @@ def read_meta(cache: str, n_parts: int) -> pa.Table:
 
     One read of the meta file; a cache finished before meta files existed is read part by part.
     """
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     if fs.exists(f"{root}/{META}"):
         with fs.open(f"{root}/{META}", "rb") as f:
             return pq.read_table(f)
@@ -268,7 +273,7 @@ def read_meta(cache: str, n_parts: int) -> pa.Table:
 
 
 def read_part(cache: str, part: int) -> pa.Table:
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     with fs.open(part_paths(root, part)[0], "rb") as f:
         return pq.read_table(f)
 
@@ -289,7 +294,7 @@ def rejected_entry(source: str, err: RecordError, index: int | None = None, stag
 
 def doc_files(cache: str, part: int, rows: list[int]) -> list[str]:
     """The input file of some documents of a part (read from its `file` column only)."""
-    fs, root = fs_of(cache)
+    fs, root = _fs(cache)
     with fs.open(part_paths(root, part)[0], "rb") as f:
         column = pq.read_table(f, columns=["file"]).column("file").to_pylist()
     return [column[r] for r in rows]
