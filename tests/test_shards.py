@@ -16,7 +16,6 @@ from PIL import Image
 from shardkit import LLAVA_FC, MLLAMA_FC, image_bytes, random_rows, write_build
 
 from mlan.data.images import mllama_images
-from mlan.mixture.build import _pre_resize
 from mlan.mixture.shards import (
     ManifestError,
     iter_tar_samples,
@@ -26,6 +25,7 @@ from mlan.mixture.shards import (
     split_key,
     write_tar,
 )
+from mlan.mixture.tokenize import pre_resize
 from mlan.recipe import load_recipe
 from mlan.render import Document, Renderer
 
@@ -130,7 +130,7 @@ def test_pre_resize_keeps_what_the_loader_computes(recipe):
     fc = renderer.family.family_config()
     sizes = [(64, 48), (300, 90), (90, 300), (500, 500), (1000, 80), (230, 225), (57, 56), (1200, 1190), (250, 60)]
     originals = [image_bytes(i, w, h) for i, (w, h) in enumerate(sizes)]
-    doc = _pre_resize(_doc(list(originals)), renderer)
+    doc = pre_resize(_doc(list(originals)), renderer)
     stored = [Image.open(io.BytesIO(b)).convert("RGB") for b in doc.images]
     assert doc.image_exts == ["png"] * len(sizes) and doc.image_sizes == [im.size for im in stored]
     if fc["family"] == "llava":
