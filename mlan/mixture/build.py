@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ import ray
 
 from mlan.child_process import start_descendant_reaper
 from mlan.mixture import cache as tcache
-from mlan.mixture.pack import pack, row_bound
-from mlan.mixture.plan import PlanError, SourceDocs, check_modalities, make_plan
+from mlan.mixture.pack import Packing, pack, row_bound
+from mlan.mixture.plan import Plan, PlanError, SourceDocs, check_modalities, make_plan
 from mlan.mixture.report import compute_stats, console, render_report
 from mlan.mixture.shards import MANIFEST, fs_of, write_manifest, write_text_atomic
 from mlan.mixture.tokenize import SourceCache, _family_config, tokenize_sources
@@ -57,6 +58,20 @@ def _column(values: list) -> np.ndarray:
     return np.asarray(values)
 
 
+@dataclass
+class Selection:
+    """The select/plan stage's result: the plan, its documents' columns in plan order, where each lies in the
+    cache, and every record that does not reach the mixture (for the report)."""
+
+    plan: Plan
+    planned: dict[str, np.ndarray]
+    doc_part: np.ndarray
+    doc_row: np.ndarray
+    summaries: dict
+    rejected: list[dict]
+    dropped: list[dict]
+
+
 def build(
     recipe: Recipe,
     out: str,
@@ -71,14 +86,12 @@ def build(
     check_source_paths(recipe.sources)  # a missing path fails here, before Ray starts and other sources are read
     mix = recipe.mixture
     check_modalities([s.modality for s in recipe.sources], mix.ratio.text)  # before any work
-    say = console()
     fs, root = fs_of(out)
     fs.makedirs(f"{root}/shards", exist_ok=True)
     fs.makedirs(f"{root}/{PROGRESS_DIR}", exist_ok=True)
     if fs.exists(f"{root}/{MANIFEST}"):
         fs.rm(f"{root}/{MANIFEST}")  # the old manifest no longer describes what is on disk
     out_url = fs.unstrip_protocol(root)
-    cache_root = cache_dir or tcache.default_cache_dir()
     family_config = _family_config(recipe)
 
     clock = [("start", time.perf_counter())]
@@ -87,101 +100,107 @@ def build(
     try:
         n_workers = workers or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         actors: list = []
-        caches = tokenize_sources(recipe, cache_root, n_workers, progress, keep_actors=actors,
-                                  family_config=family_config)
+        caches = tokenize_sources(recipe, cache_dir or tcache.default_cache_dir(), n_workers, progress,
+                                  keep_actors=actors, family_config=family_config)
         clock.append(("tokenize", time.perf_counter()))
         fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
-
-        # ---- per-source document tables (record order) → plan
-        arrays, too_many = source_arrays(recipe, caches)
-        # every record that does not reach the mixture, listed before planning: a plan that fails still leaves it
-        summaries, rejected, dropped = _record_summaries(recipe, caches, too_many)
-        write_text_atomic(f"{out_url}/rejected.jsonl",
-                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in _listing(recipe, rejected, dropped)))
-        sources = source_docs(recipe, arrays)
-        try:
-            plan = make_plan(
-                sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
-                ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
-            )
-        except PlanError as err:
-            raise PlanError(str(err) + _unusable_hint(summaries, rejected, f"{out}/rejected.jsonl")) from None
-        planned = {
-            k: np.concatenate([arrays[s][k][plan.doc[plan.source == s]] for s in range(len(sources))])
-            for k in ("n_tokens", "n_loss_tokens", "n_images", "n_tiles", "n_vision_tokens", "truncated", "modality",
-                      "image_tiles")
-        }
-        # restore plan order (the concatenation above is grouped by source)
-        order = np.concatenate([np.flatnonzero(plan.source == s) for s in range(len(sources))])
-        inv = np.empty_like(order)
-        inv[order] = np.arange(order.size)
-        planned = {k: v[inv] for k, v in planned.items()}
-        planned["source"] = np.array([s.name for s in recipe.sources], dtype=object)[plan.source]
-        part_of = np.concatenate([arrays[s]["part"] for s in range(len(sources))])
-        row_of = np.concatenate([arrays[s]["row"] for s in range(len(sources))])
-        base = np.cumsum([0] + [len(a["n_tokens"]) for a in arrays])[:-1]
-        flat = base[plan.source] + plan.doc
-        doc_part, doc_row = part_of[flat], row_of[flat]
-
-        # ---- pack, then a seeded row order so rows are not sorted by length
-        packing = pack(plan.n_tokens, planned["n_images"], seq_len=mix.seq_len, max_images=mix.max_images_per_row,
-                       buffer_tokens=mix.pack_buffer_tokens)
+        sel = select(recipe, caches, out, out_url)
+        # pack, then a seeded row order so rows are not sorted by length
+        packing = pack(sel.plan.n_tokens, sel.planned["n_images"], seq_len=mix.seq_len,
+                       max_images=mix.max_images_per_row, buffer_tokens=mix.pack_buffer_tokens)
         packing = packing.permuted(np.random.default_rng([mix.seed, ROWS_SEED_SALT]).permutation(packing.n_rows))
         bounds = shard_bounds(packing.row_tokens, recipe.shards.target_tokens)
-        n_shards = bounds.size - 1
-
         clock.append(("plan+pack", time.perf_counter()))
-        # ---- shards (parallel Ray tasks; finished ones are kept)
         shard_infos = write_shards(
-            out_url, packing, bounds, plan.source, doc_part, doc_row, [c.url for c in caches],
+            out_url, packing, bounds, sel.plan.source, sel.doc_part, sel.doc_row, [c.url for c in caches],
             fingerprint, mix.seq_len, progress, actors, n_workers,
-        )
+        )  # finished shards of an earlier run are kept
         for a in actors:
             ray.kill(a)
         for stale in fs.glob(f"{root}/shards/shard-*.tar*"):  # from an earlier build with more shards
             if Path(stale).name not in {Path(s["name"]).name for s in shard_infos}:
                 fs.rm(stale)
-
         clock.append(("write", time.perf_counter()))
-        # ---- stats, report, manifest (last)
-        stats = compute_stats(
-            seq_len=mix.seq_len, plan=plan, planned=planned, packing=packing, source_summaries=summaries,
-            rejected=rejected, dropped=dropped, n_shards=n_shards, fingerprint=fingerprint,
-        )
-        stats["row_bound"] = row_bound(int(packing.row_tokens.sum()), int(planned["n_images"].sum()), mix.seq_len,
-                                       mix.max_images_per_row)
-        write_text_atomic(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
-        write_text_atomic(f"{out_url}/report.md", render_report(stats))
-        manifest = {
-            "version": 1,
-            "recipe": recipe.to_dict(),
-            "fingerprint": fingerprint,
-            "seed": mix.seed,
-            "seq_len": mix.seq_len,
-            "family_config": family_config,
-            "images": {"pre_resized": bool(recipe.shards.pre_resize)},
-            "totals": {
-                "rows": packing.n_rows,
-                "tokens": int(packing.row_tokens.sum()),
-                "loss_tokens": int(sum(s["loss_tokens"] for s in shard_infos)),
-                "tokens_by_modality": stats["tokens"]["by_modality"],
-                "documents": len(plan),
-            },
-            "shards": shard_infos,
-        }
-        write_manifest(out_url, manifest)
+        stats = _report(recipe, out_url, sel, packing, shard_infos, fingerprint, family_config, bounds.size - 1)
         if progress:
-            say.print(
-                f"built {packing.n_rows} rows in {n_shards} shards → {out}: {stats['tokens']['total']:,} tokens, "
-                f"text ratio {stats['ratio_achieved']:.4f} (target {mix.ratio.text}), "
-                f"packing {stats['packing_efficiency']:.4f} ({packing.n_rows} rows, bound {stats['row_bound']})"
+            console().print(
+                f"built {packing.n_rows} rows in {bounds.size - 1} shards → {out}: {stats['tokens']['total']:,} "
+                f"tokens, text ratio {stats['ratio_achieved']:.4f} (target {mix.ratio.text}), packing "
+                f"{stats['packing_efficiency']:.4f} ({packing.n_rows} rows, bound {stats['row_bound']})"
             )
             clock.append(("report", time.perf_counter()))
-            say.print("time: " + ", ".join(f"{name} {t - clock[i][1]:.1f}s" for i, (name, t) in enumerate(clock[1:])))
+            console().print("time: " + ", ".join(f"{name} {t - clock[i][1]:.1f}s"
+                                                 for i, (name, t) in enumerate(clock[1:])))
         return stats
     finally:
         if started:
             ray.shutdown()
+
+
+def select(recipe: Recipe, caches: list[SourceCache], out: str, out_url: str) -> Selection:
+    """Per-source document tables (record order) → rejected.jsonl (first: a plan that fails still leaves it)
+    → the plan → its documents' columns in plan order."""
+    mix = recipe.mixture
+    arrays, too_many = source_arrays(recipe, caches)
+    summaries, rejected, dropped = _record_summaries(recipe, caches, too_many)
+    write_text_atomic(f"{out_url}/rejected.jsonl",
+                      "".join(json.dumps(r, sort_keys=True) + "\n" for r in _listing(recipe, rejected, dropped)))
+    sources = source_docs(recipe, arrays)
+    try:
+        plan = make_plan(
+            sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
+            ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
+        )
+    except PlanError as err:
+        raise PlanError(str(err) + _unusable_hint(summaries, rejected, f"{out}/rejected.jsonl")) from None
+    planned = {
+        k: np.concatenate([arrays[s][k][plan.doc[plan.source == s]] for s in range(len(sources))])
+        for k in ("n_tokens", "n_loss_tokens", "n_images", "n_tiles", "n_vision_tokens", "truncated", "modality",
+                  "image_tiles")
+    }
+    # restore plan order (the concatenation above is grouped by source)
+    order = np.concatenate([np.flatnonzero(plan.source == s) for s in range(len(sources))])
+    inv = np.empty_like(order)
+    inv[order] = np.arange(order.size)
+    planned = {k: v[inv] for k, v in planned.items()}
+    planned["source"] = np.array([s.name for s in recipe.sources], dtype=object)[plan.source]
+    part_of = np.concatenate([arrays[s]["part"] for s in range(len(sources))])
+    row_of = np.concatenate([arrays[s]["row"] for s in range(len(sources))])
+    base = np.cumsum([0] + [len(a["n_tokens"]) for a in arrays])[:-1]
+    flat = base[plan.source] + plan.doc
+    return Selection(plan, planned, part_of[flat], row_of[flat], summaries, rejected, dropped)
+
+
+def _report(recipe: Recipe, out_url: str, sel: Selection, packing: Packing, shard_infos: list[dict],
+            fingerprint: str, family_config: dict, n_shards: int) -> dict:
+    """stats.json, report.md, then the manifest (last: its presence marks a finished build); returns the stats."""
+    mix = recipe.mixture
+    stats = compute_stats(
+        seq_len=mix.seq_len, plan=sel.plan, planned=sel.planned, packing=packing, source_summaries=sel.summaries,
+        rejected=sel.rejected, dropped=sel.dropped, n_shards=n_shards, fingerprint=fingerprint,
+    )
+    stats["row_bound"] = row_bound(int(packing.row_tokens.sum()), int(sel.planned["n_images"].sum()), mix.seq_len,
+                                   mix.max_images_per_row)
+    write_text_atomic(f"{out_url}/stats.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(f"{out_url}/report.md", render_report(stats))
+    write_manifest(out_url, {
+        "version": 1,
+        "recipe": recipe.to_dict(),
+        "fingerprint": fingerprint,
+        "seed": mix.seed,
+        "seq_len": mix.seq_len,
+        "family_config": family_config,
+        "images": {"pre_resized": bool(recipe.shards.pre_resize)},
+        "totals": {
+            "rows": packing.n_rows,
+            "tokens": int(packing.row_tokens.sum()),
+            "loss_tokens": int(sum(s["loss_tokens"] for s in shard_infos)),
+            "tokens_by_modality": stats["tokens"]["by_modality"],
+            "documents": len(sel.plan),
+        },
+        "shards": shard_infos,
+    })
+    return stats
 
 
 def source_arrays(recipe: Recipe, caches: list[SourceCache]) -> tuple[list[dict], list[list[dict]]]:
