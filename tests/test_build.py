@@ -367,7 +367,7 @@ def test_bad_records_are_rejected_counted_and_listed(local_ray, shared_data, tmp
     stats = build(load_recipe(tmp_path / "bad.yaml"), str(tmp_path / "out"), workers=1,
                   cache_dir=str(tmp_path / "cache"), progress=False)
     pics = stats["records"]["pics"]
-    assert pics == {"read": 7, "accepted": 4, "rejected": 3, "dropped": 0, "truncated": 0}
+    assert pics == {"read": 7, "accepted": 4, "rejected": 3, "dropped": 0, "truncated": 0, "notes": {}}
     assert pics["read"] == pics["accepted"] + pics["rejected"] + pics["dropped"]
     assert sum(stats["rejected"].values()) == 3 and len(stats["rejected"]) == 3  # three different reasons
     rejected = [json.loads(x) for x in (tmp_path / "out/rejected.jsonl").read_text().splitlines()]

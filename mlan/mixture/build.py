@@ -301,6 +301,7 @@ def build_command(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     out = args.out or default_out(args.recipe)
     check_source_paths(recipe.sources)  # before the lock: a typo must not create the --out folder
+    check_modalities([s.modality for s in recipe.sources], recipe.mixture.ratio.text)  # nor an impossible ratio
     lock = lock_output(out, "build")  # one writer per --out (LockError names the live holder)
     reaper = start_descendant_reaper()  # a killed build leaves no Ray agent or worker behind
     try:
