@@ -341,7 +341,8 @@ def tar_rows_and_bound(out: Path) -> tuple[int, int, int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")
+                                         if not p.stem.startswith("continual-")))  # mlan.continual's schema
 def test_every_shipped_recipe_builds_rows_the_loader_accepts(local_ray, name, tmp_path):
     """Each shipped recipe whose data is present: built as shipped, every row read through the loader (none
     rejected), `mlan verify` reading every row finds nothing, the manifest's geometry is the tars' and the
