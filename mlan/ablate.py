@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mlan.child_process import run_child
 from mlan.errors import UserError
+from mlan.mixture.shards import read_manifest
 from mlan.recipe import Recipe, load_recipe
 
 BASE_COLUMNS = ("text_ratio", "tokens_text", "tokens_image_text", "tokens_total", "language_avg", "vision_avg")
@@ -137,13 +138,13 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
         results = evaluate(str(d.final), list(ev.tasks), batch_size=ev.batch_size, limit=ev.limit,
                            max_new_tokens=ev.max_new_tokens, reference=ev.reference)
         _atomic_write(d.eval, json.dumps(results, indent=2) + "\n")
-    manifest = json.loads((d.build / "manifest.json").read_text())
-    by_mod = manifest["totals"].get("tokens_by_modality", {})
+    manifest = read_manifest(str(d.build))
+    by_mod = manifest.totals.get("tokens_by_modality", {})
     row = {
         "text_ratio": ratio,
         "tokens_text": int(by_mod.get("text", 0)),
         "tokens_image_text": int(by_mod.get("image_text", 0)),
-        "tokens_total": int(manifest["totals"]["tokens"]),
+        "tokens_total": int(manifest.totals["tokens"]),
         "language_avg": results.get("language_avg"),
         "vision_avg": results.get("vision_avg"),
         "groups": {name: t["group"] for name, t in results["tasks"].items()},

@@ -200,8 +200,8 @@ def test_shared_data_targets_recomputed_from_tars(shared_build):
 def test_every_planned_document_once_per_planned_copy(shared_build):
     """The tars hold exactly the plan's multiset of documents (plan rebuilt from the cache's counts)."""
     from mlan.mixture import cache as tcache
-    from mlan.mixture.build import _family_config, _tokenizer_fp
     from mlan.mixture.plan import SourceDocs, make_plan
+    from mlan.mixture.tokenize import _family_config, _tokenizer_fp
 
     recipe, tmp, _ = shared_build
     mix = recipe.mixture
@@ -224,7 +224,7 @@ def test_cache_meta_file_equals_its_parts(shared_build):
     import pyarrow.parquet as pq
 
     from mlan.mixture import cache as tcache
-    from mlan.mixture.build import _family_config, _tokenizer_fp
+    from mlan.mixture.tokenize import _family_config, _tokenizer_fp
 
     recipe, tmp, _ = shared_build
     tok_fp, code_fp, fc = _tokenizer_fp(recipe), tcache.code_fingerprint(), _family_config(recipe)

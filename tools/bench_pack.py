@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def planned(recipe, cache: str):
     """The build's planned documents (lengths, images per document), from its (already filled) cache."""
-    from mlan.mixture.build import source_arrays, source_docs, tokenize_sources
+    from mlan.mixture.build import source_arrays, source_docs
     from mlan.mixture.plan import make_plan
+    from mlan.mixture.tokenize import tokenize_sources
 
     mix = recipe.mixture
     caches = tokenize_sources(recipe, cache, 1, progress=False)  # every source a cache hit: no work

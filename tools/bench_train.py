@@ -58,9 +58,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mlan.data.collate import family_collate
-from mlan.data.loader import RowReader, manifest_shards, plan_batches, read_manifest
+from mlan.data.loader import RowReader, plan_batches
 from mlan.families import modeling, tiny
-from mlan.mixture.shards import PackedRow
+from mlan.mixture.shards import PackedRow, read_manifest
 from mlan.recipe import ModelSpec, TrainSpec
 from mlan.train.attention import ATTENTION_CHOICES, set_attention
 from mlan.train.metrics import GIB, peak_flops, peak_memory_bytes, reset_peak_memory
@@ -351,9 +351,9 @@ def main() -> None:
         shards = make_build(Path(args.build_dir) if args.build_dir else Path(tmp.name) / "build",
                             Path(args.recipe), args.build_tokens, args.seq_len, args.build_set)
     manifest = read_manifest(str(shards))
-    fc = dict(manifest["family_config"])
-    seq_len = int(manifest["seq_len"])
-    reader = RowReader(manifest_shards(str(shards), manifest))
+    fc = dict(manifest.family_config)
+    seq_len = manifest.seq_len
+    reader = RowReader(manifest.shards)
     n_batches = args.warmup + args.batches
     plan = plan_batches(len(reader), 0, 1, args.batch_rows, args.seed)  # the packed loader's order, world of one
     if len(plan) < n_batches:

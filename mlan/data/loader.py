@@ -19,85 +19,36 @@ lazily once per process: webdataset 1.0.2 ships no `wids`, and a global permutat
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-from webdataset.tariterators import base_plus_ext
 
 from mlan.data.collate import FamilyCollator, check_row_images, family_collate
-from mlan.errors import MlanError
-from mlan.mixture.shards import ManifestError, PackedRow, sample_to_row
+from mlan.mixture.shards import (
+    PackedRow,
+    Shard,
+    ShardError,
+    read_manifest,
+    sample_to_row,
+    sha256_problem,
+    split_key,
+)
 
 STATE_VERSION = 1
-
-
-class ShardError(MlanError, ValueError):
-    """A shard that is missing, corrupted or disagrees with the manifest; the message names the shard."""
-
-
-# ---------------------------------------------------------------- manifest
-@dataclass(frozen=True)
-class Shard:
-    name: str  # relative to the build directory, as in the manifest
-    url: str  # absolute path or fsspec URL
-    rows: int
-    sha256: str | None
-
-
-def _join(build_dir: str, name: str) -> str:
-    if "://" in build_dir:
-        return build_dir.rstrip("/") + "/" + name
-    return str(Path(build_dir) / name)
-
-
-def read_manifest(build_dir: str) -> dict[str, Any]:
-    """manifest.json of a build, checked for the keys the loader relies on."""
-    url = _join(build_dir, "manifest.json")
-    try:
-        with fsspec.open(url, "rt") as f:
-            manifest = json.load(f)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{url}: no manifest (is {build_dir} a `mlan build` output directory?)") from err
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{url}: not valid JSON ({err})") from err
-    for key in ("seq_len", "family_config", "shards"):
-        if key not in manifest:
-            raise ManifestError(f"{url}: missing key {key!r}")
-    for i, s in enumerate(manifest["shards"]):
-        for key in ("name", "rows"):
-            if key not in s:
-                raise ManifestError(f"{url}: shards[{i}] has no {key!r}")
-    return manifest
-
-
-def manifest_shards(build_dir: str, manifest: dict[str, Any]) -> list[Shard]:
-    return [Shard(s["name"], _join(build_dir, s["name"]), int(s["rows"]), s.get("sha256")) for s in manifest["shards"]]
 
 
 def verify_shards(shards: list[Shard]) -> None:
     """Recompute every shard's sha256 and compare with the manifest; raises ShardError naming the shard."""
     for shard in shards:
-        h = hashlib.sha256()
-        try:
-            with fsspec.open(shard.url, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-        except FileNotFoundError as err:
-            raise ShardError(f"{shard.name}: shard file missing ({shard.url})") from err
-        if shard.sha256 is None:
-            raise ShardError(f"{shard.name}: manifest has no sha256 to verify against")
-        if h.hexdigest() != shard.sha256:
-            raise ShardError(f"{shard.name}: sha256 {h.hexdigest()} does not match the manifest's {shard.sha256} "
-                             "(corrupted or rewritten shard)")
+        problem = sha256_problem(shard)
+        if problem:
+            raise ShardError(problem)
 
 
 # ---------------------------------------------------------------- the plan
@@ -151,7 +102,7 @@ def index_tar(shard: Shard) -> list[tuple[str, dict[str, tuple[int, int]]]]:
             for m in tf:
                 if not m.isfile():
                     continue
-                key, ext = base_plus_ext(m.name)
+                key, ext = split_key(m.name)
                 if key is None:
                     raise ShardError(f"{shard.name}: member {m.name!r} has no key.extension name")
                 if not samples or samples[-1][0] != key:
@@ -307,8 +258,8 @@ def make_loader(build_dir: str, rank: int, world_size: int, batch_rows: int, wor
     """This rank's loader over a `mlan build` output; `verify` checks every shard's sha256 first."""
     build_dir = str(build_dir)
     manifest = read_manifest(build_dir)
-    shards = manifest_shards(build_dir, manifest)
+    shards = manifest.shards
     if verify:
         verify_shards(shards)
-    collate = family_collate(manifest["family_config"], seq_len=int(manifest["seq_len"]), pad_to=pad_to)
-    return PackedLoader(build_dir, manifest, RowReader(shards), collate, rank, world_size, batch_rows, workers, seed)
+    collate = family_collate(manifest.family_config, seq_len=manifest.seq_len, pad_to=pad_to)
+    return PackedLoader(build_dir, manifest.data, RowReader(shards), collate, rank, world_size, batch_rows, workers, seed)

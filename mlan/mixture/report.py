@@ -187,3 +187,25 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
         lines += ["| tiles per image | images |", "|---:|---:|"]
         lines += [f"| {k} | {v:,} |" for k, v in stats["tiles"].items()]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- what a person sees while a build runs
+def console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        console=console(),
+        disable=not enabled,
+        transient=False,
+    )

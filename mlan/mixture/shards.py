@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import fsspec
 import numpy as np
+from webdataset.tariterators import base_plus_ext
 
 from mlan.errors import MlanError
 
@@ -117,6 +119,11 @@ MANIFEST = "manifest.json"
 class ManifestError(MlanError, ValueError):
     """A manifest.json that is not valid JSON or not a build manifest; one line naming the file."""
 
+
+class ShardError(MlanError, ValueError):
+    """A shard that is missing, corrupted or disagrees with the manifest; the message names the shard."""
+
+
 SHARD_DIR = "shards"
 
 
@@ -131,7 +138,11 @@ def row_key(shard: int, row: int) -> str:
 
 
 def write_tar(fileobj: IO[bytes], samples: list[dict[str, bytes | str]]) -> None:
-    """A plain tar, deterministic byte for byte (mtime 0, no owner), readable by webdataset and tarfile."""
+    """A plain tar, deterministic byte for byte (mtime 0, no owner), readable by webdataset and tarfile.
+
+    Kept instead of webdataset's TarWriter: with mtime=0, user/group "" and USTAR it is equal up to member
+    order, but TarWriter writes a sample's files sorted by extension (img0.png before json before loss.npy),
+    so its shards would not be byte-identical to the ones already built and recorded in manifests."""
     with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = sample["__key__"]
@@ -148,15 +159,23 @@ def write_tar(fileobj: IO[bytes], samples: list[dict[str, bytes | str]]) -> None
                 tar.addfile(info, io.BytesIO(payload))
 
 
+def split_key(member: str) -> tuple[str | None, str | None]:
+    """The one key split: webdataset's own (key = the name up to the first dot of its last component, with
+    any folder; extension = the rest); (None, None) for a name without an extension."""
+    return base_plus_ext(member)
+
+
 def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[dict[str, Any]]:
-    """Samples of a tar as webdataset groups them: consecutive files sharing the key before the first dot."""
+    """Samples of a tar as webdataset groups them: consecutive files sharing a key (`split_key`); files
+    without an extension are skipped, as webdataset skips them."""
     current: dict[str, Any] | None = None
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
+            key, ext = split_key(member.name)
+            if key is None:
+                continue
             data = tar.extractfile(member).read()
             if current is None or current["__key__"] != key:
                 if current is not None:
@@ -169,16 +188,17 @@ def iter_tar_samples(fileobj: IO[bytes]) -> Iterator[dict[str, Any]]:
 
 def read_shard(url: str) -> Iterator[PackedRow]:
     """The packed rows of one shard file (local path or fsspec URL)."""
-    import fsspec
-
     with fsspec.open(url, "rb") as f:
         for sample in iter_tar_samples(f):
             yield sample_to_row(sample)
 
 
-def sha256_of(url: str, chunk: int = 1 << 22) -> str:
-    import fsspec
+def fs_of(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and bare path of a local path or fsspec URL (the one place the build resolves URLs)."""
+    return fsspec.core.url_to_fs(url)
 
+
+def sha256_of(url: str, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with fsspec.open(url, "rb") as f:
         while block := f.read(chunk):
@@ -191,20 +211,87 @@ def join_url(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
-def load_manifest(build_dir: str) -> dict:
-    """The manifest of a finished build; a clear error when the directory is not one."""
-    import fsspec
+@dataclass(frozen=True)
+class Shard:
+    """One manifest entry, with its location resolved against the build directory."""
 
+    name: str  # relative to the build directory, as in the manifest
+    url: str  # local path or fsspec URL
+    rows: int
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A finished build's manifest.json: the typed fields every reader relies on, and the whole JSON object
+    (`data`) for the keys only one reader uses (totals, recipe, stats...)."""
+
+    build_dir: str
+    url: str
+    seq_len: int
+    family_config: dict[str, Any]
+    shards: list[Shard]
+    data: dict[str, Any]
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        return self.data.get("totals", {})
+
+
+def _manifest_error(url: str, what: str) -> ManifestError:
+    return ManifestError(f"{url}: {what}")
+
+
+def read_manifest(build_dir: str) -> Manifest:
+    """The one reader of manifest.json: a clear one-line error when the directory is not a finished build or
+    the JSON lacks a key every reader relies on."""
     url = join_url(build_dir, MANIFEST)
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fs_of(url)
     if not fs.exists(path):
-        raise FileNotFoundError(f"{build_dir}: no {MANIFEST} (not a finished `mlan build` output)")
+        raise FileNotFoundError(f"{url}: no manifest (is {build_dir} a finished `mlan build` output directory?)")
     with fs.open(path, "r") as f:
         text = f.read()
     try:
-        manifest = json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ManifestError(f"{url}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise ManifestError(f"{url}: not a build manifest (no `shards` list)")
-    return manifest
+        raise _manifest_error(url, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
+        raise _manifest_error(url, "not a build manifest (no `shards` list)")
+    for key in ("seq_len", "family_config"):
+        if key not in data:
+            raise _manifest_error(url, f"missing key {key!r}")
+    shards = []
+    for i, s in enumerate(data["shards"]):
+        for key in ("name", "rows"):
+            if not isinstance(s, dict) or key not in s:
+                raise _manifest_error(url, f"shards[{i}] has no {key!r}")
+        shards.append(Shard(s["name"], join_url(build_dir, s["name"]), int(s["rows"]), s.get("sha256")))
+    return Manifest(build_dir, url, int(data["seq_len"]), data["family_config"], shards, data)
+
+
+def write_manifest(build_dir: str, data: dict[str, Any]) -> None:
+    """The one writer of manifest.json: indented JSON, written under a temporary name then renamed, so a
+    reader never sees half a manifest (its presence marks a finished build)."""
+    write_text_atomic(join_url(build_dir, MANIFEST), json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    """Write via a temporary name then rename, so readers never see half a file."""
+    fs, path = fs_of(url)
+    with fs.open(path + ".tmp", "w") as f:
+        f.write(text)
+    fs.mv(path + ".tmp", path)
+
+
+def sha256_problem(shard: Shard) -> str | None:
+    """The one sha256 check: None when the shard's bytes match the manifest, else one line naming it."""
+    try:
+        digest = sha256_of(shard.url)
+    except FileNotFoundError:
+        return f"{shard.name}: shard file missing ({shard.url})"
+    if shard.sha256 is None:
+        return f"{shard.name}: manifest has no sha256 to verify against"
+    if digest != shard.sha256:
+        return (f"{shard.name}: sha256 {digest} does not match the manifest's {shard.sha256} "
+                "(corrupted or rewritten shard)")
+    return None

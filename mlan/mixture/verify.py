@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from mlan.data.images import ImageDecodeError, decode_image
-from mlan.mixture.shards import PackedRow, join_url, load_manifest, read_shard, sha256_of
+from mlan.mixture.shards import Manifest, PackedRow, fs_of, read_manifest, read_shard, sha256_problem
 
 COUNT_KEYS = ("rows", "tokens", "loss_tokens", "tokens_by_modality", "tokens_by_source")
 
@@ -68,22 +68,19 @@ def verify_build(build_dir: str, rows: bool = True) -> list[str]:
 
     With `rows`, every row is also checked as the loader would use it (`row_problems`).
     """
-    import fsspec
-
-    manifest = load_manifest(build_dir)
-    seq_len = int(manifest["seq_len"])
-    family_config = manifest.get("family_config") or {}
+    manifest = read_manifest(build_dir)
+    seq_len = manifest.seq_len
+    family_config = manifest.family_config or {}
     problems: list[str] = []
-    for shard in manifest["shards"]:
-        name = shard["name"]
-        url = join_url(build_dir, name)
-        fs, path = fsspec.core.url_to_fs(url)
+    for shard, entry in zip(manifest.shards, manifest.data["shards"]):
+        name, url = shard.name, shard.url
+        fs, path = fs_of(url)
         if not fs.exists(path):
             problems.append(f"{name}: missing")
             continue
-        digest = sha256_of(url)
-        if digest != shard["sha256"]:
-            problems.append(f"{name}: sha256 {digest} != manifest {shard['sha256']}")
+        bad_sha = sha256_problem(shard)
+        if bad_sha:
+            problems.append(bad_sha)
         try:
             shard_rows = list(read_shard(url))
         except Exception as err:  # noqa: BLE001 - any unreadable shard is reported, not raised
@@ -96,15 +93,15 @@ def verify_build(build_dir: str, rows: bool = True) -> list[str]:
             problems += [f"{name}: row {row.key}: {p}" for p in bad]
         got = shard_counts(shard_rows)
         for key in COUNT_KEYS:
-            want = shard[key]
+            want = entry[key]
             have = dict(got[key]) if isinstance(got[key], Counter) else got[key]
             if isinstance(want, dict):
                 want = {k: v for k, v in want.items() if v}
             if have != want:
                 problems.append(f"{name}: {key} {have} != manifest {want}")
-    totals = manifest.get("totals", {})
+    totals = manifest.totals
     for key in ("rows", "tokens"):
-        s = sum(sh[key] for sh in manifest["shards"])
+        s = sum(sh[key] for sh in manifest.data["shards"])
         if key in totals and totals[key] != s:
             problems.append(f"manifest: totals.{key} {totals[key]} != sum over shards {s}")
     return problems
@@ -115,7 +112,7 @@ def verify_command(args) -> int:
 
     console = Console(stderr=True, highlight=False)
     problems = verify_build(args.build_dir)
-    manifest = load_manifest(args.build_dir)
+    manifest = read_manifest(args.build_dir).data
     if problems:
         for p in problems:
             console.print(f"[red]BAD[/red] {p}")
@@ -133,17 +130,17 @@ def verify_command(args) -> int:
 # ---------------------------------------------------------------- inspect
 def find_row(build_dir: str, index: int) -> tuple[dict, PackedRow]:
     """The manifest and the packed row at global index `index` (shards in manifest order)."""
-    manifest = load_manifest(build_dir)
-    total = manifest["totals"]["rows"]
+    manifest: Manifest = read_manifest(build_dir)
+    total = manifest.totals["rows"]
     if not 0 <= index < total:
         raise IndexError(f"{build_dir}: row {index} out of range (the build has {total} rows)")
     start = 0
-    for shard in manifest["shards"]:
-        if index < start + shard["rows"]:
-            for i, row in enumerate(read_shard(join_url(build_dir, shard["name"]))):
+    for shard in manifest.shards:
+        if index < start + shard.rows:
+            for i, row in enumerate(read_shard(shard.url)):
                 if i == index - start:
-                    return manifest, row
-        start += shard["rows"]
+                    return manifest.data, row
+        start += shard.rows
     raise IndexError(f"{build_dir}: row {index} not found in the shards")
 
 

@@ -11,31 +11,23 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mlan.data.loader import ManifestError, Shard, ShardError, manifest_shards, read_manifest, verify_shards
-
-
-def _problem(shard: Shard) -> str | None:
-    try:
-        verify_shards([shard])
-    except ShardError as err:
-        return str(err)
-    return None
+from mlan.mixture.shards import ManifestError, Shard, ShardError, read_manifest, sha256_problem
 
 
 def verify_build(build_dir: str | Path, threads: int | None = None) -> int:
     """Raise ManifestError / ShardError (one line, naming the first bad shard) or return the shard count."""
     build_dir = str(build_dir)
     manifest = read_manifest(build_dir)
-    shards = manifest_shards(build_dir, manifest)
+    shards: list[Shard] = manifest.shards
     if not shards:
         raise ManifestError(f"{build_dir}/manifest.json: lists no shards")
-    totals = manifest.get("totals", {})
+    totals = manifest.totals
     rows = sum(s.rows for s in shards)
     if "rows" in totals and int(totals["rows"]) != rows:
         raise ManifestError(f"{build_dir}/manifest.json: totals.rows {totals['rows']} != {rows}, the sum over shards")
     n_threads = threads or min(len(shards), max(2, os.cpu_count() or 1), 16)
     with ThreadPoolExecutor(max_workers=n_threads) as pool:
-        problems = [p for p in pool.map(_problem, shards) if p is not None]
+        problems = [p for p in pool.map(sha256_problem, shards) if p is not None]
     if problems:
         more = f" ({len(problems)} of {len(shards)} shards bad; `mlan verify {build_dir}` lists them)" \
             if len(problems) > 1 else ""

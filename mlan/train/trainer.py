@@ -28,6 +28,7 @@ from mlan.child_process import start_parent_watchdog
 from mlan.data.loader import ShardError
 from mlan.errors import MlanError, one_line
 from mlan.families import modeling
+from mlan.mixture.shards import read_manifest as read_shards_manifest
 from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
 from mlan.train.attention import set_attention
@@ -47,9 +48,7 @@ class TrainError(MlanError, RuntimeError):
 # ---------------------------------------------------------------- inputs
 def read_manifest(build_dir: str | Path) -> dict[str, Any]:
     """The build's manifest.json (local path or fsspec URL), checked for the keys training needs."""
-    from mlan.data.loader import read_manifest as _read
-
-    manifest = _read(str(build_dir))
+    manifest = read_shards_manifest(str(build_dir)).data
     for key in ("family_config", "totals"):
         if key not in manifest:
             raise TrainError(f"{build_dir}/manifest.json: missing key {key!r}")

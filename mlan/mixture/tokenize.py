@@ -1,0 +1,243 @@
+"""The tokenize stage: each source's records → rendered documents → cache parts, on a pool of Ray actors
+(`ray.util.ActorPool`), one tokenizer per actor. A source whose cache is complete is a hit and is not read.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from PIL import Image
+from ray.util import ActorPool
+
+from mlan.families import get_family
+from mlan.mixture import cache as tcache
+from mlan.mixture.report import console, progress_bar
+from mlan.mixture.shards import join_url
+from mlan.mixture.write import BuildError, PartTables, write_shard
+from mlan.recipe import Recipe
+from mlan.sources import iter_source
+from mlan.sources.images import open_oriented
+
+RECORDS_PER_PART = 512
+
+
+class TokenizeWorker:
+    """Renders batches of raw records into documents and writes them as cache parts (one tokenizer per actor)."""
+
+    def __init__(self, recipe: Recipe, family_config: dict):
+        """`recipe` is the driver's resolved Recipe object itself (pickled with which keys were set, so the
+        family geometry resolves as in the driver); `family_config` is the driver's, checked here."""
+        # one core per actor: set before the Rust tokenizer starts its thread pool (a job-level runtime_env
+        # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        from mlan.render import Renderer  # on the actors only: the driver never loads a tokenizer
+        from mlan.sources.images import ImageLimits, set_image_limits
+
+        set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))
+        self.recipe = recipe
+        self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
+        mine = self.renderer.family.family_config()
+        if mine != family_config:
+            raise BuildError(f"a tokenizer actor resolved the model geometry as {mine}, the driver as {family_config}")
+        self.pre_resize = self.recipe.shards.pre_resize
+
+    def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
+        from mlan.render import DocumentDropped  # on the actors only, as above
+        from mlan.sources import RecordError, to_conversations
+        from mlan.sources.readers import RawLine
+
+        spec = self.recipe.source(source_name)
+        rejected, dropped, convs, conv_index = [], [], [], []
+        file_of = {index: file for file, index, _ in items}
+        for file, index, record in items:
+            try:
+                if isinstance(record, RecordError):
+                    raise record
+                if isinstance(record, RawLine):  # JSON lines are parsed here, on the workers
+                    record = record.parse(file, index)
+                for conv in to_conversations(spec, index, record, file):  # several for `tree_paths: all`
+                    convs.append(conv)
+                    conv_index.append(index)
+            except RecordError as err:
+                rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index, "read"))
+        docs, indices, files = [], [], []
+        truncated = 0
+        for index, out in zip(conv_index, self.renderer.render_batch(convs)):
+            if isinstance(out, RecordError):
+                rejected.append(tcache.rejected_entry(source_name, out, index, "render"))
+                continue
+            if isinstance(out, DocumentDropped):
+                why = RecordError(file_of[index], index, f"dropped for length (mixture.overlong: drop): {out.reason}")
+                dropped.append(tcache.rejected_entry(source_name, why, index, "render", kind="dropped"))
+                continue
+            doc = pre_resize(out, self.renderer) if self.pre_resize and out.images else out
+            truncated += int(doc.truncated)
+            docs.append(doc)
+            indices.append(index)
+            files.append(file_of[index])
+        rejected.sort(key=lambda r: (r["index"] is None, r["index"] or 0))
+        notes = Counter(note for conv in convs for note in conv.notes)
+        summary = tcache.PartSummary(
+            part=part, read=len(items), accepted=len(docs), rejected=rejected, dropped=dropped,
+            truncated=truncated, tokens=int(sum(d.n_tokens for d in docs)), notes=dict(sorted(notes.items())),
+        )
+        meta = tcache.write_part(cache_url, part, docs, indices, summary, files)
+        return {**summary.to_json(), "source": source_name, "meta": meta}
+
+    def write_shard(self, *args) -> dict:
+        """Shards are written by the already-warm tokenizer actors when a build tokenized anything."""
+        if not hasattr(self, "tables"):
+            self.tables = PartTables()
+        return write_shard(*args, tables=self.tables)
+
+
+def pre_resize(doc, renderer):
+    """Store images at the family's resolution (smaller shards, no resize in the loader)."""
+    family = getattr(renderer, "family", None)
+    geometry = getattr(family, "geometry", None)
+    size = getattr(geometry, "image_size", None)
+    if not size:
+        return doc
+    tiles = max(1, int(getattr(geometry, "max_tiles", 1)))
+    images, exts, sizes = [], [], []
+    for data in doc.images:
+        im = open_oriented(data)  # the loader's decode: EXIF orientation applied, so none is stored
+        if tiles == 1:  # llava: the vision tower's square input
+            im = im.resize((size, size), Image.BICUBIC)
+        else:  # mllama: fit inside the largest tile canvas, keeping the aspect ratio
+            scale = min(1.0, size * tiles / max(im.size))
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", optimize=False)
+        images.append(buf.getvalue())
+        exts.append("png")
+        sizes.append(im.size)
+    doc.images, doc.image_exts, doc.image_sizes = images, exts, sizes
+    return doc
+
+
+@dataclass
+class SourceCache:
+    url: str
+    fingerprint: str
+    n_parts: int
+    hit: bool
+
+
+def _tokenizer_fp(recipe: Recipe) -> str:
+    """A cache key for the tokenizer from its files (no transformers import in the driver)."""
+    name = recipe.model.tokenizer
+    h = hashlib.sha256(name.encode())
+    if name == "llama3":
+        spec = importlib.util.find_spec("llama_models")
+        files = [Path(spec.origin).parent / "llama3" / "tokenizer.model"] if spec and spec.origin else []
+    else:
+        p = Path(name)
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.stat().st_size < (64 << 20)) if p.is_dir() else (
+            [p] if p.is_file() else [])  # a hub id: its name (and the code fingerprint) is the key
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tokenize_sources(
+    recipe: Recipe, cache_root: str, workers: int, progress: bool, keep_actors: list | None = None,
+    family_config: dict | None = None,
+) -> list[SourceCache]:
+    """Fill (or reuse) each source's cache on a pool of Ray actors; reports cache hits.
+
+    With `keep_actors`, the (warm) actors are appended to it instead of being killed. `family_config` is
+    the driver's resolved geometry (computed here when not given): part of every cache key, and what each
+    actor must resolve too.
+    """
+    say = console()
+    family_config = family_config if family_config is not None else _family_config(recipe)
+    tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
+    caches: list[SourceCache] = []
+    todo: list[int] = []
+    for i, src in enumerate(recipe.sources):
+        fp = tcache.source_fingerprint(recipe, src, tok_fp, code_fp, family_config=family_config)
+        url = join_url(cache_root, fp)
+        done = tcache.read_complete(url)
+        caches.append(SourceCache(url, fp, done["parts"] if done else 0, done is not None))
+        if done is not None:
+            if progress:
+                say.print(f"cache hit: source {src.name!r} ({fp}, {done['accepted']} documents)")
+        else:
+            todo.append(i)
+    if not todo:
+        return caches
+
+    Worker = ray.remote(num_cpus=1)(TokenizeWorker)
+    recipe_ref = ray.put(recipe)  # the object itself, never a dump re-validated (that marks defaults as set)
+    actors = [Worker.remote(recipe_ref, family_config) for _ in range(max(1, workers))]
+    pool = ActorPool(actors * 2)  # two batches queued per actor: it never waits for the driver
+    metas: dict[int, dict] = {i: {} for i in todo}  # source → part → META_COLUMNS the actor returned
+    index_of = {recipe.sources[i].name: i for i in todo}
+    t0 = time.perf_counter()
+    n_docs = n_tokens = 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task("tokenize", total=None, rate="")
+
+        def collect() -> None:
+            nonlocal n_docs, n_tokens
+            summary = pool.get_next_unordered()
+            metas[index_of[summary["source"]]][summary["part"]] = summary["meta"]
+            n_docs += summary["read"]
+            n_tokens += summary["tokens"]
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=summary["read"], rate=f"{n_docs / dt:,.0f} docs/s · {n_tokens / dt:,.0f} tok/s")
+
+        for i in todo:
+            src, c = recipe.sources[i], caches[i]
+            if progress:
+                say.print(f"tokenizing source {src.name!r} → cache {c.fingerprint}")
+            for part, batch in _record_batches(src):
+                c.n_parts = part + 1
+                if tcache.read_part_summary(c.url, part) is not None:  # written by an earlier, killed run
+                    bar.update(task, advance=len(batch))
+                    continue
+                if not pool.has_free():  # back-pressure: the driver never reads far ahead of the actors
+                    collect()
+                pool.submit(lambda actor, job: actor.process.remote(*job), (src.name, c.url, part, batch))
+        while pool.has_next():
+            collect()
+    if keep_actors is not None:
+        keep_actors.extend(actors)
+    else:
+        for a in actors:
+            ray.kill(a)
+    for i in todo:
+        c = caches[i]
+        sums = [tcache.read_part_summary(c.url, p) for p in range(c.n_parts)]
+        tcache.write_meta(c.url, c.n_parts, metas[i])  # parts from a killed earlier run are read back
+        tcache.mark_complete(c.url, c.n_parts, {
+            "source": recipe.sources[i].name,
+            "read": sum(s.read for s in sums), "accepted": sum(s.accepted for s in sums),
+            "rejected": sum(len(s.rejected) for s in sums), "dropped": sum(len(s.dropped) for s in sums),
+        })
+    return caches
+
+
+def _record_batches(src) -> Iterator[tuple[int, list]]:
+    """(part, records) in record order, RECORDS_PER_PART each; one empty part for a source with no records."""
+    part, batch = 0, []
+    for file, index, record in iter_source(src, raw_lines=True):
+        batch.append((file, index, record))
+        if len(batch) == RECORDS_PER_PART:
+            yield part, batch
+            part, batch = part + 1, []
+    if batch or part == 0:
+        yield part, batch
+
+
+def _family_config(recipe: Recipe) -> dict:
+    return get_family(recipe.model).family_config()
