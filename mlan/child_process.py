@@ -73,7 +73,7 @@ def run_child(cmd: Sequence[str], env: dict[str, str] | None = None, pass_fds: S
         raise
 
 
-def _proc_start(pid: int) -> str | None:
+def proc_start(pid: int) -> str | None:
     """Start time of a live, non-zombie process (field 22 of /proc/PID/stat): with the pid, names one process."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -96,22 +96,27 @@ def descendants(pid: int) -> set[tuple[int, str]]:
     todo = [pid]
     while todo:
         for child in children.get(todo.pop(), []):
-            start = _proc_start(child)
+            start = proc_start(child)
             if start is not None:
                 out.add((child, start))
             todo.append(child)
     return out
 
 
+def alive(procs: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    """Those of `procs` (pid, start time) that are still the same live processes."""
+    return {(p, s) for p, s in procs if proc_start(p) == s}
+
+
 def reap_descendants_of(parent: int, interval_s: float = 0.5, grace_s: float = 2.0) -> None:
     """Body of the reaper process: track `parent`'s descendants; once it is gone, SIGTERM then SIGKILL them."""
     me = os.getpid()
     seen: set[tuple[int, str]] = set()
-    while _proc_start(parent) is not None and os.getppid() == parent:
-        seen = {(p, s) for p, s in seen if _proc_start(p) == s} | {(p, s) for p, s in descendants(parent) if p != me}
+    while proc_start(parent) is not None and os.getppid() == parent:
+        seen = {(p, s) for p, s in seen if proc_start(p) == s} | {(p, s) for p, s in descendants(parent) if p != me}
         time.sleep(interval_s)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = [p for p, s in seen if _proc_start(p) == s]
+        left = [p for p, s in seen if proc_start(p) == s]
         for pid in left:
             try:
                 os.kill(pid, sig)
@@ -120,7 +125,7 @@ def reap_descendants_of(parent: int, interval_s: float = 0.5, grace_s: float = 2
         if not left:
             return
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_proc_start(p) == s for p, s in seen):
+        while time.monotonic() < deadline and any(proc_start(p) == s for p, s in seen):
             time.sleep(0.1)
 
 

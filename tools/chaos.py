@@ -2,7 +2,8 @@
 
 For each target: one uninterrupted reference run, then N trials. A trial starts the command in a session of
 its own, SIGKILLs the `mlan` process alone (as `kill -9 PID` from a shell would) after a seeded random delay
-in [0.5 s, 0.95 × the reference's wall time], counts the processes it had started that are still alive 5 s
+(a fraction in [0.05, 0.9] of the fastest complete run seen so far; a run that finishes before its kill teaches
+a faster wall time and the trial is tried again, up to 3 times, with the same fraction), counts the processes it had started that are still alive 5 s
 later (then kills them so the next trial starts clean), and runs the command again (`--resume` for train).
 The resumed build must be byte-identical to the reference (every shard and manifest.json); the resumed
 training run's final weights must be within 1e-6 of the reference's. A resume that finds the killed run's
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import yaml
 from safetensors.torch import load_file
+
+from mlan.child_process import alive, descendants
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MLAN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -67,38 +70,6 @@ def chaos_recipe(work: Path) -> Path:
     return path
 
 
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (field 22 of /proc/PID/stat): a pid plus this names one process, not a reuse."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] == "Z" else fields[19]
-
-
-def descendants(pid: int) -> set[tuple[int, str]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            start = _proc_start(c)
-            if start is not None:
-                out.add((c, start))
-            todo.append(c)
-    return out
-
-
-def alive(procs: set[tuple[int, str]]) -> set[tuple[int, str]]:
-    return {(p, s) for p, s in procs if _proc_start(p) == s}
-
-
 def env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0",
                 TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -112,8 +83,11 @@ def mlan(args: list[str], log: Path) -> tuple[int, str, float]:
     return rc, log.read_text(), time.perf_counter() - t0
 
 
-def kill_at(args: list[str], delay: float, log: Path) -> tuple[bool, int]:
-    """Start `mlan ARGS`, SIGKILL that process after `delay` s; (killed, processes of it alive GRACE_S later)."""
+def kill_at(args: list[str], delay: float, log: Path) -> tuple[bool, int, float]:
+    """Start `mlan ARGS`, SIGKILL that process after `delay` s.
+
+    Returns (killed, processes of it alive GRACE_S later, seconds it ran).
+    """
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "mlan.cli", *args], env=env(), stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -123,6 +97,7 @@ def kill_at(args: list[str], delay: float, log: Path) -> tuple[bool, int]:
         seen |= descendants(proc.pid)
         time.sleep(0.05)
     killed = proc.poll() is None
+    ran = time.perf_counter() - t0
     if killed:
         seen |= descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
@@ -139,7 +114,22 @@ def kill_at(args: list[str], delay: float, log: Path) -> tuple[bool, int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return killed, len(left)
+    return killed, len(left), ran
+
+
+def kill_until_landed(args: list[str], fraction: float, wall: float, log: Path, fresh: list[Path]
+                      ) -> tuple[float, bool, int, float]:
+    """SIGKILL at `fraction` of the fastest wall time seen; a run that finished first lowers the wall time and,
+    after its outputs (`fresh`) are removed, is started again (3 tries). Returns (delay, killed, left, wall)."""
+    for _ in range(3):
+        delay = max(0.5, fraction * wall)
+        killed, left, ran = kill_at(args, delay, log)
+        if killed:
+            break
+        wall = min(wall, ran)
+        for path in fresh:
+            shutil.rmtree(path, ignore_errors=True)
+    return delay, killed, left, wall
 
 
 def build_files(out: Path) -> dict[str, str]:
@@ -170,8 +160,8 @@ def chaos_build(work: Path, recipe: Path, kills: int, rng: random.Random) -> tup
         out_dir, cache = work / f"build-{i}", work / f"cache-{i}"
         args = ["build", str(recipe), "--out", str(out_dir), "--cache", str(cache), "--workers", "2",
                 *BUILD_SETS]
-        delay = rng.uniform(0.5, 0.95 * wall)
-        killed, left = kill_at(args, delay, work / f"build-{i}-killed.log")
+        delay, killed, left, wall = kill_until_landed(args, rng.uniform(0.05, 0.9), wall,
+                                                      work / f"build-{i}-killed.log", [out_dir, cache])
         rc, log, _ = mlan(args, work / f"build-{i}-resume.log")
         same = rc == 0 and build_files(out_dir) == want
         detail = "byte-identical" if same else f"rc {rc}" if rc else "differs"
@@ -196,8 +186,8 @@ def chaos_train(work: Path, recipe: Path, shards: Path, kills: int, rng: random.
     for i in range(kills):
         run = work / f"run-{i}"
         args = ["train", str(recipe), "--shards", str(shards), "--out", str(run), "--nproc", "2", *sets]
-        delay = rng.uniform(0.5, 0.95 * wall)
-        killed, left = kill_at(args, delay, work / f"run-{i}-killed.log")
+        delay, killed, left, wall = kill_until_landed(args, rng.uniform(0.05, 0.9), wall,
+                                                      work / f"run-{i}-killed.log", [run])
         rc, log, _ = mlan([*args, "--resume"], work / f"run-{i}-resume.log")
         diff = max_diff(weights(run), want) if rc == 0 else float("inf")
         ok = diff <= 1e-6
