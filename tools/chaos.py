@@ -30,6 +30,7 @@ import yaml
 from safetensors.torch import load_file
 
 from mlan.child_process import alive, descendants
+from mlan.recipe import expand_env
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MLAN_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -60,10 +61,11 @@ class Target:
 def chaos_recipe(work: Path) -> Path:
     """recipes/tiny-llava.yaml with absolute source paths and at most SOURCE_LIMIT records per source."""
     raw = yaml.safe_load((REPO / "recipes" / "tiny-llava.yaml").read_text())
+    os.environ["MLAN_SHARED_DATA"] = str(DATA)  # the recipe's ${MLAN_SHARED_DATA:-…} paths → DATA
     for src in raw["sources"]:
         for key in ("path", "images"):
             if src.get(key):
-                src[key] = str(DATA / Path(src[key]).relative_to("../../shared/data"))
+                src[key] = expand_env(src[key])
         src["limit"] = SOURCE_LIMIT
     path = work / "chaos.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
