@@ -27,7 +27,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from mlan.errors import MlanError
 from mlan.families.name_map import NameMap, NameMapError, map_names
@@ -387,28 +395,35 @@ class _Merger:
         by_file: dict[Path, list[TensorEntry]] = {}
         for entry in self.plan.vlm.values():
             by_file.setdefault(entry.file, []).append(entry)
-        bar = _progress(sum(e.nbytes for e in self.plan.vlm.values()), self.progress)
-        for file, entries in by_file.items():
-            raw, _ = read_header(file)
-            tmp = out_dir / (file.name + ".partial")
-            with open(tmp, "wb") as out:
-                out.write(raw)  # same names, dtypes, shapes and offsets as the VLM's shard
-                for entry in entries:
-                    if out.tell() != entry.offset:
-                        raise MergeError(f"{file}: tensor {entry.name!r} does not follow the one before it")
-                    item = self.plan.items.get(entry.name)
-                    if item is None:
-                        self.copy(out, file, entry.offset, entry.nbytes)
-                    else:
-                        state = global_state if scope_cut is not None else None
-                        report.selected_entries += self.write_item(out, item, state)
-                    bar.update(entry.nbytes)
-            os.replace(tmp, out_dir / file.name)
-        bar.close()
+        with _progress(self.progress) as bar:
+            task = bar.add_task("merge", total=sum(e.nbytes for e in self.plan.vlm.values()))
+            for file, entries in by_file.items():
+                self.merge_file(out_dir, report, file, entries, global_state if scope_cut is not None else None,
+                                lambda n: bar.update(task, advance=n))
+
+    def merge_file(self, out_dir: Path, report: MergeReport, file: Path, entries: list[TensorEntry],
+                   state: CutState | None, advance: Callable[[int], None]) -> None:
+        """One VLM shard → its merged copy: header as is, each tensor merged or copied in file order."""
+        raw, _ = read_header(file)
+        tmp = out_dir / (file.name + ".partial")
+        with open(tmp, "wb") as out:
+            out.write(raw)  # same names, dtypes, shapes and offsets as the VLM's shard
+            for entry in entries:
+                if out.tell() != entry.offset:
+                    raise MergeError(f"{file}: tensor {entry.name!r} does not follow the one before it")
+                item = self.plan.items.get(entry.name)
+                if item is None:
+                    self.copy(out, file, entry.offset, entry.nbytes)
+                else:
+                    report.selected_entries += self.write_item(out, item, state)
+                advance(entry.nbytes)
+        os.replace(tmp, out_dir / file.name)
 
 
-def _progress(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=not enabled)
+def _progress(enabled: bool) -> Progress:
+    """Bytes merged so far (rich, as every mlan progress bar); silent when disabled."""
+    return Progress(TextColumn("merge"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled)
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
