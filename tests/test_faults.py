@@ -427,11 +427,12 @@ def test_fsdp2_gradients_equal_unsharded_and_no_view_warning(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_chaos_short(shared_data, tmp_path):
-    """Two seeded SIGKILLs each of `mlan build` and `mlan train --nproc 2`: resumed results identical, nothing left."""
+    """One seeded SIGKILL each of `mlan build` and `mlan train --nproc 2` (tools/chaos.py, short): resumed results
+    identical, nothing left running. The 10-kill run is `python tools/chaos.py`."""
     env = dict(os.environ, PYTHONPATH=str(REPO), MLAN_SHARED_DATA=str(shared_data))
-    res = subprocess.run([sys.executable, str(REPO / "tools" / "chaos.py"), "--kills", "2", "--seed", "1",
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "chaos.py"), "--kills", "1", "--seed", "1",
                           "--work", str(tmp_path)], capture_output=True, text=True, env=env, timeout=1750, check=False)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| mlan")]
     assert len(rows) == 2, res.stdout
-    assert "| 2/2 byte-identical | 0 |" in rows[0] and "| 2/2 weights within 1e-6 | 0 |" in rows[1], res.stdout
+    assert "| 1/1 byte-identical | 0 |" in rows[0] and "| 1/1 weights within 1e-6 | 0 |" in rows[1], res.stdout
