@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mlan.piece_encoding import PieceEncoder, encode_texts, lay_out
 from mlan.sources.records import Conversation, ImageRef, RecordError
 
 if TYPE_CHECKING:
@@ -85,48 +86,6 @@ class Document:
         }
 
 
-def _plain_backend(tok):
-    """A copy of the Rust tokenizer that treats special-token strings in text as ordinary text.
-
-    User data that happens to contain "<|eot_id|>" must not become a real end-of-turn token.
-    """
-    backend = getattr(tok, "_mlan_plain_backend", None)
-    if backend is None:
-        from tokenizers import Tokenizer
-
-        backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
-        backend.encode_special_tokens = True
-        try:
-            tok._mlan_plain_backend = backend
-        except AttributeError:
-            pass
-    return backend
-
-
-def _encode(backend, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    encode = getattr(backend, "encode_batch_fast", None) or backend.encode_batch  # fast: no offsets
-    return [e.ids for e in encode(texts, add_special_tokens=False)]
-
-
-TIKTOKEN_MAX_CHARS = 20_000  # longer texts go to the Rust tokenizer (tiktoken is slow on very long pieces)
-
-
-def _encode_plain_tiktoken(enc, backend: Callable[[], Any], texts: list[str]) -> list[list[int]]:
-    """Ordinary text (no special-token parsing) with tiktoken; the rare very long text with `backend()`.
-
-    `backend` is a callable so the Rust copy (≈0.4 s to build) is made only when a long text needs it.
-    """
-    out: list[list[int] | None] = [enc.encode_ordinary(t) if len(t) <= TIKTOKEN_MAX_CHARS else None for t in texts]
-    long_ = [i for i, ids in enumerate(out) if ids is None]
-    if not long_:
-        return out  # type: ignore[return-value]
-    for i, ids in zip(long_, _encode(backend(), [texts[i] for i in long_])):
-        out[i] = ids
-    return out  # type: ignore[return-value]
-
-
 class Renderer:
     """Renders conversations for one model (family, tokenizer, template) and one seq_len / overlong policy."""
 
@@ -135,7 +94,6 @@ class Renderer:
         """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids)."""
         from mlan.families import get_family
         from mlan.templates import get_template
-        from mlan.tokenizer import is_offline_llama3, llama3_tiktoken
 
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
@@ -148,8 +106,7 @@ class Renderer:
         self.seq_len = int(seq_len)
         self.overlong = overlong
         self.template = get_template(self.family.template, self.tokenizer, self.family.image_token)
-        self._special = self.tokenizer.backend_tokenizer
-        self._tiktoken = llama3_tiktoken() if fast_bpe and is_offline_llama3(self.tokenizer) else None
+        self._encoder = PieceEncoder(self.tokenizer, fast_bpe)
         self._image_seq = self.family.image_seq_tokens()
         self._check_piece_boundaries()
 
@@ -171,10 +128,10 @@ class Renderer:
             pieces = self.template.pieces(probe)
         except RecordError as err:
             raise ValueError(f"template {self.template.name!r} cannot render a plain two-turn chat: {err.reason}") from None
-        encoded = self._encode_pieces([pieces])[0]
+        encoded = self._encoder.encode([pieces])[0]
         ids = [i for p, e in zip(pieces, encoded) for i in (e if p.kind == "text" else p.ids)]
         whole = "".join(p.text if p.kind == "text" else self.tokenizer.decode(list(p.ids)) for p in pieces)
-        if ids != _encode(self.tokenizer.backend_tokenizer, [whole])[0]:
+        if ids != encode_texts(self.tokenizer.backend_tokenizer, [whole])[0]:
             raise ValueError(
                 f"tokenizer {self.tokenizer.name_or_path!r} does not split at the boundaries of template "
                 f"{self.template.name!r} (tokenizing the pieces apart differs from tokenizing the whole text), "
@@ -197,10 +154,6 @@ class Renderer:
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
-    @property
-    def _plain(self):
-        return _plain_backend(self.tokenizer)  # built on first use, then kept on the tokenizer
-
     # ------------------------------------------------------------------ public
     def render(self, conv: Conversation) -> Document:
         """One conversation → Document; raises RecordError (bad record) or DocumentDropped (overlong)."""
@@ -221,7 +174,7 @@ class Renderer:
                 pieces.append(self.template.pieces(conv))
             except RecordError as err:
                 pieces.append(err)
-        encoded = iter(self._encode_pieces([ps for ps in pieces if not isinstance(ps, RecordError)]))
+        encoded = iter(self._encoder.encode([ps for ps in pieces if not isinstance(ps, RecordError)]))
         results: list[Document | RecordError | DocumentDropped] = []
         for conv, ps in zip(convs, pieces):
             if isinstance(ps, RecordError):
@@ -234,43 +187,13 @@ class Renderer:
         return results
 
     # ------------------------------------------------------------------ internals
-    def _encode_pieces(self, docs: list[list]) -> list[list]:
-        """Token ids of every text piece of every document (None for other pieces), in one tokenizer call each."""
-        plain_texts = [p.text for ps in docs for p in ps if p.kind == "text" and not p.special]
-        special_texts = [p.text for ps in docs for p in ps if p.kind == "text" and p.special]
-        if self._tiktoken is not None:
-            plain = iter(_encode_plain_tiktoken(self._tiktoken, lambda: self._plain, plain_texts))
-        else:
-            plain = iter(_encode(self._plain, plain_texts))
-        special = iter(_encode(self._special, special_texts))
-        return [[next(special if p.special else plain) if p.kind == "text" else None for p in ps] for ps in docs]
-
     def _assemble(self, conv: Conversation, pieces: list, encoded: list) -> Document:
         image_id = self.family.image_token_id if conv.images else -1
-        # one Python list and one numpy conversion per document (not an array per piece): this loop runs
-        # for every document of every build
-        ids: list[int] = []
-        lengths: list[int] = []
-        trained: list[bool] = []
-        image_positions: list[int] = []
-        cuts: list[int] = []
-        image_run = [image_id] * self._image_seq
-        for p, encoded_ids in zip(pieces, encoded):
-            if p.kind == "text":
-                seg = encoded_ids
-            elif p.kind == "ids":
-                seg = p.ids
-            else:
-                image_positions.append(len(ids))
-                seg = image_run
-            ids.extend(seg)
-            lengths.append(len(seg))
-            trained.append(p.trained and p.kind != "image")
-            if p.turn_end:
-                cuts.append(len(ids))
+        laid = lay_out(pieces, encoded, [image_id] * self._image_seq)
+        ids, image_positions, cuts = laid.ids, laid.image_positions, laid.cuts
         pos = len(ids)
         input_ids = np.array(ids, dtype=np.uint32)
-        loss_mask = np.repeat(np.array(trained, dtype=np.uint8), lengths)
+        loss_mask = np.repeat(np.array(laid.trained, dtype=np.uint8), laid.lengths)
         n_images = len(conv.images)
         if len(image_positions) != n_images:
             raise self._error(conv, f"template placed {len(image_positions)} image(s) for {n_images}")

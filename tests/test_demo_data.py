@@ -74,14 +74,13 @@ def test_eval_files_are_balanced_four_way_choices(demo) -> None:
 def test_sources_render_and_eval_prompt_equals_training_prompt(demo) -> None:
     """The demo recipe's sources go through mlan's readers and renderer; the tokens before the trained answer
     are exactly what `mlan eval` feeds the model, so log-likelihood choice scores what training taught."""
-    from mlan.eval.harness import Loaded, prompt_ids
+    from mlan.eval.prompts import PromptRenderer
     from mlan.render import Renderer
     from mlan.sources.readers import iter_conversations
 
     recipe = load_recipe(demo / "demo.yaml")
     renderer = Renderer(recipe.model, recipe.mixture.seq_len)
-    lm = Loaded(model=None, tokenizer=renderer.tokenizer, family="llava", image_token_id=128256,
-                image_tokens=recipe.model.image_tokens, image_size=56, max_tiles=1, stop_ids=[])
+    prompts = PromptRenderer(renderer.tokenizer, image_token_id=128256, image_tokens=recipe.model.image_tokens)
     for source in recipe.sources:
         convs = [c for c, _ in zip(iter_conversations(source), range(20))]
         assert not [c for c in convs if isinstance(c, Exception)]
@@ -90,7 +89,7 @@ def test_sources_render_and_eval_prompt_equals_training_prompt(demo) -> None:
             start = int(np.flatnonzero(doc.loss_mask)[0])
             user = conv.messages[0].text.strip()
             n_images = len(conv.images)
-            assert doc.input_ids[:start].tolist() == prompt_ids(lm, user, n_images)
+            assert doc.input_ids[:start].tolist() == prompts.ids(user, n_images)
             answer = renderer.tokenizer.decode(doc.input_ids[start:].tolist(), skip_special_tokens=True)
             assert answer == conv.messages[1].text
             assert doc.n_tokens <= recipe.mixture.seq_len

@@ -12,17 +12,15 @@ import pytest
 import torch
 
 from mlan.cli import UserError, main
+from mlan.eval.answers import extract_answer, extract_gsm8k
 from mlan.eval.forgetting import forgetting, harmonic_mean
-from mlan.eval.harness import (
-    choice_loglikelihoods,
-    evaluate_tasks,
-    extract_answer,
-    extract_gsm8k,
-    generate,
-    load_model,
-    prompt_ids,
-)
+from mlan.eval.harness import evaluate_tasks, load_model, model_inputs
+from mlan.eval.prompts import prompt_ids
+from mlan.eval.scoring import choice_loglikelihoods, generate
 from mlan.eval.tasks import Item, infer_format, load_task
+from mlan.recipe import ModelSpec
+from mlan.render import Renderer
+from mlan.sources.records import Conversation, Image, ImageRef, Message, Text
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +86,7 @@ def test_choice_loglikelihood_with_image(lm, colour_png) -> None:
     prompt = prompt_ids(lm, "What colour is this picture?", n_images=1)
     assert prompt.count(lm.image_token_id) == 16  # tiny LLaVA: 56 px / 14 px patches → 16 tokens
     options = [lm.tokenizer.encode(t, add_special_tokens=False) for t in ("red", "dark green", "blue")]
-    got = choice_loglikelihoods(lm, prompt, options, image=colour_png, batch_size=2)
+    got = choice_loglikelihoods(lm, prompt, options, image=colour_png, batch_size=2, inputs=model_inputs(lm))
     with Image.open(colour_png) as im:
         px = llava_pixel_values([im.convert("RGB")], lm.image_size)
     want = [_reference_loglikelihood(lm.model, prompt, o, pixel_values=px) for o in options]
@@ -98,15 +96,24 @@ def test_choice_loglikelihood_with_image(lm, colour_png) -> None:
     assert not np.allclose(got, blind, atol=1e-3)
 
 
-def test_prompt_uses_llama3_chat_format(lm) -> None:
-    ids = prompt_ids(lm, "  Hello there ")
-    text = lm.tokenizer.decode(ids)
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello there<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    # equals the tokenizer's own chat template (mlan's llama3 tokenizer ships the Llama-3 template)
-    ref = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}], tokenize=False,
-                                           add_generation_prompt=True)
-    assert text == ref
+@pytest.mark.parametrize("n_images", [0, 1])
+def test_eval_prompt_is_the_training_documents_prefix(lm, colour_png, n_images: int) -> None:
+    """Eval's prompt == the build's document up to the trained answer, for the same user message; and both
+    equal the tokenizer's own chat template with a generation prompt (each <|image|> widened to 16)."""
+    question = "  What colour is this picture? "
+    renderer = Renderer(ModelSpec(family="llava", tokenizer="llama3", config="tiny"), seq_len=4096)
+    image = (Image(ImageRef(path=colour_png)),) * n_images
+    user = Message("user", (*image, Text(("\n" if n_images else "") + question.strip())))
+    doc = renderer.render(Conversation("t:0:0", "t", (user, Message("assistant", (Text("Red."),)))))
+    start = int(np.flatnonzero(doc.loss_mask)[0])
+    ids = prompt_ids(lm, question, n_images)
+    assert ids == doc.input_ids[:start].tolist()
+    tok = lm.tokenizer
+    ref = tok.apply_chat_template([{"role": "user", "content": ("<|image|>\n" if n_images else "") + question.strip()}],
+                                  tokenize=False, add_generation_prompt=True)
+    ref_ids = tok.encode(ref, add_special_tokens=False)
+    assert ids == [t for x in ref_ids for t in ([x] * 16 if x == lm.image_token_id else [x])]
+    assert ids.count(lm.image_token_id) == 16 * n_images
 
 
 def _greedy_one(model, prompt: list[int], n: int, stops: list[int]) -> list[int]:
@@ -331,7 +338,7 @@ def test_mllama_choice_with_image_equals_processor_built_forward(tmp_path, colou
     prompt = prompt_ids(mm, "What colour is this picture?", n_images=1)
     assert prompt.count(128256) == 1
     options = [mm.tokenizer.encode(t, add_special_tokens=False) for t in ("red", "light blue")]
-    got = choice_loglikelihoods(mm, prompt, options, image=colour_png, batch_size=2)
+    got = choice_loglikelihoods(mm, prompt, options, image=colour_png, batch_size=2, inputs=model_inputs(mm))
 
     proc = MllamaImageProcessorPil(size={"height": mm.image_size, "width": mm.image_size}, max_image_tiles=mm.max_tiles)
     with Image.open(colour_png) as im:

@@ -14,7 +14,9 @@ import torch
 
 from mlan.cli import main
 from mlan.errors import UserError
-from mlan.eval.harness import _as_task, evaluate_tasks, extract_answer, is_correct, load_model, prompt_ids
+from mlan.eval.answers import extract_answer, is_correct
+from mlan.eval.harness import _as_task, evaluate_tasks, load_model
+from mlan.eval.prompts import prompt_ids
 from mlan.eval.tasks import load_task
 from mlan.recipe import EvalTaskSpec
 
@@ -148,3 +150,12 @@ def test_generation_accuracy_is_pinned_to_independent_greedy_decode(tiny_llava_d
     assert [r["correct"] for r in res["records"]] == expected
     assert res["accuracy"] == pytest.approx(100.0 * sum(expected) / 6)
     assert 0 < res["accuracy"] < 100
+
+
+# ---------------------------------------------------------------- --limit
+def test_limit_flag_wins_over_the_task_limit(shared_data) -> None:
+    spec = EvalTaskSpec(name="boolq", path=str(shared_data / "eval" / "boolq_test.json"), limit=5)
+    assert len(_as_task(spec, None, None).items) == 5  # no --limit: the task's own
+    assert len(_as_task(spec, 2, None).items) == 2  # --limit given: it wins, smaller
+    assert len(_as_task(spec, 8, None).items) == 8  # … or larger
+    assert len(_as_task({"path": spec.path, "name": "b", "limit": 5}, 3, None).items) == 3

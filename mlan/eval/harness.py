@@ -1,18 +1,15 @@
 """`mlan eval`: zero-shot scoring of a causal LM, LLaVA or Mllama model directory on benchmark files.
 
-Two scorers: log-likelihood choice (the option whose tokens have the highest summed log-probability
-after the prompt; batched, right padding) and greedy generation (batched, left padding, KV cache) with
-answer extraction and exact match. Prompts use the Llama-3 chat format when the tokenizer has its
-header tokens (images first in the user turn, as mlan renders LLaVA-style data), else the tokenizer's
-own chat_template. Accuracies are percentages.
+This module loads the model, gives the scorers (mlan.eval.scoring) a batch's image inputs, and runs the
+tasks into a results dict with group averages and forgetting. Prompts are rendered as the build renders
+them (mlan.eval.prompts); answers are extracted in mlan.eval.answers. Accuracies are percentages.
 """
 from __future__ import annotations
 
 import json
-import math
-import re
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,104 +17,12 @@ import torch
 
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
-from mlan.eval.tasks import Item, Task, load_task, parse_task_arg
+from mlan.eval.scoring import ModelInputs, score_choice, score_generate
+from mlan.eval.tasks import Task, load_task, parse_task_arg
 from mlan.weights import check_model_dir
 
-# ---------------------------------------------------------------- answer extraction
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
-_DIRECT = re.compile(r"the (?:direct |correct |final )?answer is\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
 
-
-def normalize_number(text: str) -> str | None:
-    """'$1,234.00' → '1234'; None when `text` has no number."""
-    m = _NUMBER.search(text)
-    if not m:
-        return None
-    s = m.group(0).replace("$", "").replace(",", "")
-    try:
-        value = float(s)
-    except ValueError:
-        return None
-    if math.isfinite(value) and value == int(value):
-        return str(int(value))
-    return repr(value)
-
-
-_WHOLE_NUMBER = re.compile(r"\s*(-?)\$?(\d{1,3}(?:,\d{3})+|\d+)?(\.\d+)?\s*%?\s*\.?\s*")
-
-
-def as_number(text: str) -> float | None:
-    """The value of a text that is only a number ('4', '4.00', '-1,000', '$3.5', '.5'); None otherwise."""
-    m = _WHOLE_NUMBER.fullmatch(text)
-    if not m or (m.group(2) is None and m.group(3) is None):
-        return None
-    value = float(m.group(1) + (m.group(2) or "0").replace(",", "") + (m.group(3) or ""))
-    return value if math.isfinite(value) else None
-
-
-def extract_gsm8k(text: str) -> str | None:
-    """GSM8K: the number after the last `####`; else after 'the answer is'; else the last number in the text."""
-    if "####" in text:
-        found = normalize_number(text.rsplit("####", 1)[1])
-        if found is not None:
-            return found
-    m = _DIRECT.search(text)
-    if m:
-        found = normalize_number(m.group(1))
-        if found is not None:
-            return found
-    numbers = _NUMBER.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (SQuAD/VQA-style normalization)."""
-    text = text.lower()
-    text = re.sub(r"[^\w\s]", " ", text)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def extract_answer(text: str, gold: str, extractor: str = "auto", choices: tuple[str, ...] = ()) -> str | None:
-    """The answer in a generation, shaped like `gold`: a number, yes/no, true/false, an option or free text.
-
-    MLAN-style "… the direct answer is: X" is honoured first; None when nothing answer-like is found.
-    """
-    if extractor == "gsm8k":
-        return extract_gsm8k(text)
-    m = _DIRECT.search(text)
-    span = m.group(1) if m else text
-    span = span.strip().split("\n")[0] if m else span.strip()
-    g = gold.strip().lower()
-    if g in ("yes", "no") or g in ("true", "false"):
-        pair = ("yes", "no") if g in ("yes", "no") else ("true", "false")
-        found = re.search(rf"\b({pair[0]}|{pair[1]})\b", span.lower())
-        return found.group(1) if found else None
-    if re.fullmatch(r"answer\d+", g):
-        found = re.search(r"answer\s*(\d+)", span.lower())
-        return f"answer{found.group(1)}" if found else None
-    if as_number(g) is not None:
-        return normalize_number(span)
-    if choices:
-        norm = normalize_text(span)
-        for c in sorted(choices, key=len, reverse=True):
-            if normalize_text(c) and re.search(rf"\b{re.escape(normalize_text(c))}\b", norm):
-                return c
-    span = span.strip().rstrip(".").strip()
-    return span or None
-
-
-def is_correct(pred: str | None, gold: str) -> bool:
-    """Exact match after normalization; numbers compare as numbers (4 = 4.0 = 4.00, 1,000 = 1000)."""
-    if pred is None:
-        return False
-    p, g = as_number(pred), as_number(gold)
-    if p is not None and g is not None:
-        return math.isclose(p, g, rel_tol=1e-9, abs_tol=1e-9)
-    return normalize_text(pred) == normalize_text(gold)
-
-
-# ---------------------------------------------------------------- model and prompts
+# ---------------------------------------------------------------- model and inputs
 @dataclass
 class Loaded:
     """A model with what its prompts and images need."""
@@ -182,38 +87,6 @@ def load_model(path: str) -> Loaded:
     return loaded
 
 
-def _has_llama3_headers(tok) -> bool:
-    return all(tok.convert_tokens_to_ids(t) not in (None, tok.unk_token_id)
-               and tok.convert_ids_to_tokens(tok.convert_tokens_to_ids(t)) == t
-               for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
-
-
-def prompt_ids(lm: Loaded, text: str, n_images: int = 0) -> list[int]:
-    """The user turn and the assistant header, tokenized as mlan's llama3 template renders a document."""
-    tok = lm.tokenizer
-    image_ids: list[int] = []
-    if n_images:
-        if lm.image_token_id is None:
-            raise UserError(f"{tok.name_or_path}: a text-only model cannot be evaluated on image tasks")
-        image_ids = [lm.image_token_id] * (lm.image_tokens * n_images)
-    text = text.strip()
-    if _has_llama3_headers(tok):
-        enc = lambda s: tok.encode(s, add_special_tokens=False)
-        tid = tok.convert_tokens_to_ids
-        head = lambda role: [tid("<|start_header_id|>"), *enc(role), tid("<|end_header_id|>"), *enc("\n\n")]
-        body = image_ids + enc(("\n" + text) if image_ids else text)
-        return [tid("<|begin_of_text|>"), *head("user"), *body, tid("<|eot_id|>"), *head("assistant")]
-    if tok.chat_template:
-        marker = "\x00IMG\x00"
-        rendered = tok.apply_chat_template([{"role": "user", "content": (marker + "\n" if image_ids else "") + text}],
-                                           tokenize=False, add_generation_prompt=True)
-        before, _, after = rendered.partition(marker)
-        ids = tok.encode(before, add_special_tokens=False)
-        return ids + image_ids + tok.encode(after, add_special_tokens=False) if image_ids else ids
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return bos + image_ids + tok.encode(("\n" if image_ids else "") + text + "\n", add_special_tokens=False)
-
-
 def _open_image(path: str):
     from PIL import Image
 
@@ -257,97 +130,9 @@ def _forward_kwargs(lm: Loaded, ids: torch.Tensor, images: list[str] | None) -> 
     return kw
 
 
-# ---------------------------------------------------------------- scorers
-@torch.no_grad()
-def choice_loglikelihoods(lm: Loaded, prompt: list[int], options: list[list[int]], image: str | None = None,
-                          batch_size: int = 8) -> list[float]:
-    """Summed log-probability of each option's tokens after the prompt (right-padded batches)."""
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    out: list[float] = []
-    for start in range(0, len(options), batch_size):
-        chunk = options[start : start + batch_size]
-        seqs = [prompt + o for o in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-        kw = _forward_kwargs(lm, ids, [image] * len(seqs) if image else None)
-        # only the positions that predict option tokens: the shared prompt ends at len(prompt) - 1
-        keep = torch.arange(len(prompt) - 1, width - 1)
-        try:
-            logits = lm.model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep, **kw).logits
-        except TypeError:  # a model class without logits_to_keep
-            logits = lm.model(input_ids=ids, attention_mask=attn, use_cache=False, **kw).logits[:, keep]
-        for i, o in enumerate(chunk):
-            logp = torch.log_softmax(logits[i, : len(o)].float(), dim=-1)
-            out.append(float(logp.gather(1, torch.tensor(o)[:, None]).sum()))
-    return out
-
-
-def _encode_option(tok, option: str) -> list[int]:
-    ids = tok.encode(option.strip(), add_special_tokens=False)
-    if not ids:
-        raise UserError(f"option {option!r} tokenizes to nothing")
-    return ids
-
-
-def score_choice(lm: Loaded, task: Task, batch_size: int, progress) -> tuple[float, list[dict]]:
-    """Accuracy (%) by log-likelihood choice; the option batch spans several items for throughput."""
-    records = []
-    correct = 0
-    for item in task.items:
-        prompt = prompt_ids(lm, item.prompt, 1 if item.image else 0)
-        opts = [_encode_option(lm.tokenizer, c) for c in item.choices]
-        lls = choice_loglikelihoods(lm, prompt, opts, item.image, batch_size)
-        pred = item.choices[max(range(len(lls)), key=lls.__getitem__)]
-        ok = pred == item.answer
-        correct += ok
-        records.append({"prediction": pred, "answer": item.answer, "correct": ok, "loglikelihoods": lls})
-        progress(1)
-    return 100.0 * correct / max(len(task.items), 1), records
-
-
-@torch.no_grad()
-def generate(lm: Loaded, items: list[Item], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of a batch of prompts (left padding, KV cache)."""
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
-    prompts = [prompt_ids(lm, it.prompt, 1 if it.image else 0) for it in items]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-    images = [it.image for it in items]
-    if any(images) and not all(images):
-        raise UserError("a generation batch mixes image and text items")
-    kw = _forward_kwargs(lm, ids, images if all(images) else None)
-    out = lm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
-                            num_beams=1, pad_token_id=pad, eos_token_id=lm.stop_ids or None, use_cache=True, **kw)
-    new = out[:, width:]
-    texts = []
-    for row in new.tolist():
-        cut = next((k for k, t in enumerate(row) if t in lm.stop_ids), len(row))
-        texts.append(lm.tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts
-
-
-def score_generate(lm: Loaded, task: Task, batch_size: int, max_new_tokens: int, progress) -> tuple[float, list[dict]]:
-    """Accuracy (%) by exact match of the extracted answer."""
-    records = []
-    correct = 0
-    items = task.items
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        for item, text in zip(batch, generate(lm, batch, max_new_tokens)):
-            pred = extract_answer(text, item.answer, task.extractor, item.choices)
-            ok = is_correct(pred, item.answer)
-            correct += ok
-            records.append({"generation": text, "prediction": pred, "answer": item.answer, "correct": ok})
-        progress(len(batch))
-    return 100.0 * correct / max(len(items), 1), records
+def model_inputs(lm: Loaded) -> ModelInputs:
+    """What the scorers call for a batch's image inputs."""
+    return partial(_forward_kwargs, lm)
 
 
 # ---------------------------------------------------------------- the run
@@ -369,9 +154,9 @@ def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_t
             tid = bar.add_task(f"eval {task.name}", total=len(task.items))
             step = lambda n, tid=tid: bar.advance(tid, n)
             if task.kind == "choice":
-                acc, records = score_choice(lm, task, batch_size, step)
+                acc, records = score_choice(lm, task, batch_size, step, model_inputs(lm))
             else:
-                acc, records = score_generate(lm, task, batch_size, max_new_tokens, step)
+                acc, records = score_generate(lm, task, batch_size, max_new_tokens, step, model_inputs(lm))
             entry = {"accuracy": acc, "n": len(task.items), "group": task.group, "kind": task.kind,
                      "format": task.format, "path": task.path}
             if keep_records:
@@ -392,7 +177,7 @@ def _as_task(spec: Any, limit: int | None, images: str | None, image_pattern: st
     # an EvalTaskSpec (recipe) or a dict with its keys
     get = (lambda k: getattr(spec, k, None)) if not isinstance(spec, dict) else spec.get
     return load_task(get("path"), get("name"), kind=get("kind"), format=get("format"), group=get("group"),
-                     images=get("images") or images, limit=get("limit") or limit,
+                     images=get("images") or images, limit=limit if limit is not None else get("limit"),
                      image_pattern=get("image_pattern") or image_pattern)
 
 

@@ -53,7 +53,7 @@ class Task:
     kind: Kind
     group: Group
     items: list[Item] = field(default_factory=list)
-    extractor: str = "auto"  # see mlan.eval.harness.extract_answer
+    extractor: str = "auto"  # see mlan.eval.answers.extract_answer
 
 
 _LETTERS = "ABCDEFGHIJ"
