@@ -138,6 +138,25 @@ def test_batched_greedy_generation_equals_unbatched(lm) -> None:
         assert text == lm.tokenizer.decode(ref, skip_special_tokens=True)
 
 
+def test_generation_accuracy_is_pinned_to_independent_greedy_decode(lm, tmp_path) -> None:
+    """A scorer that marks every generation wrong (or right) fails here."""
+    questions = [f"Say something about item {i}." for i in range(6)]
+    stops = lm.stop_ids
+    decoded = [lm.tokenizer.decode([t for t in _greedy_one(lm.model, prompt_ids(lm, q), 5, stops) if t not in stops],
+                                   skip_special_tokens=True) for q in questions]
+    # gold = what the model says for the first four (normalisable text), a string it cannot say for the rest
+    golds = [d if d.strip(" .") else "zzqx" for d in decoded[:4]] + ["zzqx never said", "qqzz never said"]
+    expected = [bool(d.strip(" .")) for d in decoded[:4]] + [False, False]  # a generation equals its own text
+    assert sum(expected) >= 3, f"the fixture needs non-empty generations; got {decoded}"
+    f = tmp_path / "qa.jsonl"
+    f.write_text("".join(json.dumps({"question": q, "answer": g}) + "\n" for q, g in zip(questions, golds)))
+    res = evaluate_tasks(lm, [load_task(f)], batch_size=4, max_new_tokens=5, keep_records=True)["tasks"]["qa"]
+    assert [r["generation"] for r in res["records"]] == decoded
+    assert [r["correct"] for r in res["records"]] == expected
+    assert res["accuracy"] == pytest.approx(100.0 * sum(expected) / 6)
+    assert 0 < res["accuracy"] < 100
+
+
 # ---------------------------------------------------------------- answer extraction
 def test_gsm8k_extraction_on_real_answers(shared_data) -> None:
     lines = (shared_data / "eval" / "gsm8k_test.jsonl").read_text().splitlines()[:200]

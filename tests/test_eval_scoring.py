@@ -1,6 +1,5 @@
 """Eval scoring (issue 11 item 7): numbers compare as numbers, image path patterns from the task or the command
-line (the NLVR test split evaluates), image paths confined to their root, and generation accuracy pinned
-against an independent greedy decode (a scorer that marks every generation wrong fails here)."""
+line (the NLVR test split evaluates), image paths confined to their root, and `--limit` over a task's own limit."""
 from __future__ import annotations
 
 import json
@@ -15,8 +14,7 @@ import torch
 from mlan.cli import main
 from mlan.errors import UserError
 from mlan.eval.answers import extract_answer, is_correct
-from mlan.eval.harness import _as_task, evaluate_tasks, load_model
-from mlan.eval.prompts import prompt_ids
+from mlan.eval.harness import _as_task
 from mlan.eval.tasks import load_task
 from mlan.recipe import EvalTaskSpec
 
@@ -121,35 +119,6 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
     LlavaForConditionalGeneration(tiny_llava_config()).save_pretrained(out)
     load_tokenizer("llama3").save_pretrained(out)
     return out
-
-
-def _greedy(lm, prompt: list[int], n: int) -> str:
-    """Independent: one unbatched forward per new token, argmax, stop at a stop id."""
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            nxt = int(lm.model(input_ids=torch.tensor([seq])).logits[0, -1].argmax())
-            if nxt in lm.stop_ids:
-                break
-            seq.append(nxt)
-    return lm.tokenizer.decode(seq[len(prompt):], skip_special_tokens=True)
-
-
-def test_generation_accuracy_is_pinned_to_independent_greedy_decode(tiny_llava_dir, tmp_path) -> None:
-    lm = load_model(str(tiny_llava_dir))
-    questions = [f"Say something about item {i}." for i in range(6)]
-    decoded = [_greedy(lm, prompt_ids(lm, q), 5) for q in questions]
-    # gold = what the model says for the first four (normalisable text), a string it cannot say for the rest
-    golds = [d if d.strip(" .") else "zzqx" for d in decoded[:4]] + ["zzqx never said", "qqzz never said"]
-    expected = [bool(d.strip(" .")) for d in decoded[:4]] + [False, False]  # a generation equals its own text
-    assert sum(expected) >= 3, f"the fixture needs non-empty generations; got {decoded}"
-    f = tmp_path / "qa.jsonl"
-    f.write_text("".join(json.dumps({"question": q, "answer": g}) + "\n" for q, g in zip(questions, golds)))
-    res = evaluate_tasks(lm, [load_task(f)], batch_size=4, max_new_tokens=5, keep_records=True)["tasks"]["qa"]
-    assert [r["generation"] for r in res["records"]] == decoded
-    assert [r["correct"] for r in res["records"]] == expected
-    assert res["accuracy"] == pytest.approx(100.0 * sum(expected) / 6)
-    assert 0 < res["accuracy"] < 100
 
 
 # ---------------------------------------------------------------- --limit
