@@ -119,7 +119,7 @@ def test_fast_bpe_path_gives_the_same_documents(llama3_tokenizer, text_convs):
     convs = [*text_convs, extra]
     fast = _renderer(llama3_tokenizer, seq_len=100_000).render_batch(convs)
     slow = Renderer(ModelSpec(), 100_000, tokenizer=llama3_tokenizer, fast_bpe=False).render_batch(convs)
-    assert fast[0].n_tokens > 0 and Renderer(ModelSpec(), 16, tokenizer=llama3_tokenizer)._tiktoken is not None
+    assert fast[0].n_tokens > 0 and Renderer(ModelSpec(), 16, tokenizer=llama3_tokenizer)._encoder._tiktoken is not None
     assert fast[-1].n_tokens > 4000
     for a, b in zip(fast, slow):
         assert a.input_ids.tolist() == b.input_ids.tolist() and a.loss_mask.tolist() == b.loss_mask.tolist()
