@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
@@ -143,8 +144,6 @@ def _mean(values: list[float]) -> float | None:
 def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_tokens: int = 64,
                    keep_records: bool = False) -> dict:
     """Score loaded tasks; returns the results dict (see `evaluate`)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     results: dict[str, Any] = {"tasks": {}}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=None, transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty()) as bar:
