@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from mlan.errors import UserError
 from mlan.piece_encoding import PieceEncoder, lay_out
-from mlan.sources.records import Conversation, Image, ImageRef, Message, Text
+from mlan.sources.records import Conversation, Image, ImageRef, Message, RecordError, Text
 from mlan.templates import Piece, Template, get_template
 
 if TYPE_CHECKING:
@@ -62,7 +62,10 @@ class PromptRenderer:
             return bos + image_run * n_images + body
         parts = (_IMAGE,) * n_images + (Text(("\n" + text) if n_images else text),)
         conv = Conversation("eval:0:0", "eval", (Message("user", parts), _ANSWER))
-        pieces = before_answer(self.template.pieces(conv))
+        try:
+            pieces = before_answer(self.template.pieces(conv))
+        except (ValueError, RecordError) as err:  # e.g. a hub model's chat_template that is not prefix-stable
+            raise UserError(f"{self.tokenizer.name_or_path}: cannot render an eval prompt: {err}") from None
         return lay_out(pieces, self.encoder.encode([pieces])[0], image_run).ids
 
 
