@@ -22,6 +22,7 @@ import ray
 
 from mlan.child_process import start_descendant_reaper
 from mlan.mixture import cache as tcache
+from mlan.mixture.cache_key import combine_fingerprints
 from mlan.mixture.pack import Packing, pack, row_bound
 from mlan.mixture.plan import Plan, PlanError, SourceDocs, check_modalities, make_plan
 from mlan.mixture.report import compute_stats, console, render_report
@@ -103,7 +104,7 @@ def build(
         caches = tokenize_sources(recipe, cache_dir or tcache.default_cache_dir(), n_workers, progress,
                                   keep_actors=actors, family_config=family_config)
         clock.append(("tokenize", time.perf_counter()))
-        fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
+        fingerprint = combine_fingerprints([c.fingerprint for c in caches])
         sel = select(recipe, caches, out, out_url)
         # pack, then a seeded row order so rows are not sorted by length
         packing = pack(sel.plan.n_tokens, sel.planned["n_images"], seq_len=mix.seq_len,
