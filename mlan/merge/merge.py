@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +32,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from mlan.atomic_write import atomic_open
 from mlan.families.name_map import NameMap, NameMapError, map_names
 from mlan.merge.select import CutState, MagnitudeCut, find_cut, keep_count
 from mlan.merge.tensors import (
@@ -48,6 +48,7 @@ from mlan.weights import read_safetensors_header
 CHUNK_RANGE = (1 << 16, 1 << 20)  # elements processed at once: 1/32 of the largest tensor, within this range
 _COPY_BYTES = 1 << 22
 _MERGEABLE = {"F32", "F16", "BF16"}
+PARTIAL = ".partial"  # a merged shard being written (never copied as a side file)
 
 Scope = Literal["tensor", "global"]
 Direction = Literal["toward-llm", "paper"]
@@ -231,8 +232,7 @@ class _Merger:
                    state: CutState | None, advance: Callable[[int], None]) -> None:
         """One VLM shard → its merged copy: header as is, each tensor merged or copied in file order."""
         raw, _ = read_safetensors_header(file)
-        tmp = out_dir / (file.name + ".partial")
-        with open(tmp, "wb") as out:
+        with atomic_open(out_dir / file.name, "wb", suffix=PARTIAL) as out:
             out.write(raw)  # same names, dtypes, shapes and offsets as the VLM's shard
             for entry in entries:
                 if out.tell() != entry.offset:
@@ -243,7 +243,6 @@ class _Merger:
                 else:
                     report.selected_entries += self.write_item(out, item, state)
                 advance(entry.nbytes)
-        os.replace(tmp, out_dir / file.name)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -255,7 +254,7 @@ def _progress(enabled: bool) -> Progress:
 def _copy_side_files(vlm_dir: Path, out_dir: Path) -> None:
     """Config, generation config, tokenizer, processor, chat template, the index: all but weights."""
     for src in sorted(vlm_dir.iterdir()):
-        if src.is_file() and not src.name.endswith((".safetensors", ".bin", ".pt", ".pth", ".partial")):
+        if src.is_file() and not src.name.endswith((".safetensors", ".bin", ".pt", ".pth", PARTIAL)):
             shutil.copy2(src, out_dir / src.name)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from mlan.atomic_write import write_text_atomic
 from mlan.eval.harness import evaluate
 from mlan.merge.merge import Direction, MergeConfig, Scope, merge_checkpoints
 from mlan.merge.tensors import MergeError
@@ -83,9 +83,7 @@ def merge_sweep(spec: SweepSpec) -> list[dict]:
                 results = evaluate(model, list(spec.tasks), batch_size=spec.batch_size, limit=spec.limit,
                                    max_new_tokens=spec.max_new_tokens, images=spec.images)
                 point.mkdir(parents=True, exist_ok=True)
-                tmp = results_file.with_suffix(".partial")
-                tmp.write_text(json.dumps(results, indent=2) + "\n")
-                os.replace(tmp, results_file)
+                write_text_atomic(results_file, json.dumps(results, indent=2) + "\n")
                 if alpha != 0 and not spec.keep_models:
                     shutil.rmtree(model)
             results = json.loads(results_file.read_text())

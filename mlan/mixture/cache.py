@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlan.atomic_write import atomic_open
 from mlan.mixture.shards import fs_of
 from mlan.render import Document
 from mlan.sources.records import RecordError
@@ -105,12 +106,10 @@ def write_part(cache: str, part: int, docs: list[Document], indices: list[int], 
     fs.makedirs(root, exist_ok=True)
     pq_url, js_url = part_paths(root, part)
     table = docs_to_table(docs, indices, files)
-    with fs.open(pq_url + ".tmp", "wb") as f:
+    with atomic_open(fs.unstrip_protocol(pq_url), "wb") as f:
         pq.write_table(table, f, compression="zstd")
-    fs.mv(pq_url + ".tmp", pq_url)
-    with fs.open(js_url + ".tmp", "w") as f:
+    with atomic_open(fs.unstrip_protocol(js_url), "w") as f:
         json.dump(summary.to_json(), f)
-    fs.mv(js_url + ".tmp", js_url)
     return table.select(list(META_COLUMNS))
 
 
@@ -158,9 +157,8 @@ def write_meta(cache: str, n_parts: int, known: dict[int, pa.Table] | None = Non
     """The cache's meta file: every part's META_COLUMNS (from `known`, else read from the part) in one table."""
     fs, root = fs_of(cache)
     path = f"{root}/{META}"
-    with fs.open(path + ".tmp", "wb") as f:
+    with atomic_open(fs.unstrip_protocol(path), "wb") as f:
         pq.write_table(_meta_of_parts(root, fs, n_parts, known), f)
-    fs.mv(path + ".tmp", path)
 
 
 def read_meta(cache: str, n_parts: int) -> pa.Table:
