@@ -20,7 +20,10 @@ from mlan.mixture.report import console, progress_bar
 from mlan.mixture.shards import join_url
 from mlan.mixture.write import BuildError, PartTables, write_shard
 from mlan.recipe import Recipe
-from mlan.sources import iter_source
+from mlan.render import DocumentDropped, Renderer  # the module is light: a Renderer loads its tokenizer
+from mlan.sources import RecordError, iter_source, to_conversations
+from mlan.sources.images import ImageLimits, set_image_limits
+from mlan.sources.readers import RawLine
 
 RECORDS_PER_PART = 512
 
@@ -34,9 +37,6 @@ class TokenizeWorker:
         # one core per actor: set before the Rust tokenizer starts its thread pool (a job-level runtime_env
         # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from mlan.render import Renderer  # on the actors only: the driver never loads a tokenizer
-        from mlan.sources.images import ImageLimits, set_image_limits
-
         set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))
         self.recipe = recipe
         self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
@@ -46,10 +46,6 @@ class TokenizeWorker:
         self.pre_resize = self.recipe.shards.pre_resize
 
     def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
-        from mlan.render import DocumentDropped  # on the actors only, as above
-        from mlan.sources import RecordError, to_conversations
-        from mlan.sources.readers import RawLine
-
         spec = self.recipe.source(source_name)
         rejected, dropped, convs, conv_index = [], [], [], []
         file_of = {index: file for file, index, _ in items}
