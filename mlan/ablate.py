@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlan.atomic_write import write_text_atomic
 from mlan.child_process import run_child
 from mlan.errors import UserError
 from mlan.mixture.shards import read_manifest
@@ -92,12 +93,6 @@ def export_complete(final: Path) -> bool:
     return True
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _mlan(args: list[str], log: Callable[[str], None]) -> None:
     """Run one `mlan` command in a subprocess; its output streams through; failure names the command."""
     cmd = [sys.executable, "-m", "mlan.cli", *args]
@@ -137,7 +132,7 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
         log(f"evaluating {d.final} on {len(ev.tasks)} task(s)")
         results = evaluate(str(d.final), list(ev.tasks), batch_size=ev.batch_size, limit=ev.limit,
                            max_new_tokens=ev.max_new_tokens, reference=ev.reference)
-        _atomic_write(d.eval, json.dumps(results, indent=2) + "\n")
+        write_text_atomic(d.eval, json.dumps(results, indent=2) + "\n")
     manifest = read_manifest(str(d.build))
     by_mod = manifest.totals.get("tokens_by_modality", {})
     row = {
@@ -150,7 +145,7 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
         "groups": {name: t["group"] for name, t in results["tasks"].items()},
         **{name: t["accuracy"] for name, t in results["tasks"].items()},
     }
-    _atomic_write(d.result, json.dumps(row, indent=2) + "\n")
+    write_text_atomic(d.result, json.dumps(row, indent=2) + "\n")
     return row
 
 
@@ -224,7 +219,7 @@ def write_plot(rows: list[dict], path: Path, title: str = "") -> None:
 def write_outputs(rows: list[dict], out: Path, title: str = "") -> None:
     rows = sorted(rows, key=lambda r: r["text_ratio"])
     write_csv(rows, out / "ablation.csv")
-    _atomic_write(out / "ablation.md", markdown_table(rows))
+    write_text_atomic(out / "ablation.md", markdown_table(rows))
     write_plot(rows, out / "ablation.png", title)
 
 

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from mlan.recipe import ModelSpec
 
 OVERLONG = ("truncate", "drop")
-RENDER_VERSION = "1"  # bump when rendering changes the documents it produces for the same inputs
 
 
 class DocumentDropped(Exception):
@@ -138,21 +137,6 @@ class Renderer:
                 "so loss masks would be inexact; use a byte-level BPE tokenizer (Llama-3) with this template"
             )
 
-    def fingerprint(self) -> str:
-        """Everything that changes the documents: tokenizer, template, family sizes, seq_len, overlong policy."""
-        import hashlib
-
-        from mlan.tokenizer import tokenizer_fingerprint
-
-        key = {
-            "version": RENDER_VERSION,
-            "tokenizer": tokenizer_fingerprint(self.tokenizer),
-            "template": self.template.name,
-            "family": self.family.family_config(),
-            "seq_len": self.seq_len,
-            "overlong": self.overlong,
-        }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ public
     def render(self, conv: Conversation) -> Document:

@@ -15,7 +15,6 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from mlan.data.images import synthetic_photo
 from mlan.families import tiny
 from mlan.mixture.shards import PackedRow, row_to_sample
 
@@ -29,6 +28,15 @@ MLLAMA_FC = {
     "image_tokens": 1, "image_size": tiny.TINY_MLLAMA_TILE, "patch_size": tiny.TINY_MLLAMA_PATCH,
     "tile_size": tiny.TINY_MLLAMA_TILE, "max_tiles": tiny.TINY_MLLAMA_MAX_TILES,
 }
+
+
+def synthetic_photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like RGB array (smooth gradients + noise) for tests; JPEG-compresses realistically."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([(x / width) * 255, (y / height) * 255, ((x + y) / (width + height)) * 255], axis=-1)
+    base = base * rng.uniform(0.5, 1.0, size=3) + rng.normal(0, 12, size=(height, width, 3))
+    return np.clip(base, 0, 255).astype(np.uint8)
 
 
 def image_bytes(seed: int, width: int = 64, height: int = 48, fmt: str = "JPEG") -> bytes:

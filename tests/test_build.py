@@ -200,15 +200,15 @@ def test_shared_data_targets_recomputed_from_tars(shared_build):
 def test_every_planned_document_once_per_planned_copy(shared_build):
     """The tars hold exactly the plan's multiset of documents (plan rebuilt from the cache's counts)."""
     from mlan.mixture import cache as tcache
+    from mlan.mixture.cache_key import source_cache_keys
     from mlan.mixture.plan import SourceDocs, make_plan
-    from mlan.mixture.tokenize import _family_config, _tokenizer_fp
+    from mlan.mixture.tokenize import _family_config
 
     recipe, tmp, _ = shared_build
     mix = recipe.mixture
-    tok_fp, code_fp, fc = _tokenizer_fp(recipe), tcache.code_fingerprint(), _family_config(recipe)
     metas, sources = [], []
-    for s in recipe.sources:
-        url = str(tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp, family_config=fc))
+    for s, key in zip(recipe.sources, source_cache_keys(recipe, _family_config(recipe))):
+        url = str(tmp / "cache" / key)
         meta = tcache.read_meta(url, tcache.read_complete(url)["parts"]).to_pydict()
         metas.append(meta)
         sources.append(SourceDocs(s.name, s.modality, s.weight, mix.upsample, np.asarray(meta["n_tokens"]),
@@ -224,12 +224,12 @@ def test_cache_meta_file_equals_its_parts(shared_build):
     import pyarrow.parquet as pq
 
     from mlan.mixture import cache as tcache
-    from mlan.mixture.tokenize import _family_config, _tokenizer_fp
+    from mlan.mixture.cache_key import source_cache_keys
+    from mlan.mixture.tokenize import _family_config
 
     recipe, tmp, _ = shared_build
-    tok_fp, code_fp, fc = _tokenizer_fp(recipe), tcache.code_fingerprint(), _family_config(recipe)
-    for s in recipe.sources:
-        url = tmp / "cache" / tcache.source_fingerprint(recipe, s, tok_fp, code_fp, family_config=fc)
+    for s, key in zip(recipe.sources, source_cache_keys(recipe, _family_config(recipe))):
+        url = tmp / "cache" / key
         n_parts = tcache.read_complete(str(url))["parts"]
         assert (url / tcache.META).exists()
         meta = tcache.read_meta(str(url), n_parts).to_pydict()

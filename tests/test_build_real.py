@@ -188,8 +188,7 @@ def test_verify_manifest_not_json(tmp_path):
 
 def _jpeg(path: Path, w: int, h: int, seed: int) -> bytes:
     from PIL import Image
-
-    from mlan.data.images import synthetic_photo
+    from shardkit import synthetic_photo
 
     Image.fromarray(synthetic_photo(w, h, seed)).save(path, format="JPEG", quality=85)
     return path.read_bytes()

@@ -115,7 +115,8 @@ def test_exif_orientation_applied_at_build_and_load(orientation: int, swapped: b
 
 def test_image_policy_is_in_the_cache_key(tmp_path: Path):
     """The image limits and the decode policy (EXIF applied) are part of every source's cache key."""
-    from mlan.mixture import cache as tcache
+    from mlan.families import get_family
+    from mlan.mixture.cache_key import IMAGE_DECODE, source_cache_keys
     from mlan.recipe import parse_recipe
 
     src = {"name": "s", "path": str(tmp_path / "d.jsonl"), "format": "llava", "modality": "image_text"}
@@ -123,6 +124,6 @@ def test_image_policy_is_in_the_cache_key(tmp_path: Path):
     a = parse_recipe({"sources": [src]})
     b = parse_recipe({"sources": [src], "mixture": {"max_image_pixels": 1000}})
     c = parse_recipe({"sources": [src], "mixture": {"max_image_aspect": 3}})
-    fps = {tcache.source_fingerprint(r, r.sources[0], "t", "c") for r in (a, b, c)}
+    fps = {source_cache_keys(r, get_family(r.model).family_config())[0] for r in (a, b, c)}
     assert len(fps) == 3
-    assert "exif" in tcache.IMAGE_DECODE
+    assert "exif" in IMAGE_DECODE

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, token_loss_sum
+from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, target_loss_sum
 
 N_REAL, N_ROWS = 50, 58  # 8 padded rows, like Mllama's extra embedding rows
 
@@ -28,29 +28,29 @@ def _reference(logits, labels, eps: float) -> torch.Tensor:
 
 def test_cross_entropy_equals_torch_over_real_vocab():
     logits, labels = _batch()
-    ours = token_loss_sum(logits, labels, N_REAL)
+    ours = target_loss_sum(logits, shift_labels(labels), N_REAL)
     assert torch.allclose(ours.double(), _reference(logits, labels, 0.0), rtol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.01, 0.3])
 def test_soft_targets_equal_label_smoothing_rescaled(alpha):
     logits, labels = _batch(1)
-    ours = token_loss_sum(logits, labels, N_REAL, soft_targets=alpha)
+    ours = target_loss_sum(logits, shift_labels(labels), N_REAL, soft_targets=alpha)
     eps = alpha * N_REAL / (N_REAL - 1)
     assert torch.allclose(ours.double(), _reference(logits, labels, eps), rtol=1e-6)
     if alpha == 0.0:
-        assert torch.equal(ours, token_loss_sum(logits, labels, N_REAL))
+        assert torch.equal(ours, target_loss_sum(logits, shift_labels(labels), N_REAL))
 
 
 def test_soft_targets_give_padded_rows_no_mass_or_gradient():
     logits, labels = _batch(2)
     logits = logits.float().requires_grad_(True)
-    token_loss_sum(logits, labels, N_REAL, soft_targets=0.01).backward()
+    target_loss_sum(logits, shift_labels(labels), N_REAL, soft_targets=0.01).backward()
     assert logits.grad[..., N_REAL:].abs().max() == 0
     assert logits.grad[..., :N_REAL].abs().max() > 0
     # including the padded rows would change the loss: the slice matters
-    assert not torch.allclose(token_loss_sum(logits, labels, N_ROWS, soft_targets=0.01),
-                              token_loss_sum(logits, labels, N_REAL, soft_targets=0.01))
+    assert not torch.allclose(target_loss_sum(logits, shift_labels(labels), N_ROWS, soft_targets=0.01),
+                              target_loss_sum(logits, shift_labels(labels), N_REAL, soft_targets=0.01))
 
 
 def test_soft_targets_match_explicit_target_distribution():
@@ -63,14 +63,14 @@ def test_soft_targets_match_explicit_target_distribution():
     target = torch.full((int(keep.sum()), N_REAL), alpha / (N_REAL - 1), dtype=torch.float64)
     target[torch.arange(target.shape[0]), y[keep]] = 1 - alpha
     explicit = -(target * torch.log_softmax(z[keep], -1)).sum()
-    assert torch.allclose(token_loss_sum(logits, labels, N_REAL, 0.05).double(), explicit, rtol=1e-6)
+    assert torch.allclose(target_loss_sum(logits, shift_labels(labels), N_REAL, 0.05).double(), explicit, rtol=1e-6)
 
 
 def test_label_outside_real_vocab_is_an_error():
     logits, labels = _batch()
     labels[0, 5] = N_REAL + 1
     with pytest.raises(ValueError, match="outside the real vocabulary"):
-        token_loss_sum(logits, labels, N_REAL)
+        target_loss_sum(logits, shift_labels(labels), N_REAL)
 
 
 def test_loss_token_count_follows_the_shift():

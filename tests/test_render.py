@@ -314,16 +314,6 @@ def test_format_document_marks_trained_spans(llama3_tokenizer):
     )
 
 
-def test_fingerprint_follows_what_changes_documents(llama3_tokenizer):
-    base = _renderer(llama3_tokenizer)
-    assert base.fingerprint() == _renderer(llama3_tokenizer).fingerprint()
-    others = [_renderer(llama3_tokenizer, "vicuna_v1"), _renderer(llama3_tokenizer, seq_len=4096),
-              _renderer(llama3_tokenizer, overlong="drop"), _renderer(llama3_tokenizer, family="mllama"),
-              _renderer(llama3_tokenizer, config="x", image_tokens=32)]
-    prints = {base.fingerprint(), *(r.fingerprint() for r in others)}
-    assert len(prints) == 1 + len(others)
-
-
 def test_tokenizers_that_do_not_split_at_piece_boundaries_are_refused(tmp_path):
     """A SentencePiece-style tokenizer (a space prepended to every encode call) would make masks inexact."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

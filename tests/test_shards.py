@@ -16,6 +16,7 @@ from PIL import Image
 from shardkit import LLAVA_FC, MLLAMA_FC, image_bytes, random_rows, write_build
 
 from mlan.data.images import mllama_images
+from mlan.mixture.pre_resize import pre_resize
 from mlan.mixture.shards import (
     ManifestError,
     iter_tar_samples,
@@ -25,7 +26,6 @@ from mlan.mixture.shards import (
     split_key,
     write_tar,
 )
-from mlan.mixture.tokenize import pre_resize
 from mlan.recipe import load_recipe
 from mlan.render import Document, Renderer
 

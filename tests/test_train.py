@@ -68,7 +68,7 @@ def test_llava_dummy_image_leaves_the_loss_unchanged():
     """A text-only LLaVA micro-batch runs the vision tower on a blank image without touching the real tokens."""
     from mlan.families.modeling import build_model, real_vocab_size
     from mlan.recipe import ModelSpec
-    from mlan.train.losses import token_loss_sum
+    from mlan.train.losses import shift_labels, target_loss_sum
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(family="llava"), shardkit.LLAVA_FC)
@@ -82,10 +82,10 @@ def test_llava_dummy_image_leaves_the_loss_unchanged():
     assert batch["pixel_values"].shape == (1, 3, 56, 56) and (batch["labels"][:, 11:] == -100).all()
     n = real_vocab_size(model)
     with torch.no_grad():
-        plain = token_loss_sum(model(input_ids=ids, position_ids=pos, use_cache=False).logits, labels, n)
+        plain = target_loss_sum(model(input_ids=ids, position_ids=pos, use_cache=False).logits, shift_labels(labels), n)
         lab = batch.pop("labels")
         padded = model(**batch, use_cache=False).logits
-    assert torch.allclose(token_loss_sum(padded, lab, n), plain, rtol=1e-6)
+    assert torch.allclose(target_loss_sum(padded, shift_labels(lab), n), plain, rtol=1e-6)
     assert trainer.add_llava_dummy_image(batch, shardkit.LLAVA_FC) is None  # has pixel_values now
 
 

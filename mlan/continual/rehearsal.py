@@ -10,7 +10,6 @@ the source weights are set so the plan takes every replayed record exactly once.
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mlan.atomic_write import write_text_atomic
 from mlan.continual.spec import ContinualError, RehearsalSpec
 from mlan.recipe import Recipe, SourceSpec
 from mlan.sources.images import image_root
@@ -54,9 +54,7 @@ def _write_sample(spec: SourceSpec, indices: np.ndarray, target: Path) -> None:
                 raise ContinualError(f"source {spec.name!r}, record {index}: not JSON-serializable "
                                      "(rehearsal replays file records; images must be paths)") from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, "".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def replay_sources(rehearsal: RehearsalSpec, earlier: list[tuple[str, Recipe, int]], out: Path) -> list[Replay]:

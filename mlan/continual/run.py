@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from mlan.ablate import export_complete
+from mlan.atomic_write import write_text_atomic
 from mlan.continual.data import generate_continual_tiny
 from mlan.continual.rehearsal import replay_sources, with_replay
 from mlan.continual.scores import write_outputs
@@ -50,9 +51,7 @@ def _mlan(args: list[str], log: Log) -> None:
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _claim(out: Path, spec: ContinualSpec) -> None:

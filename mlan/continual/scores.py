@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from mlan.atomic_write import atomic_open, write_text_atomic
 from mlan.eval.forgetting import harmonic_mean
 
 COLUMNS = ("after_task", "task", "eval_set", "accuracy", "omega")
@@ -69,20 +69,12 @@ def forgetting_scores(rows: list[dict[str, Any]], zero_floor: float | None) -> d
             "backward_transfer": backward_transfer}
 
 
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_matrix(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({**r, "accuracy": f"{r['accuracy']:.4f}", "omega": f"{r['omega']:.4f}"})
-    os.replace(tmp, path)
 
 
 def _cell(v: float | None) -> str:
@@ -149,7 +141,7 @@ def write_outputs(out: Path, title: str, method: str, rehearsal: str, task_names
     rows = matrix_rows(evals, task_sets, zero_floor)
     scores = forgetting_scores(rows, zero_floor)
     write_matrix(rows, out / "matrix.csv")
-    _atomic(out / "forgetting.json", json.dumps(scores, indent=2) + "\n")
-    _atomic(out / "report.md", report_markdown(title, method, rehearsal, task_names, rows, scores, replays))
+    write_text_atomic(out / "forgetting.json", json.dumps(scores, indent=2) + "\n")
+    write_text_atomic(out / "report.md", report_markdown(title, method, rehearsal, task_names, rows, scores, replays))
     write_heatmap(rows, task_names, out / "heatmap.png", f"{title} ({method}, rehearsal {rehearsal})")
     return scores

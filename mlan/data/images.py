@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -91,12 +90,3 @@ def mllama_images(images: list[Image.Image], tile_size: int, max_tiles: int) -> 
         aspect_ratio_mask=out["aspect_ratio_mask"][:, 0].to(torch.long),
         num_tiles=[int(t[0]) for t in out["num_tiles"]],
     )
-
-
-def synthetic_photo(width: int, height: int, seed: int) -> np.ndarray:
-    """A photo-like RGB array (smooth gradients + noise) for tests and benchmarks; JPEG-compresses realistically."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([(x / width) * 255, (y / height) * 255, ((x + y) / (width + height)) * 255], axis=-1)
-    base = base * rng.uniform(0.5, 1.0, size=3) + rng.normal(0, 12, size=(height, width, 3))
-    return np.clip(base, 0, 255).astype(np.uint8)

@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from mlan.atomic_write import write_text_atomic
 from mlan.child_process import start_descendant_reaper
 from mlan.mixture import cache as tcache
+from mlan.mixture.cache_key import combine_fingerprints
 from mlan.mixture.pack import Packing, pack, row_bound
 from mlan.mixture.plan import Plan, PlanError, SourceDocs, check_modalities, make_plan
 from mlan.mixture.report import compute_stats, console, render_report
-from mlan.mixture.shards import MANIFEST, fs_of, write_manifest, write_text_atomic
+from mlan.mixture.shards import MANIFEST, fs_of, write_manifest
 from mlan.mixture.tokenize import SourceCache, _family_config, tokenize_sources
 from mlan.mixture.write import PROGRESS_DIR, BuildError, shard_bounds, write_shards
 from mlan.recipe import Recipe, load_recipe
@@ -103,7 +105,7 @@ def build(
         caches = tokenize_sources(recipe, cache_dir or tcache.default_cache_dir(), n_workers, progress,
                                   keep_actors=actors, family_config=family_config)
         clock.append(("tokenize", time.perf_counter()))
-        fingerprint = tcache.combine_fingerprints([c.fingerprint for c in caches])
+        fingerprint = combine_fingerprints([c.fingerprint for c in caches])
         sel = select(recipe, caches, out, out_url)
         # pack, then a seeded row order so rows are not sorted by length
         packing = pack(sel.plan.n_tokens, sel.planned["n_images"], seq_len=mix.seq_len,

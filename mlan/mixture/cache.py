@@ -1,16 +1,12 @@
 """The tokenized-document cache: Parquet parts per source, keyed by a fingerprint of everything that shapes them.
 
-One folder per source: `<cache>/<fingerprint>/part-NNNNNN.parquet` (one row per document, record order)
+One folder per source: `<cache>/<key>/part-NNNNNN.parquet` (one row per document, record order)
 with a `part-NNNNNN.json` sidecar (records read, rejected with reasons, dropped, truncated), and
-`_SUCCESS` once every part is there. The fingerprint covers the source's content (file bytes, image
-folder listing), its spec (format, template, image root, limit), the model spec (family, tokenizer,
-template, image tokens), the render options (seq_len, overlong) and the code that renders, so any
-change rebuilds and anything else (ratio, budget, weights, seed) reuses. Parts are written atomically,
-so a killed tokenization resumes from the parts already written.
+`_SUCCESS` once every part is there. The key (mlan.mixture.cache_key) covers everything that shapes a
+document. Parts are written atomically, so a killed tokenization resumes from the parts already written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlan.atomic_write import atomic_open
+from mlan.mixture.shards import fs_of
 from mlan.render import Document
 from mlan.sources.records import RecordError
 
-CACHE_VERSION = "1"
-# how images are checked and measured (full decode, EXIF orientation applied to sizes and tiles): in every key
-IMAGE_DECODE = "full+exif-orientation"
 SUCCESS = "_SUCCESS"
 META = "meta.parquet"  # META_COLUMNS of every part with (part, row): what a plan reads, in one file
 # columns the planner reads (no token arrays, no image bytes)
@@ -34,101 +29,10 @@ META_COLUMNS = (
     "index", "doc_id", "modality", "n_tokens", "n_loss_tokens", "n_images", "n_image_tokens", "n_tiles",
     "n_vision_tokens", "truncated", "image_tiles",
 )
-# the code whose output lands in the cache: a change to any of it rebuilds
-# Only the code that shapes tokenized documents: editing the trainer, the merge map or the Mllama patch
-# (also under families/) must not re-tokenize every source.
-_CODE_PATHS = (
-    "render.py", "templates.py", "tokenizer.py", "sources",
-    "families/__init__.py", "families/base.py", "families/llava.py", "families/mllama.py", "families/tiny.py",
-    "mixture/cache.py",
-)
 
 
 def default_cache_dir() -> str:
     return os.environ.get("MLAN_TOKENIZED_CACHE") or str(Path.home() / ".cache" / "mlan" / "tokenized")
-
-
-def _fs(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
-def _hash_path(path: str, h: hashlib._Hash, with_bytes: bool) -> bool:
-    """Feed a file's bytes (or a folder's listing) into `h`; False when the path is not on any filesystem."""
-    try:
-        fs, p = _fs(path)
-        if not fs.exists(p):
-            return False
-    except Exception:  # noqa: BLE001 - an unknown protocol: treat as a hub id
-        return False
-    if fs.isdir(p):
-        for name, info in sorted(fs.find(p, detail=True).items()):
-            rel = name[len(p.rstrip("/")) + 1 :]
-            h.update(f"{rel}\0{info.get('size')}\0{info.get('mtime', info.get('LastModified', ''))}\n".encode())
-            if with_bytes and info.get("size", 0) <= (64 << 20) and rel.endswith((".json", ".jsonl", ".parquet", ".arrow", ".csv", ".txt")):
-                with fs.open(name, "rb") as f:
-                    while block := f.read(1 << 22):
-                        h.update(block)
-    else:
-        with fs.open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return True
-
-
-def code_fingerprint() -> str:
-    """sha256 over the rendering code (`_CODE_PATHS`: render, templates, tokenizer, sources, family accounting)."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for rel in _CODE_PATHS:
-        p = root / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
-        for f in files:
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def source_fingerprint(recipe, source, tokenizer_fp: str = "", code_fp: str | None = None,
-                       family_config: dict | None = None) -> str:
-    """The cache key of one source under one recipe's model and render options.
-
-    `family_config` (the resolved image geometry) is part of the key: two model sections that dump alike
-    can still resolve differently (an explicit `image_tokens: 576` vs the tiny default of 16).
-    """
-    spec = source.model_dump(mode="json")
-    for key in ("weight", "upsample"):  # mixing knobs: never change the documents
-        spec.pop(key, None)
-    h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {
-                "version": CACHE_VERSION,
-                "source": spec,
-                "model": recipe.model.model_dump(mode="json"),
-                "seq_len": recipe.mixture.seq_len,
-                "overlong": recipe.mixture.overlong,
-                "pre_resize": recipe.shards.pre_resize,
-                "family_config": family_config,
-                "images": {"decode": IMAGE_DECODE, "max_pixels": recipe.mixture.max_image_pixels,
-                           "max_aspect": recipe.mixture.max_image_aspect},
-                "tokenizer": tokenizer_fp,
-                "code": code_fp if code_fp is not None else code_fingerprint(),
-            },
-            sort_keys=True,
-        ).encode()
-    )
-    h.update(b"content\0")
-    if not _hash_path(source.path, h, with_bytes=True):
-        h.update(f"hub:{source.path}:{source.subset}:{source.split}".encode())
-    if source.images:
-        h.update(b"images\0")
-        _hash_path(source.images, h, with_bytes=False)
-    return h.hexdigest()[:24]
-
-
-def combine_fingerprints(fps: list[str]) -> str:
-    return hashlib.sha256("\n".join(fps).encode()).hexdigest()[:24]
 
 
 # ---------------------------------------------------------------- parts
@@ -198,21 +102,19 @@ def write_part(cache: str, part: int, docs: list[Document], indices: list[int], 
 
     Returns the part's META_COLUMNS, so the driver can write the cache's meta file without re-reading parts.
     """
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     fs.makedirs(root, exist_ok=True)
     pq_url, js_url = part_paths(root, part)
     table = docs_to_table(docs, indices, files)
-    with fs.open(pq_url + ".tmp", "wb") as f:
+    with atomic_open(fs.unstrip_protocol(pq_url), "wb") as f:
         pq.write_table(table, f, compression="zstd")
-    fs.mv(pq_url + ".tmp", pq_url)
-    with fs.open(js_url + ".tmp", "w") as f:
+    with atomic_open(fs.unstrip_protocol(js_url), "w") as f:
         json.dump(summary.to_json(), f)
-    fs.mv(js_url + ".tmp", js_url)
     return table.select(list(META_COLUMNS))
 
 
 def read_part_summary(cache: str, part: int) -> PartSummary | None:
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     _, js_url = part_paths(root, part)
     if not fs.exists(js_url):
         return None
@@ -221,14 +123,14 @@ def read_part_summary(cache: str, part: int) -> PartSummary | None:
 
 
 def mark_complete(cache: str, n_parts: int, info: dict) -> None:
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     with fs.open(f"{root}/{SUCCESS}", "w") as f:
         json.dump({"parts": n_parts, **info}, f)
 
 
 def read_complete(cache: str) -> dict | None:
     """The cache's completion record, or None when it was never finished."""
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     path = f"{root}/{SUCCESS}"
     if not fs.exists(path):
         return None
@@ -253,11 +155,10 @@ def _meta_of_parts(root: str, fs, n_parts: int, known: dict[int, pa.Table] | Non
 
 def write_meta(cache: str, n_parts: int, known: dict[int, pa.Table] | None = None) -> None:
     """The cache's meta file: every part's META_COLUMNS (from `known`, else read from the part) in one table."""
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     path = f"{root}/{META}"
-    with fs.open(path + ".tmp", "wb") as f:
+    with atomic_open(fs.unstrip_protocol(path), "wb") as f:
         pq.write_table(_meta_of_parts(root, fs, n_parts, known), f)
-    fs.mv(path + ".tmp", path)
 
 
 def read_meta(cache: str, n_parts: int) -> pa.Table:
@@ -265,7 +166,7 @@ def read_meta(cache: str, n_parts: int) -> pa.Table:
 
     One read of the meta file; a cache finished before meta files existed is read part by part.
     """
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     if fs.exists(f"{root}/{META}"):
         with fs.open(f"{root}/{META}", "rb") as f:
             return pq.read_table(f)
@@ -273,7 +174,7 @@ def read_meta(cache: str, n_parts: int) -> pa.Table:
 
 
 def read_part(cache: str, part: int) -> pa.Table:
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     with fs.open(part_paths(root, part)[0], "rb") as f:
         return pq.read_table(f)
 
@@ -294,7 +195,7 @@ def rejected_entry(source: str, err: RecordError, index: int | None = None, stag
 
 def doc_files(cache: str, part: int, rows: list[int]) -> list[str]:
     """The input file of some documents of a part (read from its `file` column only)."""
-    fs, root = _fs(cache)
+    fs, root = fs_of(cache)
     with fs.open(part_paths(root, part)[0], "rb") as f:
         column = pq.read_table(f, columns=["file"]).column("file").to_pylist()
     return [column[r] for r in rows]

@@ -42,9 +42,6 @@ class Packing:
         """Tokens over row capacity (rows × seq_len); padding is what is lost."""
         return float(self.row_tokens.sum()) / (self.n_rows * self.seq_len) if self.n_rows else 1.0
 
-    def row(self, r: int) -> np.ndarray:
-        return self.items[self.offsets[r] : self.offsets[r + 1]]
-
     def permuted(self, order: np.ndarray) -> Packing:
         """The same rows in another order (e.g. a seeded shuffle so rows are not sorted by length)."""
         sizes = np.diff(self.offsets)[order]

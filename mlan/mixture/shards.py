@@ -19,6 +19,7 @@ import fsspec
 import numpy as np
 from webdataset.tariterators import base_plus_ext
 
+from mlan.atomic_write import write_text_atomic
 from mlan.errors import MlanError
 
 
@@ -273,14 +274,6 @@ def write_manifest(build_dir: str, data: dict[str, Any]) -> None:
     """The one writer of manifest.json: indented JSON, written under a temporary name then renamed, so a
     reader never sees half a manifest (its presence marks a finished build)."""
     write_text_atomic(join_url(build_dir, MANIFEST), json.dumps(data, indent=2) + "\n")
-
-
-def write_text_atomic(url: str, text: str) -> None:
-    """Write via a temporary name then rename, so readers never see half a file."""
-    fs, path = fs_of(url)
-    with fs.open(path + ".tmp", "w") as f:
-        f.write(text)
-    fs.mv(path + ".tmp", path)
 
 
 def sha256_problem(shard: Shard) -> str | None:

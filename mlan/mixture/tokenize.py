@@ -3,28 +3,27 @@
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import io
 import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
-from PIL import Image
 from ray.util import ActorPool
 
 from mlan.families import get_family
 from mlan.mixture import cache as tcache
+from mlan.mixture.cache_key import source_cache_keys
+from mlan.mixture.pre_resize import pre_resize
 from mlan.mixture.report import console, progress_bar
 from mlan.mixture.shards import join_url
 from mlan.mixture.write import BuildError, PartTables, write_shard
 from mlan.recipe import Recipe
-from mlan.sources import iter_source
-from mlan.sources.images import open_oriented
+from mlan.render import DocumentDropped, Renderer  # the module is light: a Renderer loads its tokenizer
+from mlan.sources import RecordError, iter_source, to_conversations
+from mlan.sources.images import ImageLimits, set_image_limits
+from mlan.sources.readers import RawLine
 
 RECORDS_PER_PART = 512
 
@@ -38,9 +37,6 @@ class TokenizeWorker:
         # one core per actor: set before the Rust tokenizer starts its thread pool (a job-level runtime_env
         # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        from mlan.render import Renderer  # on the actors only: the driver never loads a tokenizer
-        from mlan.sources.images import ImageLimits, set_image_limits
-
         set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))
         self.recipe = recipe
         self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
@@ -50,10 +46,6 @@ class TokenizeWorker:
         self.pre_resize = self.recipe.shards.pre_resize
 
     def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
-        from mlan.render import DocumentDropped  # on the actors only, as above
-        from mlan.sources import RecordError, to_conversations
-        from mlan.sources.readers import RawLine
-
         spec = self.recipe.source(source_name)
         rejected, dropped, convs, conv_index = [], [], [], []
         file_of = {index: file for file, index, _ in items}
@@ -99,53 +91,12 @@ class TokenizeWorker:
         return write_shard(*args, tables=self.tables)
 
 
-def pre_resize(doc, renderer):
-    """Store images at the family's resolution (smaller shards, no resize in the loader)."""
-    family = getattr(renderer, "family", None)
-    geometry = getattr(family, "geometry", None)
-    size = getattr(geometry, "image_size", None)
-    if not size:
-        return doc
-    tiles = max(1, int(getattr(geometry, "max_tiles", 1)))
-    images, exts, sizes = [], [], []
-    for data in doc.images:
-        im = open_oriented(data)  # the loader's decode: EXIF orientation applied, so none is stored
-        if tiles == 1:  # llava: the vision tower's square input
-            im = im.resize((size, size), Image.BICUBIC)
-        else:  # mllama: fit inside the largest tile canvas, keeping the aspect ratio
-            scale = min(1.0, size * tiles / max(im.size))
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", optimize=False)
-        images.append(buf.getvalue())
-        exts.append("png")
-        sizes.append(im.size)
-    doc.images, doc.image_exts, doc.image_sizes = images, exts, sizes
-    return doc
-
-
 @dataclass
 class SourceCache:
     url: str
     fingerprint: str
     n_parts: int
     hit: bool
-
-
-def _tokenizer_fp(recipe: Recipe) -> str:
-    """A cache key for the tokenizer from its files (no transformers import in the driver)."""
-    name = recipe.model.tokenizer
-    h = hashlib.sha256(name.encode())
-    if name == "llama3":
-        spec = importlib.util.find_spec("llama_models")
-        files = [Path(spec.origin).parent / "llama3" / "tokenizer.model"] if spec and spec.origin else []
-    else:
-        p = Path(name)
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.stat().st_size < (64 << 20)) if p.is_dir() else (
-            [p] if p.is_file() else [])  # a hub id: its name (and the code fingerprint) is the key
-    for f in files:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def tokenize_sources(
@@ -160,11 +111,9 @@ def tokenize_sources(
     """
     say = console()
     family_config = family_config if family_config is not None else _family_config(recipe)
-    tok_fp, code_fp = _tokenizer_fp(recipe), tcache.code_fingerprint()
     caches: list[SourceCache] = []
     todo: list[int] = []
-    for i, src in enumerate(recipe.sources):
-        fp = tcache.source_fingerprint(recipe, src, tok_fp, code_fp, family_config=family_config)
+    for i, (src, fp) in enumerate(zip(recipe.sources, source_cache_keys(recipe, family_config))):
         url = join_url(cache_root, fp)
         done = tcache.read_complete(url)
         caches.append(SourceCache(url, fp, done["parts"] if done else 0, done is not None))

@@ -17,6 +17,7 @@ import numpy as np
 import ray
 from ray.util import ActorPool
 
+from mlan.atomic_write import write_text_atomic
 from mlan.mixture import cache as tcache
 from mlan.mixture.pack import Packing
 from mlan.mixture.report import progress_bar
@@ -28,7 +29,6 @@ from mlan.mixture.shards import (
     sha256_of,
     shard_name,
     write_tar,
-    write_text_atomic,
 )
 
 PROGRESS_DIR = ".progress"  # per-shard sidecars: planned content + sha256 (what resume trusts)

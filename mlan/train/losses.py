@@ -44,13 +44,6 @@ def target_loss_sum(logits: torch.Tensor, targets: torch.Tensor, real_vocab: int
     return ((1.0 - alpha - alpha / (n - 1)) * nll_y + (alpha / (n - 1)) * sum_nll).sum()
 
 
-def token_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, real_vocab: int, soft_targets: float = 0.0
-) -> torch.Tensor:
-    """Summed loss of full-sequence logits (B, L, V) against labels aligned with input_ids (the model shifts)."""
-    return target_loss_sum(logits, shift_labels(labels), real_vocab, soft_targets)
-
-
 def count_loss_tokens(labels: torch.Tensor) -> int:
     """Loss tokens of a batch after the shift: positions whose next-token target is not ignored."""
     return int((shift_labels(labels) != IGNORE_INDEX).sum())
