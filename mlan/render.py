@@ -137,7 +137,6 @@ class Renderer:
                 "so loss masks would be inexact; use a byte-level BPE tokenizer (Llama-3) with this template"
             )
 
-
     # ------------------------------------------------------------------ public
     def render(self, conv: Conversation) -> Document:
         """One conversation → Document; raises RecordError (bad record) or DocumentDropped (overlong)."""
