@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import yaml
 
-from mlan.ablate import _atomic_write, _mlan, _sets, export_complete, ratio_tag, write_plot
+from mlan.ablate import _mlan, _sets, export_complete, ratio_tag, write_plot
+from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting, harmonic_mean
 from mlan.recipe import Recipe, expand_env, load_recipe
@@ -78,7 +79,7 @@ def prepare(out: Path, recipe_src: Path) -> Path:
             image = shared / "images" / str(r["directory"]) / f"dev-{r['identifier']}-0.png"
             rows.append({"question": f"Is the following statement true or false for this picture?\n\"{r['sentence']}\"",
                          "choices": ["true", "false"], "answer": str(r["label"]).lower(), "image": str(image)})
-        _atomic_write(nlvr_eval, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(nlvr_eval, "".join(json.dumps(r) + "\n" for r in rows))
     # paths written relative to the shipped recipe become absolute; `data/...` stays relative to OUT
     for section in (raw.get("sources", []), raw.get("eval", {}).get("tasks", [])):
         for item in section:
@@ -89,7 +90,7 @@ def prepare(out: Path, recipe_src: Path) -> Path:
                 relative = not value.startswith("data/") and not Path(value).is_absolute()
                 item[key] = str((recipe_src.parent / value).resolve()) if relative else value
     study = out / "study.yaml"
-    _atomic_write(study, "# written by `mlan study` from " + str(recipe_src) + "\n" + yaml.safe_dump(raw, sort_keys=False))
+    write_text_atomic(study, "# written by `mlan study` from " + str(recipe_src) + "\n" + yaml.safe_dump(raw, sort_keys=False))
     return study
 
 
@@ -164,7 +165,7 @@ class Study:
         return json.loads(f.read_text()) if f.is_file() else None
 
     def _finish(self, cell: str, row: dict) -> dict:
-        _atomic_write(self.out / cell / "result.json", json.dumps(row, indent=2) + "\n")
+        write_text_atomic(self.out / cell / "result.json", json.dumps(row, indent=2) + "\n")
         return row
 
     def _eval(self, model: str, cell: Path, groups: tuple[str, ...] = ("language", "vision")) -> dict:
@@ -176,7 +177,7 @@ class Study:
         ev = self.recipe.eval
         tasks = [t for t in self._tasks() if (t.group or "language") in groups]
         results = evaluate(model, tasks, batch_size=ev.batch_size, limit=ev.limit, max_new_tokens=ev.max_new_tokens)
-        _atomic_write(f, json.dumps(results, indent=2) + "\n")
+        write_text_atomic(f, json.dumps(results, indent=2) + "\n")
         return results
 
     def _tasks(self) -> list:
@@ -211,7 +212,7 @@ class Study:
         vis = self._eval(str(vlm_dir), vis_dir, ("vision",))
         merged = {"tasks": {**lang["tasks"], **vis["tasks"]},
                   "language_avg": lang.get("language_avg"), "vision_avg": vis.get("vision_avg")}
-        _atomic_write(d / "eval-all.json", json.dumps(merged, indent=2) + "\n")
+        write_text_atomic(d / "eval-all.json", json.dumps(merged, indent=2) + "\n")
         row = self._row("base", None, merged, heldout_loss(self.base_llm, self.alpaca, self.settings.heldout_docs))
         row["seconds"] = time.perf_counter() - t0
         row["commands"] = [f"rm -rf {d} && {self.again}  # the base LLM (language) and the untrained VLM (vision)"]
@@ -397,7 +398,7 @@ def write_report(study: Study, started: float) -> None:
         lines += [f"- `{c}`:"] + [f"  - `{x}`" for x in cmds if x]
     lines += ["", "## Notes", "", ("- Null effects are reported as measured: differences of a few points on these "
               "subsets are within one or two items and are not evidence either way."), ""]
-    _atomic_write(out / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     flat = [r for r in rows.values() if "language_avg" in r] + (merge["points"] if merge else [])
     keys = ["cell", "text_ratio", "alpha", "density", *lang_tasks, "language_avg", "omega_language",
             "delta_language", "omega_language_choice", "delta_language_choice", "heldout_loss", "heldout_loss_delta", *vis_tasks, "vision_avg", "omega_vision",
@@ -434,7 +435,7 @@ def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE
         log(f"{name}: done in {time.perf_counter() - t0:.0f}s")
         write_report(study, started)
     total = study.out / "wall.json"
-    _atomic_write(total, json.dumps({"last_invocation_s": time.time() - started}) + "\n")
+    write_text_atomic(total, json.dumps({"last_invocation_s": time.time() - started}) + "\n")
     return study.out / "report.md"
 
 
