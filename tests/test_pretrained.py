@@ -239,3 +239,51 @@ def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp
         gold = rec["answer"].rsplit("####", 1)[1].strip().replace(",", "")
         correct += pick is not None and pick.replace(",", "") == gold
     assert results["tasks"]["gsm8k"]["accuracy"] == pytest.approx(100.0 * correct / n)
+
+
+@needs_package
+@pytest.mark.slow
+def test_real_model_builds_trains_exports_and_evaluates(smol_dir, shared_data, tmp_path):
+    """The study's recipe on a 1,200-token budget: build → train (FSDP, 1 rank) → export → `mlan eval`.
+
+    The export carries vocab 49,152 + the image token in one tied matrix and has moved away from the base;
+    its eval scores equal plain transformers forward passes of the exported folder on the same prompts.
+    """
+    import json
+    import re
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, LlavaForConditionalGeneration
+
+    from mlan.eval.harness import evaluate
+    from mlan.study import DEFAULT_RECIPE, prepare
+
+    study = prepare(tmp_path, DEFAULT_RECIPE)
+    sets = [a for s in ("mixture.budget.tokens=1200", "mixture.seq_len=256", "mixture.ratio.text=0.5")
+            for a in ("--set", s)]
+    build, run = tmp_path / "build", tmp_path / "run"
+    assert cli_main(["build", str(study), "--out", str(build), "--cache", str(tmp_path / "cache"), *sets]) == 0
+    assert cli_main(["train", str(study), "--shards", str(build), "--out", str(run), "--nproc", "1", *sets]) == 0
+    final = run / "final"
+    config = AutoConfig.from_pretrained(final)
+    assert config.model_type == "llava" and config.image_token_id == 49152
+    assert config.text_config.vocab_size == 49153 and config.text_config.tie_word_embeddings
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        embed_name = next(n for n in names if n.endswith("embed_tokens.weight"))
+        embed = f.get_tensor(embed_name)
+    assert embed.shape == (49153, 576) and not any("lm_head" in n for n in names)  # one tied matrix
+    with safe_open(str(smol_dir / "model.safetensors"), "pt") as f:
+        base_names = list(f.keys())
+        base = f.get_tensor(next(n for n in base_names if n.endswith("embed_tokens.weight")))
+    assert not torch.equal(embed[:49152], base)  # it trained
+
+    arc = shared_data / "eval" / "arc-easy_test.json"
+    results = evaluate(str(final), [f"arc_easy={arc}"], batch_size=2, limit=2, keep_records=True)
+    model = LlavaForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    records = json.loads(arc.read_text())[:2]
+    for rec, got in zip(records, results["tasks"]["arc_easy"]["records"]):
+        options = [o.strip() for o in re.search(r"Answer format:\s*([^\n]+)", rec["instruction"]).group(1).split("/")]
+        assert got["loglikelihoods"] == pytest.approx(_independent_choice(model, tok, rec["instruction"].strip(),
+                                                                          options), abs=2e-3)
