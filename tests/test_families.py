@@ -7,7 +7,7 @@ import pytest
 from PIL import Image as PILImage
 
 from mlan.families import get_family
-from mlan.families.mllama import tile_grid
+from mlan.families.mllama.geometry import tile_grid
 from mlan.families.tiny import tiny_llava_config, tiny_mllama_config
 from mlan.recipe import ModelSpec
 
@@ -117,15 +117,3 @@ def test_image_token_lookup_in_other_tokenizers(tmp_path):
     assert no_image.image_token == "<|image|>" and no_image.image_token_id == len(vocab) == 3
     assert no_image.family_config()["vocab_size"] == 4
     assert no_image.tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "</s>", "hello"]
-
-
-def test_tiny_sizes_mirror_tiny_configs():
-    """families/__init__ mirrors tiny.py's sizes (to keep torch out of rendering); they must agree."""
-    from mlan.families import TINY_LLAVA, TINY_MLLAMA
-
-    llava, mllama = tiny_llava_config(), tiny_mllama_config()
-    assert TINY_LLAVA == {"image_size": llava.vision_config.image_size, "patch_size": llava.vision_config.patch_size,
-                          "image_tokens": llava.image_seq_length, "vocab_size": llava.text_config.vocab_size}
-    assert TINY_MLLAMA == {"image_size": mllama.vision_config.image_size,
-                           "patch_size": mllama.vision_config.patch_size,
-                           "max_tiles": mllama.vision_config.max_num_tiles, "vocab_size": mllama.text_config.vocab_size}

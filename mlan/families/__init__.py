@@ -1,105 +1,72 @@
-"""Model families: `get_family(model)` → the object that knows a family's image token, costs and template."""
+"""The model-family registry: every folder under `mlan/families/` is a plug-in that registers itself here.
+
+Lookups by family name (a recipe's `model.family`, a manifest's `family_config["family"]`) or by a checkpoint's
+`config.model_type` (eval). Torch-free: recipe parsing validates `model.family` against `family_names()`.
+"""
 from __future__ import annotations
 
-from mlan.families.base import Family, VisionGeometry
-from mlan.recipe import ModelSpec
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-FAMILIES = ("llava", "mllama")
+from mlan.families.base import Family, FamilyPlugin, VisionGeometry
 
-# Real defaults: CLIP ViT-L/14-336 (LLaVA-1.5) and Llama-3.2-11B-Vision.
-LLAVA_IMAGE_SIZE, LLAVA_PATCH = 336, 14
-MLLAMA_TILE, MLLAMA_PATCH = 560, 14
+if TYPE_CHECKING:  # types only: mlan.recipe imports this package
+    from mlan.recipe import ModelSpec
 
-# The sizes of mlan/families/tiny.py, mirrored so that rendering never imports transformers' model configs
-# (and torch) into build workers; tests/test_families.py checks they stay equal.
-TINY_LLAVA = {"image_size": 56, "patch_size": 14, "image_tokens": 16, "vocab_size": 128257}
-TINY_MLLAMA = {"image_size": 56, "patch_size": 14, "max_tiles": 4, "vocab_size": 128256}
+_FAMILIES: dict[str, FamilyPlugin] = {}
 
 
-def _load_config(name: str | None):
-    """A model/vision config from a local folder or the local Hugging Face cache; None when not available.
-
-    Never goes to the network: rendering must not stall on an unreachable hub. Without a readable config
-    the real defaults and the recipe's `model.*` keys apply, and family_config records what was used.
-    """
-    if not name or name == "tiny":
-        return None
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError, KeyError):
-        return None
+def register(plugin: FamilyPlugin) -> FamilyPlugin:
+    """Add a family (a folder's `__init__` calls this on import); a later registration of a name replaces it."""
+    _FAMILIES[plugin.name] = plugin
+    return plugin
 
 
-def _vision_config(cfg):
-    return getattr(cfg, "vision_config", None) or cfg
+def family_names() -> tuple[str, ...]:
+    """The registered family names, sorted."""
+    return tuple(sorted(_FAMILIES))
 
 
-def _geometry(model: ModelSpec) -> VisionGeometry:
-    """Sizes from the tiny configs, else the model's config when readable, else the real defaults.
+def find_family(name: str | None) -> FamilyPlugin | None:
+    """The plug-in registered as `name`, None when there is none."""
+    return _FAMILIES.get(name) if name is not None else None
 
-    Explicit recipe keys (`model.image_size`, `model.image_tokens`, `model.max_tiles`) always win.
-    """
-    explicit = model.model_fields_set
-    if model.family == "llava":
-        size, patch, tokens, vocab = LLAVA_IMAGE_SIZE, LLAVA_PATCH, None, None
-        if model.config == "tiny":
-            size, patch, tokens = TINY_LLAVA["image_size"], TINY_LLAVA["patch_size"], TINY_LLAVA["image_tokens"]
-            vocab = TINY_LLAVA["vocab_size"]
-        else:
-            cfg = _load_config(model.config)
-            vision = getattr(cfg, "vision_config", None)
-            if vision is None and model.vision_tower == "tiny":  # the random tiny tower (modeling._vision_model)
-                size, patch = TINY_LLAVA["image_size"], TINY_LLAVA["patch_size"]
-                tokens = (size // patch) ** 2
-            elif vision is None:  # composed from parts: the vision tower's own config
-                tower = _load_config(model.vision_tower)
-                vision = _vision_config(tower) if tower is not None else None
-            if vision is not None and hasattr(vision, "image_size"):
-                size, patch = int(vision.image_size), int(vision.patch_size)
-            if cfg is not None and getattr(cfg, "image_seq_length", None):
-                tokens = int(cfg.image_seq_length)
-            if cfg is not None and hasattr(cfg, "text_config"):
-                vocab = getattr(cfg.text_config, "vocab_size", None)
-        if tokens is None:
-            tokens = model.image_tokens  # 576 unless the recipe says otherwise
-        if "image_size" in explicit and model.image_size is not None:
-            size = model.image_size
-            tokens = (size // patch) ** 2  # CLS dropped, as LLaVA's default feature select
-        if "image_tokens" in explicit:
-            tokens = model.image_tokens
-        return VisionGeometry(image_size=size, patch_size=patch, image_tokens=tokens, max_tiles=1, vocab_size=vocab)
-    if model.family == "mllama":
-        size, patch, tiles, vocab = MLLAMA_TILE, MLLAMA_PATCH, 4, None
-        if model.config == "tiny":
-            size, patch = TINY_MLLAMA["image_size"], TINY_MLLAMA["patch_size"]
-            tiles, vocab = TINY_MLLAMA["max_tiles"], TINY_MLLAMA["vocab_size"]
-        else:
-            cfg = _load_config(model.config)
-            if cfg is not None:
-                vision = _vision_config(cfg)
-                size, patch = int(vision.image_size), int(vision.patch_size)
-                tiles = int(getattr(vision, "max_num_tiles", tiles))
-                vocab = getattr(getattr(cfg, "text_config", None), "vocab_size", None)
-        if "image_size" in explicit and model.image_size is not None:
-            size = model.image_size
-        if "max_tiles" in explicit:
-            tiles = model.max_tiles
-        return VisionGeometry(image_size=size, patch_size=patch, image_tokens=1, max_tiles=tiles, vocab_size=vocab)
-    raise ValueError(f"unknown model family {model.family!r}; allowed: {', '.join(FAMILIES)}")
+
+def family_plugin(name: str) -> FamilyPlugin:
+    """The plug-in registered as `name`; a ValueError listing the registered names otherwise."""
+    plugin = find_family(name)
+    if plugin is None:
+        raise ValueError(f"unknown model family {name!r}; allowed: {', '.join(family_names())}")
+    return plugin
+
+
+def family_for_model_type(model_type: str) -> FamilyPlugin | None:
+    """The plug-in whose checkpoints have this Hugging Face `config.model_type`; None for any other model."""
+    return next((p for p in _FAMILIES.values() if p.model_type == model_type), None)
 
 
 def get_family(model: ModelSpec) -> Family:
-    """The family object for a recipe's `model:` section."""
-    geometry = _geometry(model)
-    if model.family == "llava":
-        from mlan.families.llava import LlavaFamily
-
-        return LlavaFamily(model, geometry)
-    from mlan.families.mllama import MllamaFamily
-
-    return MllamaFamily(model, geometry)
+    """The render-side family object for a recipe's `model:` section."""
+    plugin = family_plugin(model.family)
+    return plugin.family(model, plugin.geometry(model))
 
 
-__all__ = ["FAMILIES", "Family", "VisionGeometry", "get_family"]
+def same_modules_inputs(batch: dict[str, Any], family_config: Mapping[str, Any]) -> Any:
+    """The family's hook that makes a micro-batch run the modules every rank runs (FSDP); None when not needed."""
+    plugin = find_family(family_config.get("family"))
+    return plugin.runtime().same_modules_inputs(batch, family_config) if plugin is not None else None
+
+
+def _discover() -> None:
+    """Import every family folder (sub-package) of this package; each registers itself."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.ispkg:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()
+
+__all__ = ["Family", "FamilyPlugin", "VisionGeometry", "family_for_model_type", "family_names", "family_plugin",
+           "find_family", "get_family", "register", "same_modules_inputs"]

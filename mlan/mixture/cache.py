@@ -39,7 +39,8 @@ META_COLUMNS = (
 # (also under families/) must not re-tokenize every source.
 _CODE_PATHS = (
     "render.py", "templates.py", "tokenizer.py", "sources",
-    "families/__init__.py", "families/base.py", "families/llava.py", "families/mllama.py", "families/tiny.py",
+    "families/__init__.py", "families/base.py", "families/local_config.py", "families/tiny.py",
+    "families/*/__init__.py", "families/*/geometry.py",  # each family's torch-free side: registration, accounting
     "mixture/cache.py",
 )
 
@@ -82,10 +83,10 @@ def code_fingerprint() -> str:
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
     for rel in _CODE_PATHS:
-        p = root / rel
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
-        for f in files:
-            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+        for p in sorted(root.glob(rel)) if "*" in rel else [root / rel]:
+            files = sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
+            for f in files:
+                h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
