@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from mlan.errors import MlanError
-from mlan.families import family_names
+from mlan.families.registry import family_names
 
 
 class RecipeError(MlanError, ValueError):

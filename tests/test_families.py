@@ -9,8 +9,8 @@ import pytest
 from PIL import Image as PILImage
 from shardkit import image_bytes
 
-from mlan.families import get_family
 from mlan.families.mllama.geometry import tile_grid
+from mlan.families.registry import get_family
 from mlan.families.tiny import tiny_llava_config, tiny_mllama_config
 from mlan.mixture.tokenize import pre_resize
 from mlan.recipe import ModelSpec

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from shardkit import make_doc, pack
 
-from mlan import families
 from mlan.data.collate import FamilyConfig
-from mlan.families import family_for_model_type, family_names, get_family, register, tiny
+from mlan.families import registry, tiny
 from mlan.families.base import Family, FamilyPlugin, VisionGeometry
+from mlan.families.registry import family_for_model_type, family_names, get_family, register
 from mlan.mixture.verify import row_problems
 from mlan.recipe import ModelSpec, RecipeError, parse_recipe
 
@@ -59,7 +59,7 @@ class FakePlugin(FamilyPlugin):
 @pytest.fixture
 def fake_registered(monkeypatch):
     """The registry with the fake family added; restored afterwards."""
-    monkeypatch.setattr(families, "_FAMILIES", dict(families._FAMILIES))
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
     return register(FakePlugin())
 
 

@@ -66,8 +66,8 @@ def test_truncate_batch_keeps_exact_tokens_and_counts_modalities():
 
 def test_llava_dummy_image_leaves_the_loss_unchanged():
     """A text-only LLaVA micro-batch runs the vision tower on a blank image without touching the real tokens."""
-    from mlan.families import same_modules_inputs
     from mlan.families.modeling import build_model, real_vocab_size
+    from mlan.families.registry import same_modules_inputs
     from mlan.recipe import ModelSpec
     from mlan.train.losses import token_loss_sum
 

@@ -59,8 +59,9 @@ sys.path.insert(0, str(REPO))
 
 from mlan.data.collate import family_collate
 from mlan.data.loader import RowReader, plan_batches
-from mlan.families import modeling, same_modules_inputs, tiny
+from mlan.families import modeling, tiny
 from mlan.families.mllama.patch import apply_reference_cross_attention
+from mlan.families.registry import same_modules_inputs
 from mlan.mixture.shards import PackedRow, read_manifest
 from mlan.recipe import ModelSpec, TrainSpec
 from mlan.train.attention import ATTENTION_CHOICES, set_attention

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mlan.data.images import decode_image
-from mlan.families import family_names, family_plugin
+from mlan.families.registry import family_names, family_plugin
 from mlan.mixture.shards import PackedRow
 
 IGNORE = -100

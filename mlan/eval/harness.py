@@ -21,8 +21,8 @@ import torch
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
 from mlan.eval.tasks import Item, Task, load_task, parse_task_arg
-from mlan.families import family_for_model_type, family_plugin
 from mlan.families.base import EvalGeometry
+from mlan.families.registry import family_for_model_type, family_plugin
 from mlan.weights import check_model_dir
 
 # ---------------------------------------------------------------- answer extraction

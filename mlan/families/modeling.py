@@ -17,8 +17,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from mlan.errors import MlanError
-from mlan.families import family_names, family_plugin
 from mlan.families.base import FamilyPlugin, ModelBuildError
+from mlan.families.registry import family_names, family_plugin
 from mlan.pretrained import gguf_path, is_pretrained_name
 from mlan.recipe import FreezeSpec, LoraSpec, ModelSpec
 from mlan.weights import check_model_dir

@@ -39,7 +39,7 @@ META_COLUMNS = (
 # (also under families/) must not re-tokenize every source.
 _CODE_PATHS = (
     "render.py", "templates.py", "tokenizer.py", "sources",
-    "families/__init__.py", "families/base.py", "families/local_config.py", "families/tiny.py",
+    "families/__init__.py", "families/base.py", "families/local_config.py", "families/registry.py", "families/tiny.py",
     "families/*/__init__.py", "families/*/geometry.py",  # each family's torch-free side: registration, accounting
     "mixture/cache.py",
 )

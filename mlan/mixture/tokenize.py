@@ -17,7 +17,7 @@ import ray
 from PIL import Image
 from ray.util import ActorPool
 
-from mlan.families import get_family
+from mlan.families.registry import get_family
 from mlan.mixture import cache as tcache
 from mlan.mixture.report import console, progress_bar
 from mlan.mixture.shards import join_url

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 
 from mlan.data.images import ImageDecodeError, decode_image
-from mlan.families import find_family
+from mlan.families.registry import find_family
 from mlan.mixture.shards import Manifest, PackedRow, fs_of, read_manifest, read_shard, sha256_problem
 
 COUNT_KEYS = ("rows", "tokens", "loss_tokens", "tokens_by_modality", "tokens_by_source")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlan.families import find_family
+from mlan.families.registry import find_family
 
 
 def family_processor(family_config: dict[str, Any], tokenizer: Any) -> Any:

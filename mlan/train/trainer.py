@@ -27,7 +27,8 @@ from torch import nn
 from mlan.child_process import start_parent_watchdog
 from mlan.data.loader import ShardError
 from mlan.errors import MlanError, one_line
-from mlan.families import modeling, same_modules_inputs
+from mlan.families import modeling
+from mlan.families.registry import same_modules_inputs
 from mlan.mixture.shards import read_manifest as read_shards_manifest
 from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mlan.families import register
 from mlan.families.base import Family, FamilyPlugin, VisionGeometry
 from mlan.families.llava.geometry import LlavaFamily, llava_geometry
+from mlan.families.registry import register
 
 if TYPE_CHECKING:
     from mlan.recipe import ModelSpec

@@ -4,9 +4,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mlan.families import register
 from mlan.families.base import Family, FamilyPlugin, VisionGeometry
 from mlan.families.mllama.geometry import MllamaFamily, mllama_geometry
+from mlan.families.registry import register
 
 if TYPE_CHECKING:
     from mlan.recipe import ModelSpec
