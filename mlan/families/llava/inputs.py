@@ -1,15 +1,47 @@
 """LLaVA's image inputs: `pixel_values` for a collated batch and for eval prompts, and the blank image that
-keeps a text-only micro-batch running the vision tower and projector (FSDP: same modules on every rank)."""
+keeps a text-only micro-batch running the vision tower and projector (FSDP: same modules on every rank).
+
+Images: CLIP-style resize (shortest edge) + center crop to `image_size` + CLIP normalisation → (3, S, S), by
+transformers' PIL processor (no torchvision, the same numbers on every machine), built from the manifest's
+`family_config`, never fetched from the hub."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import torch
+from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from mlan.data.images import llava_pixel_values
 from mlan.families.base import EvalGeometry
 from mlan.train.losses import IGNORE_INDEX
+
+# CLIP's normalisation constants (openai/clip-vit-large-patch14-336 preprocessor_config.json)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@lru_cache(maxsize=8)
+def _clip_processor(image_size: int) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_resize=True,
+        do_center_crop=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+
+
+def llava_pixel_values(images: list[Image.Image], image_size: int) -> torch.Tensor:
+    """(n, 3, S, S) float32 for n decoded images, in the given order."""
+    if not images:
+        return torch.zeros(0, 3, image_size, image_size)
+    out = _clip_processor(image_size)(images=images, return_tensors="pt")
+    return out["pixel_values"].to(torch.float32)
 
 
 def batch_images(fc: Any, decoded: list[list[Any]]) -> dict[str, torch.Tensor]:

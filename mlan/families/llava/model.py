@@ -19,9 +19,9 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from mlan.data.images import CLIP_MEAN, CLIP_STD
 from mlan.families import tiny
 from mlan.families.base import ModelBuildError
+from mlan.families.llava.inputs import CLIP_MEAN, CLIP_STD
 from mlan.pretrained import resolve_model_path
 from mlan.recipe import ModelSpec
 from mlan.weights import check_model_dir

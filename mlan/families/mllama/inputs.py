@@ -1,17 +1,52 @@
 """Mllama's image inputs: tiled pixel values, aspect-ratio ids and masks, and the cross-attention mask that ends
-each image's span at its own document's end (packed rows) or at the prompt's end (eval)."""
+each image's span at its own document's end (packed rows) or at the prompt's end (eval).
+
+Tiling is transformers' PIL `MllamaImageProcessor` (≤ `max_tiles` tiles of `tile_size`; no torchvision, the
+same numbers on every machine), built from the manifest's `family_config`, never fetched from the hub."""
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import get_worker_info
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from mlan.data.images import mllama_images
 from mlan.families.base import EvalGeometry
+
+
+@lru_cache(maxsize=8)
+def _mllama_processor(tile_size: int, max_tiles: int) -> MllamaImageProcessorPil:
+    return MllamaImageProcessorPil(size={"height": tile_size, "width": tile_size}, max_image_tiles=max_tiles)
+
+
+@dataclass(frozen=True)
+class MllamaImages:
+    """Processed Mllama images: one entry per image, padded to `max_tiles` tiles."""
+
+    pixel_values: torch.Tensor  # (n, max_tiles, 3, T, T)
+    aspect_ratio_ids: torch.Tensor  # (n,) int64, ≥ 1 for a real image
+    aspect_ratio_mask: torch.Tensor  # (n, max_tiles) int64, 1 on valid tiles
+    num_tiles: list[int]
+
+
+def mllama_images(images: list[Image.Image], tile_size: int, max_tiles: int) -> MllamaImages:
+    """Tile each image with Meta's aspect-ratio policy (the processor treats each image as its own sample)."""
+    if not images:
+        return MllamaImages(torch.zeros(0, max_tiles, 3, tile_size, tile_size), torch.zeros(0, dtype=torch.long),
+                            torch.zeros(0, max_tiles, dtype=torch.long), [])
+    out = _mllama_processor(tile_size, max_tiles)(images=[[img] for img in images], return_tensors="pt")
+    return MllamaImages(
+        pixel_values=out["pixel_values"][:, 0].to(torch.float32),
+        aspect_ratio_ids=out["aspect_ratio_ids"][:, 0].to(torch.long),
+        aspect_ratio_mask=out["aspect_ratio_mask"][:, 0].to(torch.long),
+        num_tiles=[int(t[0]) for t in out["num_tiles"]],
+    )
 
 
 def document_image_spans(ids: np.ndarray, docs: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
