@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from mlan.errors import MlanError
+from mlan.families.registry import family_names
 
 
 class RecipeError(MlanError, ValueError):
@@ -26,7 +28,7 @@ class _Strict(BaseModel):
 
 # ---------------------------------------------------------------- model
 class ModelSpec(_Strict):
-    family: Literal["llava", "mllama"] = "llava"
+    family: str = "llava"  # a registered family (`mlan.families.family_names()`)
     tokenizer: str = "llama3"
     template: Literal["llama3", "vicuna_v1", "tokenizer"] | None = None  # None: the family's default
     config: str = "tiny"  # a Hugging Face path / hub id, or `tiny`
@@ -36,6 +38,15 @@ class ModelSpec(_Strict):
     image_tokens: int = Field(576, ge=1)  # llava: placeholders per image
     image_size: int | None = Field(None, ge=8)  # llava: vision input side; mllama: tile side (560 real)
     max_tiles: int = Field(4, ge=1, le=16)  # mllama
+
+    @field_validator("family")
+    @classmethod
+    def _registered_family(cls, family: str) -> str:
+        """Only registered families; the error reads as pydantic's own for a fixed choice (names them all)."""
+        if family not in family_names():
+            expected = " or ".join(repr(name) for name in family_names())
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return family
 
     @model_validator(mode="before")
     @classmethod

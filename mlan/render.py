@@ -91,7 +91,7 @@ class Renderer:
     def __init__(self, model: ModelSpec, seq_len: int, overlong: str = "truncate", tokenizer=None,
                  fast_bpe: bool = True):
         """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids)."""
-        from mlan.families import get_family
+        from mlan.families.registry import get_family
         from mlan.templates import get_template
 
         if overlong not in OVERLONG:

@@ -219,8 +219,8 @@ class Study:
         return self._finish("base", row)
 
     def _save_untrained_vlm(self, out: Path) -> None:
-        from mlan.families import get_family
         from mlan.families.modeling import build_model
+        from mlan.families.registry import get_family
         from mlan.train.trainer import save_processor
 
         fc = get_family(self.recipe.model).family_config()

@@ -19,7 +19,8 @@ from transformers.masking_utils import AttentionMaskInterface, create_causal_mas
 
 from mlan.data.collate import family_collate
 from mlan.families import modeling
-from mlan.families.mllama_patch import has_reference_cross_attention
+from mlan.families.llava.model import compose as compose_llava
+from mlan.families.mllama.patch import has_reference_cross_attention
 from mlan.recipe import ModelSpec, Recipe, RecipeError, load_recipe
 from mlan.train import attention
 from mlan.train.attention import ATTENTION_CHOICES, set_attention
@@ -213,7 +214,7 @@ def test_set_attention_on_composed_llava_and_lora(tmp_path):
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                      image_size=56, patch_size=14)).save_pretrained(tmp_path / "clip")
     spec = ModelSpec(family="llava", llm=str(tmp_path / "llm"), vision_tower=str(tmp_path / "clip"), image_tokens=16)
-    model = modeling.compose_llava(spec, LLAVA_FC)
+    model = compose_llava(spec, LLAVA_FC)
     lm = attention.language_model(model)
     assert lm.config is not model.config.text_config
     set_attention(model, "documents")

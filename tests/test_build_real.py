@@ -81,7 +81,7 @@ def shared_small(local_ray, shared_data, tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_actors_use_the_drivers_geometry(shared_small):
     """Defect: actors re-validated a dump of the recipe, so defaults became explicit (576 vs 16 placeholders)."""
-    from mlan.families import get_family
+    from mlan.families.registry import get_family
 
     recipe, out, _ = shared_small
     manifest = json.loads((out / "manifest.json").read_text())
@@ -346,7 +346,7 @@ def test_every_shipped_recipe_builds_rows_the_loader_accepts(local_ray, name, tm
     """Each shipped recipe whose data is present: built as shipped, every row read through the loader (none
     rejected), `mlan verify` reading every row finds nothing, the manifest's geometry is the tars' and the
     family's, and packing is within 1% of the row bound (3% for the demo's 128-token rows)."""
-    from mlan.families import get_family
+    from mlan.families.registry import get_family
     from mlan.mixture.build import build
     from mlan.mixture.verify import verify_build
     from mlan.recipe import load_recipe

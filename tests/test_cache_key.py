@@ -15,12 +15,13 @@ import pytest
 import ray
 from PIL import Image
 
-from mlan.families import get_family
+from mlan.families.registry import get_family
 from mlan.mixture import cache as tcache
 from mlan.mixture import cache_key
 from mlan.mixture.cache_key import CODE_PATHS, code_fingerprint, source_cache_keys
 from mlan.mixture.pre_resize import pre_resize
 from mlan.mixture.tokenize import SourceCache, TokenizeWorker, tokenize_sources
+from mlan.piece_encoding import PieceEncoder
 from mlan.recipe import Recipe, load_recipe
 from mlan.render import Renderer
 from mlan.sources import iter_source, to_conversations
@@ -137,9 +138,9 @@ def test_image_decode_policy_is_keyed() -> None:
 def test_every_module_that_shapes_documents_is_in_the_code_hash() -> None:
     """The code the tokenize actors run on a record, listed here independently of CODE_PATHS."""
     package = Path(cache_key.__file__).resolve().parents[1]
-    hashed = {f for rel in CODE_PATHS for f in ((package / rel).rglob("*.py") if (package / rel).is_dir()
-                                                 else [package / rel])}
-    shaping = [Renderer, pre_resize, to_conversations, iter_source, get_template, open_oriented,
+    paths = [p for rel in CODE_PATHS for p in (package.glob(rel) if "*" in rel else [package / rel])]
+    hashed = {f.resolve() for p in paths for f in (p.rglob("*.py") if p.is_dir() else [p])}
+    shaping = [Renderer, PieceEncoder, get_family, pre_resize, to_conversations, iter_source, get_template, open_oriented,
                tcache.docs_to_table, type(get_family(load_recipe_model("llava"))),
                type(get_family(load_recipe_model("mllama")))]
     for obj in shaping:

@@ -10,15 +10,11 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
-from mlan.data.collate import (
-    FamilyConfig,
-    document_position_ids,
-    family_collate,
-    mllama_cross_attention_mask,
-    row_labels,
-)
-from mlan.data.images import decode_image, llava_pixel_values, mllama_images
+from mlan.data.collate import FamilyConfig, document_position_ids, family_collate, row_labels
+from mlan.data.images import decode_image
 from mlan.families import tiny
+from mlan.families.llava.inputs import llava_pixel_values
+from mlan.families.mllama.inputs import mllama_cross_attention_mask, mllama_images
 
 IMG = tiny.IMAGE_TOKEN_ID
 

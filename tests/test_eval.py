@@ -81,7 +81,7 @@ def test_choice_loglikelihood_equals_independent_forward(lm, shared_data) -> Non
 def test_choice_loglikelihood_with_image(lm, colour_png) -> None:
     from PIL import Image
 
-    from mlan.data.images import llava_pixel_values
+    from mlan.families.llava.inputs import llava_pixel_values
 
     prompt = prompt_ids(lm, "What colour is this picture?", n_images=1)
     assert prompt.count(lm.image_token_id) == 16  # tiny LLaVA: 56 px / 14 px patches → 16 tokens

@@ -1,15 +1,20 @@
 """Model families: image token, per-image costs against the real Mllama image processor, family_config."""
 from __future__ import annotations
 
+import io
 import random
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
+from shardkit import image_bytes
 
-from mlan.families import get_family
-from mlan.families.mllama import tile_grid
+from mlan.families.mllama.geometry import tile_grid
+from mlan.families.registry import get_family
 from mlan.families.tiny import tiny_llava_config, tiny_mllama_config
+from mlan.mixture.tokenize import pre_resize
 from mlan.recipe import ModelSpec
+from mlan.render import Document, Renderer
 
 CONFIG_KEYS = {"family", "vocab_size", "image_token_id", "image_tokens", "image_size", "patch_size", "tile_size", "max_tiles"}
 
@@ -119,13 +124,17 @@ def test_image_token_lookup_in_other_tokenizers(tmp_path):
     assert no_image.tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "</s>", "hello"]
 
 
-def test_tiny_sizes_mirror_tiny_configs():
-    """families/__init__ mirrors tiny.py's sizes (to keep torch out of rendering); they must agree."""
-    from mlan.families import TINY_LLAVA, TINY_MLLAMA
-
-    llava, mllama = tiny_llava_config(), tiny_mllama_config()
-    assert TINY_LLAVA == {"image_size": llava.vision_config.image_size, "patch_size": llava.vision_config.patch_size,
-                          "image_tokens": llava.image_seq_length, "vocab_size": llava.text_config.vocab_size}
-    assert TINY_MLLAMA == {"image_size": mllama.vision_config.image_size,
-                           "patch_size": mllama.vision_config.patch_size,
-                           "max_tiles": mllama.vision_config.max_num_tiles, "vocab_size": mllama.text_config.vocab_size}
+@pytest.mark.parametrize("family, size, stored", [
+    ("mllama", (300, 90), (56, 17)),  # one 56-px tile: fit inside it, aspect ratio kept
+    ("mllama", (40, 30), (40, 30)),  # never upscaled
+    ("llava", (300, 90), (56, 56)),  # the vision tower's square input
+])
+def test_pre_resize_asks_the_family_not_max_tiles(family, size, stored):
+    """Defect: `pre_resize` took any build with max_tiles == 1 for LLaVA and squashed a one-tile Mllama's
+    images to a square the loader then tiles differently."""
+    spec = ModelSpec(family=family, config="tiny", max_tiles=1)
+    renderer = Renderer(spec, 1024, "truncate")
+    doc = Document("d", "s", "image_text", np.zeros(1, np.uint32), np.zeros(1, np.uint8),
+                   images=[image_bytes(0, *size)], image_exts=["jpg"])
+    assert pre_resize(doc, renderer).image_sizes == [stored]
+    assert PILImage.open(io.BytesIO(doc.images[0])).size == stored

@@ -97,7 +97,7 @@ def test_large_jpeg_decode_is_bounded():
 @pytest.mark.parametrize("orientation,swapped", [(1, False), (3, False), (6, True), (8, True)])
 def test_exif_orientation_applied_at_build_and_load(orientation: int, swapped: bool):
     """Defect: EXIF orientation was ignored; sizes (and Mllama tiles) now are those of the upright image."""
-    from mlan.families.mllama import tile_grid
+    from mlan.families.mllama.geometry import tile_grid
 
     data = jpeg_bytes(120, 40, exif_orientation=orientation)
     want = (40, 120) if swapped else (120, 40)

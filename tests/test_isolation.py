@@ -22,9 +22,11 @@ from transformers.models.mllama.processing_mllama import (
 )
 
 from mlan.data.collate import family_collate
-from mlan.data.images import decode_image, llava_pixel_values, mllama_images
+from mlan.data.images import decode_image
 from mlan.families import tiny
-from mlan.families.mllama_patch import apply_reference_cross_attention, has_reference_cross_attention
+from mlan.families.llava.inputs import llava_pixel_values
+from mlan.families.mllama.inputs import mllama_images
+from mlan.families.mllama.patch import apply_reference_cross_attention, has_reference_cross_attention
 from mlan.train.attention import ATTENTION_CHOICES, set_attention
 
 TOL = 1e-5

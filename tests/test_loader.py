@@ -198,7 +198,7 @@ def test_real_build_row_loss_equals_its_documents(real_build):
     from transformers import MllamaForConditionalGeneration
 
     from mlan.families import tiny
-    from mlan.families.mllama_patch import apply_reference_cross_attention
+    from mlan.families.mllama.patch import apply_reference_cross_attention
 
     loader = make_loader(str(real_build), 0, 1, batch_rows=1, workers=0, seed=0)
     reader = loader.reader

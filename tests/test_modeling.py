@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mlan.families import modeling
-from mlan.families.mllama_patch import has_reference_cross_attention
+from mlan.families.llava.model import compose as compose_llava
+from mlan.families.mllama.patch import has_reference_cross_attention
 from mlan.families.tiny import IMAGE_TOKEN_ID, LLAMA3_VOCAB, tiny_llama_config
 from mlan.recipe import FreezeSpec, LoraSpec, ModelSpec
 
@@ -122,7 +123,7 @@ def test_compose_llava_from_local_llm_and_clip(tmp_path):
     spec = ModelSpec(family="llava", llm=str(tmp_path / "llm"), vision_tower=str(tmp_path / "clip"),
                      image_tokens=16)
     torch.manual_seed(2)
-    model = modeling.compose_llava(spec, LLAVA_FC)
+    model = compose_llava(spec, LLAVA_FC)
     assert model.get_input_embeddings().weight.shape[0] == LLAMA3_VOCAB + 1
     assert torch.equal(model.get_input_embeddings().weight[:LLAMA3_VOCAB], llm.get_input_embeddings().weight)
     assert torch.equal(model.model.language_model.layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
@@ -136,4 +137,4 @@ def test_compose_llava_from_local_llm_and_clip(tmp_path):
         out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), use_cache=False)
     assert out.logits.shape == (1, 19, LLAMA3_VOCAB + 1)
     with pytest.raises(modeling.ModelBuildError, match="gives 16 tokens"):
-        modeling.compose_llava(spec.model_copy(update={"image_tokens": 576}), dict(LLAVA_FC, image_tokens=576))
+        compose_llava(spec.model_copy(update={"image_tokens": 576}), dict(LLAVA_FC, image_tokens=576))

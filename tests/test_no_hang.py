@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, port: int, out: str, dummy_image: bool = True
     from transformers import MllamaForConditionalGeneration
 
     from mlan.families import tiny
-    from mlan.families.mllama_patch import apply_reference_cross_attention
+    from mlan.families.mllama.patch import apply_reference_cross_attention
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlan.families import get_family
 from mlan.families.modeling import STAGE_FREEZE, freeze_policy
+from mlan.families.registry import get_family
 from mlan.recipe import RecipeError, load_recipe, parse_recipe
 from mlan.train.schedule import STAGE_LR
 

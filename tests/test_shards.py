@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image
 from shardkit import LLAVA_FC, MLLAMA_FC, image_bytes, random_rows, write_build
 
-from mlan.data.images import mllama_images
+from mlan.families.mllama.inputs import mllama_images
 from mlan.mixture.pre_resize import pre_resize
 from mlan.mixture.shards import (
     ManifestError,

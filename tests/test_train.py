@@ -67,6 +67,7 @@ def test_truncate_batch_keeps_exact_tokens_and_counts_modalities():
 def test_llava_dummy_image_leaves_the_loss_unchanged():
     """A text-only LLaVA micro-batch runs the vision tower on a blank image without touching the real tokens."""
     from mlan.families.modeling import build_model, real_vocab_size
+    from mlan.families.registry import same_modules_inputs
     from mlan.recipe import ModelSpec
     from mlan.train.losses import shift_labels, target_loss_sum
 
@@ -77,7 +78,7 @@ def test_llava_dummy_image_leaves_the_loss_unchanged():
     labels = ids.clone()
     labels[:, 0] = -100
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
-    dummy = trainer.add_llava_dummy_image(batch, shardkit.LLAVA_FC)
+    dummy = same_modules_inputs(batch, shardkit.LLAVA_FC)
     assert batch["input_ids"].shape == (2, 11 + 16) and int(dummy.sum()) == 16
     assert batch["pixel_values"].shape == (1, 3, 56, 56) and (batch["labels"][:, 11:] == -100).all()
     n = real_vocab_size(model)
@@ -86,7 +87,7 @@ def test_llava_dummy_image_leaves_the_loss_unchanged():
         lab = batch.pop("labels")
         padded = model(**batch, use_cache=False).logits
     assert torch.allclose(target_loss_sum(padded, shift_labels(lab), n), plain, rtol=1e-6)
-    assert trainer.add_llava_dummy_image(batch, shardkit.LLAVA_FC) is None  # has pixel_values now
+    assert same_modules_inputs(batch, shardkit.LLAVA_FC) is None  # has pixel_values now
 
 
 def test_budget_over_the_build_is_a_recipe_error():
@@ -280,7 +281,7 @@ def _same_logits_after_export(run: Path, recipe_path: Path, overrides: list[str]
     from transformers import AutoConfig, LlavaForConditionalGeneration, MllamaForConditionalGeneration
 
     from mlan.data.loader import make_loader
-    from mlan.families.modeling import reference_cross_attention
+    from mlan.families.mllama.patch import apply_reference_cross_attention
     from mlan.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
@@ -292,7 +293,7 @@ def _same_logits_after_export(run: Path, recipe_path: Path, overrides: list[str]
     assert AutoConfig.from_pretrained(run / "final").model_type == fc["family"]
     exported = cls.from_pretrained(run / "final")
     if fc["family"] == "mllama":
-        reference_cross_attention(exported)
+        apply_reference_cross_attention(exported)
     batch = next(iter(make_loader(str(build_dir), 0, 1, 1, 0, 0)))
     batch.pop("meta")
     batch.pop("labels")

@@ -60,12 +60,14 @@ sys.path.insert(0, str(REPO))
 from mlan.data.collate import family_collate
 from mlan.data.loader import RowReader, plan_batches
 from mlan.families import modeling, tiny
+from mlan.families.mllama.patch import apply_reference_cross_attention
+from mlan.families.registry import same_modules_inputs
 from mlan.mixture.shards import PackedRow, read_manifest
 from mlan.recipe import ModelSpec, TrainSpec
 from mlan.train.attention import ATTENTION_CHOICES, set_attention
 from mlan.train.metrics import GIB, peak_flops, peak_memory_bytes, reset_peak_memory
 from mlan.train.parallel import DistEnv, ParallelConfig, parallelize
-from mlan.train.trainer import Stepper, add_llava_dummy_image
+from mlan.train.trainer import Stepper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +119,7 @@ def compact_vocabulary(rows: list[PackedRow], fc: dict) -> tuple[list[PackedRow]
     """Remap the rows' token ids densely onto the ids they use: text ids → 0..K-1, the image token → K.
 
     Returns the remapped rows, a copy of family_config with the new image token id / vocab_size / pad id (for the
-    collator and `add_llava_dummy_image`), and K (the real vocabulary: what the lm_head predicts over)."""
+    collator and the family's `same_modules_inputs`), and K (the real vocabulary: what the lm_head predicts over)."""
     image = fc.get("image_token_id")
     image = -1 if image is None else int(image)
     used = np.unique(np.concatenate([np.asarray(r.ids, dtype=np.int64) for r in rows]))
@@ -214,7 +216,7 @@ def build_model(kind: str, fc: dict, real_vocab: int, device: torch.device) -> t
         cfg.vision_config.patch_size = int(fc.get("patch_size") or cfg.vision_config.patch_size)
         cfg.vision_config.max_num_tiles = int(fc.get("max_tiles") or cfg.vision_config.max_num_tiles)
         with torch.device(device):
-            model = modeling.reference_cross_attention(MllamaForConditionalGeneration(cfg))
+            model = apply_reference_cross_attention(MllamaForConditionalGeneration(cfg))
     else:
         raise SystemExit(f"--model {kind}: not available for a {family} build (3b is LLaVA only)")
     return model.to(device)
@@ -252,7 +254,7 @@ def arm_stats(batches: list[dict], fc: dict, attention: str) -> dict:
     positions = loss = pairs = 0
     for b in batches:
         b = {k: v for k, v in b.items() if k != "meta"}
-        dummy = add_llava_dummy_image(b, fc)
+        dummy = same_modules_inputs(b, fc)
         pos = b["position_ids"]
         positions += pos.numel()
         loss += int((b["labels"][:, 1:] != -100).sum()) + (int(dummy.sum()) if dummy is not None else 0)

@@ -10,21 +10,21 @@ Isolation rests on three things, each tested in tests/test_isolation.py:
   (`mlan.train.attention`); with `sdpa`, transformers builds the equivalent block-diagonal mask;
 - labels: a document's first token is never a target (−100), so the last token of one document is
   never trained to predict the first token of the next;
-- mllama cross-attention: `mllama_cross_attention_mask` ends each image's span at its own document's
-  end, and the model carries Meta's output row mask (`mlan.families.mllama_patch`).
+- mllama cross-attention: `mlan.families.mllama.inputs.mllama_cross_attention_mask` ends each image's span
+  at its own document's end, and the model carries Meta's output row mask (`mlan.families.mllama.patch`).
+The images of a batch are the family's (`FamilyRuntime.batch_images`): nothing here names a family.
 """
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
-from mlan.data.images import decode_image, llava_pixel_values, mllama_images
+from mlan.data.images import decode_image
+from mlan.families.registry import family_names, family_plugin
 from mlan.mixture.shards import PackedRow
 
 IGNORE = -100
@@ -35,7 +35,7 @@ PAD_TO = ("longest", "seq_len")
 class FamilyConfig:
     """The manifest's `family_config`: what the collator needs to know about the model family."""
 
-    family: str  # "llava" | "mllama"
+    family: str  # a registered family name (`mlan.families.family_names()`)
     vocab_size: int
     image_token_id: int
     image_tokens: int = 1  # in-sequence placeholders per image (llava: N, mllama: 1)
@@ -49,14 +49,12 @@ class FamilyConfig:
     def from_dict(cls, d: dict[str, Any]) -> FamilyConfig:
         """Build from a manifest dict; unknown keys are ignored, missing required ones named."""
         fam = d.get("family")
-        if fam not in ("llava", "mllama"):
-            raise ValueError(f"family_config.family: expected 'llava' or 'mllama', got {fam!r}")
+        if fam not in family_names():
+            expected = " or ".join(repr(name) for name in family_names())
+            raise ValueError(f"family_config.family: expected {expected}, got {fam!r}")
         if d.get("vocab_size") is None:
             raise ValueError("family_config.vocab_size: missing")
-        if fam == "mllama" and d.get("image_token_id") is None:
-            raise ValueError("family_config.image_token_id: missing (mllama needs the <|image|> id)")
-        if fam == "mllama" and not d.get("tile_size"):
-            raise ValueError("family_config.tile_size: missing (mllama needs the tile side)")
+        family_plugin(fam).check_config(d)
         fields = {k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None}
         fields.setdefault("image_token_id", -1)  # a text-only llava build: no id can match
         return cls(**fields)
@@ -81,49 +79,10 @@ def row_labels(ids: np.ndarray, loss: np.ndarray, docs: Sequence[int], image_tok
     return labels
 
 
-def document_image_spans(ids: np.ndarray, docs: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
-    """[start, end) token span per image, in order of appearance, following Meta's `create_vision_mask`
-    within each document (an image is visible from its `<|image|>` to the next image token; consecutive image
-    tokens share the span after them) except that a document's last image ends at *its own document's* end."""
-    ids = np.asarray(ids)
-    spans: list[tuple[int, int]] = []
-    start = 0
-    for length in docs:
-        end = start + int(length)
-        locs = [start + int(i) for i in np.flatnonzero(ids[start:end] == image_token_id)]
-        doc_spans = [[a, b] for a, b in itertools.pairwise(locs)]
-        if locs:
-            doc_spans.append([locs[-1], end])
-        last_end = end
-        for span in reversed(doc_spans):
-            if span[0] == span[1] - 1:  # consecutive image tokens attend to the text after the group
-                span[1] = last_end
-            last_end = span[1]
-        spans.extend((a, b) for a, b in doc_spans)
-        start = end
-    return spans
-
-
-def mllama_cross_attention_mask(
-    ids: np.ndarray, docs: Sequence[int], image_token_id: int, num_tiles: Sequence[int], max_tiles: int,
-    length: int | None = None, max_images: int | None = None,
-) -> np.ndarray:
-    """(length, max_images, max_tiles) int64: 1 where a token may attend to an image's valid tile."""
-    spans = document_image_spans(ids, docs, image_token_id)
-    if len(spans) != len(num_tiles):
-        raise ValueError(f"{len(spans)} image tokens but {len(num_tiles)} images")
-    length = len(ids) if length is None else length
-    max_images = len(spans) if max_images is None else max_images
-    mask = np.zeros((length, max_images, max_tiles), dtype=np.int64)
-    for i, ((a, b), tiles) in enumerate(zip(spans, num_tiles)):
-        mask[a:b, i, :tiles] = 1
-    return mask
-
-
 def check_row_images(row: PackedRow, fc: FamilyConfig) -> None:
     """Image tokens, images and image_docs agree; raises ValueError naming the row."""
     n_tok = int((np.asarray(row.ids) == fc.image_token_id).sum())
-    per = fc.image_tokens if fc.family == "llava" else 1
+    per = family_plugin(fc.family).placeholders_per_image(fc.image_tokens)
     if n_tok != per * len(row.images):
         raise ValueError(f"row {row.key!r}: {n_tok} image tokens for {len(row.images)} images "
                          f"({per} per image expected)")
@@ -146,7 +105,7 @@ class FamilyCollator:
     fc: FamilyConfig
     seq_len: int | None = None
     pad_to: str = "longest"
-    always_images: bool = True  # mllama: a fully masked dummy image when no row has one (FSDP: same modules)
+    always_images: bool = True  # image slots even when no row has an image, where the family needs them (FSDP)
 
     def __post_init__(self):
         if self.pad_to not in PAD_TO:
@@ -191,10 +150,7 @@ class FamilyCollator:
         }
         origins = list(origins) if origins is not None else [""] * len(rows)
         decoded = [decode_row_images(r, o) for r, o in zip(rows, origins)]
-        if fc.family == "llava":
-            batch.update(self._llava(decoded))
-        else:
-            batch.update(self._mllama(rows, decoded, length))
+        batch.update(family_plugin(fc.family).runtime().batch_images(fc, rows, decoded, length, self.always_images))
         batch["meta"] = {
             "n_tokens": n_tokens,
             "n_loss_tokens": int((labels != IGNORE).sum()),
@@ -205,54 +161,6 @@ class FamilyCollator:
             "row_tokens": [0 if fill else len(r) for r, fill in zip(rows, filler)],  # per row, for budget cuts
         }
         return batch
-
-    def _llava(self, decoded: list[list]) -> dict[str, torch.Tensor]:
-        images = [img for row in decoded for img in row]
-        if not images:
-            return {}
-        if not self.fc.image_size:
-            raise ValueError("family_config.image_size: missing, and the build has images (llava needs the side)")
-        return {"pixel_values": llava_pixel_values(images, int(self.fc.image_size))}
-
-    def _mllama(self, rows: list[PackedRow], decoded: list[list], length: int) -> dict[str, torch.Tensor]:
-        fc = self.fc
-        t, tiles = int(fc.tile_size), int(fc.max_tiles)
-        n_img = max(len(r.images) for r in rows)
-        if n_img == 0 and not self.always_images:
-            return {}
-        slots = max(n_img, 1)
-        b = len(rows)
-        pixel_values = _zeros_for_transfer((b, slots, tiles, 3, t, t))
-        aspect_ratio_ids = torch.zeros(b, slots, dtype=torch.long)
-        aspect_ratio_mask = torch.zeros(b, slots, tiles, dtype=torch.long)
-        aspect_ratio_mask[:, :, 0] = 1  # empty slots: one "valid" tile, as transformers' processor pads
-        xmask = np.zeros((b, length, slots, tiles), dtype=np.int64)
-        for i, (row, imgs) in enumerate(zip(rows, decoded)):
-            if not imgs:
-                continue
-            proc = mllama_images(imgs, t, tiles)
-            k = len(imgs)
-            pixel_values[i, :k] = proc.pixel_values
-            aspect_ratio_ids[i, :k] = proc.aspect_ratio_ids
-            aspect_ratio_mask[i, :k] = proc.aspect_ratio_mask
-            xmask[i] = mllama_cross_attention_mask(row.ids, row.docs, fc.image_token_id, proc.num_tiles, tiles,
-                                                   length=length, max_images=slots)
-        return {
-            "pixel_values": pixel_values,
-            "aspect_ratio_ids": aspect_ratio_ids,
-            "aspect_ratio_mask": aspect_ratio_mask,
-            "cross_attention_mask": torch.from_numpy(xmask),
-        }
-
-
-def _zeros_for_transfer(shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 zeros; in a DataLoader worker, allocated in shared memory so the hand-over to the main process
-    does not copy it again (as torch's default_collate does). Mllama pixel batches are ~100 MB."""
-    if get_worker_info() is None:
-        return torch.zeros(shape)
-    numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * 4)
-    return torch.empty(0).set_(storage, 0, shape).zero_()
 
 
 def family_collate(family_config: FamilyConfig | dict[str, Any], seq_len: int | None = None,

@@ -20,6 +20,8 @@ from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
 from mlan.eval.scoring import ModelInputs, score_choice, score_generate
 from mlan.eval.tasks import Task, load_task, parse_task_arg
+from mlan.families.base import EvalGeometry
+from mlan.families.registry import family_for_model_type, family_plugin
 from mlan.weights import check_model_dir
 
 
@@ -30,7 +32,7 @@ class Loaded:
 
     model: torch.nn.Module
     tokenizer: Any
-    family: str  # "llava" | "mllama" | "text"
+    family: str | None  # a registered family name; None for a text-only causal LM
     image_token_id: int | None
     image_tokens: int  # in-sequence positions per image
     image_size: int
@@ -57,27 +59,16 @@ def load_model(path: str) -> Loaded:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"{path}: the model has no usable tokenizer ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    if cfg.model_type == "llava":
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-        vc = cfg.vision_config
-        n = int(getattr(cfg, "image_seq_length", 0) or (vc.image_size // vc.patch_size) ** 2)
-        loaded = Loaded(model, tok, "llava", int(cfg.image_token_id), n, int(vc.image_size), 1, [])
-    elif cfg.model_type == "mllama":
-        from transformers import MllamaForConditionalGeneration
-
-        from mlan.families.modeling import reference_cross_attention
-
-        model = reference_cross_attention(MllamaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, use_safetensors=True))
-        vc = cfg.vision_config
-        loaded = Loaded(model, tok, "mllama", int(cfg.image_token_id), 1, int(vc.image_size), int(vc.max_num_tiles), [])
+    plugin = family_for_model_type(cfg.model_type)
+    if plugin is not None:
+        model, geo = plugin.runtime().eval_model(path, cfg)
+        loaded = Loaded(model, tok, plugin.name, geo.image_token_id, geo.image_tokens, geo.image_size, geo.max_tiles, [])
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{path}: not a causal LM ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-        loaded = Loaded(model, tok, "text", None, 0, 0, 1, [])
+        loaded = Loaded(model, tok, None, None, 0, 0, 1, [])
     model.eval()
     stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"):
@@ -95,40 +86,12 @@ def _open_image(path: str):
         return im.convert("RGB")
 
 
-def image_inputs(lm: Loaded, images: list[str]) -> dict[str, torch.Tensor]:
-    """Model inputs for one image per sequence (same preprocessing as mlan's training loader)."""
-    from mlan.data.images import llava_pixel_values, mllama_images
-
-    pil = [_open_image(p) for p in images]
-    if lm.family == "llava":
-        return {"pixel_values": llava_pixel_values(pil, lm.image_size)}
-    mi = mllama_images(pil, lm.image_size, lm.max_tiles)
-    return {
-        "pixel_values": mi.pixel_values[:, None],  # (batch, 1 image, tiles, 3, T, T)
-        "aspect_ratio_ids": mi.aspect_ratio_ids[:, None],
-        "aspect_ratio_mask": mi.aspect_ratio_mask[:, None],
-        "_num_tiles": torch.tensor(mi.num_tiles),
-    }
-
-
-def _mllama_cross_mask(ids: torch.Tensor, image_token_id: int, num_tiles: torch.Tensor, max_tiles: int) -> torch.Tensor:
-    """(batch, seq, 1, max_tiles): tokens from the image token on see the image's valid tiles."""
-    b, n = ids.shape
-    mask = torch.zeros(b, n, 1, max_tiles, dtype=torch.long)
-    for i in range(b):
-        pos = (ids[i] == image_token_id).nonzero()
-        if len(pos):
-            mask[i, int(pos[0]):, 0, : int(num_tiles[i])] = 1
-    return mask
-
-
 def _forward_kwargs(lm: Loaded, ids: torch.Tensor, images: list[str] | None) -> dict[str, torch.Tensor]:
+    """The family's image inputs for one image per sequence (same preprocessing as mlan's training loader)."""
     if not images:
         return {}
-    kw = image_inputs(lm, images)
-    if lm.family == "mllama":
-        kw["cross_attention_mask"] = _mllama_cross_mask(ids, lm.image_token_id, kw.pop("_num_tiles"), lm.max_tiles)
-    return kw
+    geometry = EvalGeometry(lm.image_token_id, lm.image_tokens, lm.image_size, lm.max_tiles)
+    return family_plugin(lm.family).runtime().eval_inputs(ids, [_open_image(p) for p in images], geometry)
 
 
 def model_inputs(lm: Loaded) -> ModelInputs:
@@ -148,7 +111,7 @@ def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_t
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=None, transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty()) as bar:
         for task in tasks:
-            if task.group == "vision" and lm.family == "text":
+            if task.group == "vision" and lm.family is None:
                 raise UserError(f"{task.path}: image task, but the model is a text-only causal LM")
             tid = bar.add_task(f"eval {task.name}", total=len(task.items))
             step = lambda n, tid=tid: bar.advance(tid, n)

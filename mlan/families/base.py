@@ -1,17 +1,29 @@
-"""The model-family protocol, render side: image token, per-image costs, default template, config summary.
+"""The model-family plug-in contract: what one family folder under `mlan/families/` provides.
 
-A family is everything that differs between model families *for the data*; model building, collate and
-weight-name maps hang off the same object in their own modules.
+A family has a torch-free side (`FamilyPlugin`: name, geometry from a recipe's `model:` section, the render-side
+`Family` with its token accounting, the checks on a manifest's `family_config`) and a torch side
+(`FamilyRuntime`: model build/load, processor, the image inputs of a batch, the same-modules hook, the eval
+inputs) that `FamilyPlugin.runtime()` imports on first use, so rendering and recipe parsing never load torch.
 """
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from mlan.recipe import ModelSpec
+from mlan.errors import MlanError
+
+if TYPE_CHECKING:  # types only: the recipe imports this package to validate `model.family`
+    from mlan.recipe import ModelSpec
 
 IMAGE_TOKEN_CANDIDATES = ("<|image|>", "<image>")  # Llama-3.2-Vision / mlan's llama3, then LLaVA's
+
+
+class ModelBuildError(MlanError, ValueError):
+    """The model section cannot produce a model (names the key and the reason)."""
 
 
 @dataclass(frozen=True)
@@ -25,8 +37,18 @@ class VisionGeometry:
     vocab_size: int | None = None  # the LM's output rows, when the model config says so
 
 
+@dataclass(frozen=True)
+class EvalGeometry:
+    """What eval prompts and image inputs need from a loaded checkpoint of a family."""
+
+    image_token_id: int
+    image_tokens: int  # in-sequence positions per image
+    image_size: int  # llava: vision input side; mllama: tile side
+    max_tiles: int
+
+
 class Family(ABC):
-    """One model family; built by `mlan.families.get_family(model)`."""
+    """One model family for one recipe's `model:` section, render side; built by `mlan.families.get_family`."""
 
     name: str
     default_template: str = "llama3"
@@ -37,6 +59,7 @@ class Family(ABC):
 
     @cached_property
     def tokenizer(self):
+        # lazy: mlan.tokenizer loads transformers (~1.5 s), and recipe parsing imports this module
         from mlan.tokenizer import load_tokenizer
 
         return load_tokenizer(self.model.tokenizer)
@@ -77,6 +100,14 @@ class Family(ABC):
     def vocab_size(self) -> int:
         """Rows of the LM's output layer."""
 
+    @abstractmethod
+    def stored_image_size(self, width: int, height: int) -> tuple[int, int]:
+        """The (width, height) an image is stored at with `pre_resize`: the family's input resolution."""
+
+    def tile_size(self) -> int | None:
+        """The side of one vision tile, for families that tile images (None otherwise)."""
+        return None
+
     def family_config(self) -> dict:
         """The manifest's `family_config`: what a trainer needs to check shards against its model."""
         g = self.geometry
@@ -87,6 +118,74 @@ class Family(ABC):
             "image_tokens": self.image_seq_tokens(),
             "image_size": g.image_size,
             "patch_size": g.patch_size,
-            "tile_size": g.image_size if self.name == "mllama" else None,
+            "tile_size": self.tile_size(),
             "max_tiles": g.max_tiles,
         }
+
+
+class FamilyRuntime(ABC):
+    """The torch side of a family: models, processors and batch inputs, from a manifest's `family_config`."""
+
+    @abstractmethod
+    def build_tiny(self, family_config: Mapping[str, Any]) -> Any:
+        """A tiny model of the real architecture at the build's image geometry (random weights, fp32)."""
+
+    @abstractmethod
+    def load_pretrained(self, path_or_id: str) -> Any:
+        """A full checkpoint of this family (already checked to be one), fp32 on CPU."""
+
+    def compose(self, model_spec: ModelSpec, family_config: Mapping[str, Any]) -> Any:
+        """A model composed from a base LLM and a vision tower (`model.llm` + `model.vision_tower`)."""
+        raise NotImplementedError  # only families with `composes_from_parts` are asked
+
+    def prepare(self, model: Any) -> Any:
+        """Whatever every built or loaded model of the family needs before use (default: nothing)."""
+        return model
+
+    @abstractmethod
+    def processor(self, family_config: Mapping[str, Any], tokenizer: Any) -> Any:
+        """The HF processor saved next to an exported model, matching the training images."""
+
+    @abstractmethod
+    def batch_images(self, family_config: Any, rows: Sequence[Any], decoded: list[list[Any]], length: int,
+                     always_images: bool) -> dict[str, Any]:
+        """The image inputs of a collated batch (pixel values and whatever masks the model takes)."""
+
+    def same_modules_inputs(self, batch: dict[str, Any], family_config: Mapping[str, Any]) -> Any:
+        """Make a micro-batch run every module the others run (FSDP); returns a mask of added positions or None."""
+        return None
+
+    @abstractmethod
+    def eval_model(self, path: str, config: Any) -> tuple[Any, EvalGeometry]:
+        """The checkpoint at `path` (config already read) and what eval prompts and inputs need of it."""
+
+    @abstractmethod
+    def eval_inputs(self, ids: Any, images: list[Any], geometry: EvalGeometry) -> dict[str, Any]:
+        """Forward kwargs for a batch of prompts `ids` with one PIL image each."""
+
+
+class FamilyPlugin(ABC):
+    """A registered family: its torch-free hooks, and the module holding its `FamilyRuntime` as `RUNTIME`."""
+
+    name: ClassVar[str]
+    model_type: ClassVar[str]  # the Hugging Face `config.model_type` of this family's checkpoints
+    runtime_module: ClassVar[str]  # imported on first `runtime()`: keeps torch out of rendering
+    composes_from_parts: ClassVar[bool] = False  # can build a model from `model.llm` + `model.vision_tower`
+
+    @abstractmethod
+    def geometry(self, model: ModelSpec) -> VisionGeometry:
+        """Image sizes for a recipe's `model:` section (tiny config, local model config, defaults, explicit keys)."""
+
+    @abstractmethod
+    def family(self, model: ModelSpec, geometry: VisionGeometry) -> Family:
+        """The render-side family object."""
+
+    def check_config(self, family_config: Mapping[str, Any]) -> None:
+        """Raise ValueError naming a `family_config` key this family needs and the manifest lacks."""
+
+    def placeholders_per_image(self, image_tokens: int) -> int:
+        """In-sequence image tokens per image, given the manifest's `image_tokens` (default: one)."""
+        return 1
+
+    def runtime(self) -> FamilyRuntime:
+        return importlib.import_module(self.runtime_module).RUNTIME

@@ -1,9 +1,9 @@
-"""Build and load the trainable model: a full VLM checkpoint, a LLaVA composed from parts, or a tiny config.
+"""Build and load the trainable model through its family's plug-in, and what is family-agnostic about it.
 
-Also the module groups the freeze policy speaks of (vision_tower, projector, language_model,
-cross_attention), MLAN's stage presets, and LoRA through peft on the language model's linear layers.
-Every Mllama model built or loaded here gets the reference cross-attention semantics
-(`mlan.families.mllama_patch.apply_reference_cross_attention`).
+The family decides how a tiny config, a full checkpoint or a model composed from parts is built
+(`mlan.families.<name>.model`); here: the checks every build shares, the module groups the freeze policy
+speaks of (vision_tower, projector, language_model, cross_attention), MLAN's stage presets, LoRA through
+peft on the language model's linear layers, and the facts the trainer needs (vocabulary, FLOPs).
 """
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import AutoConfig
 
 from mlan.errors import MlanError
-from mlan.pretrained import gguf_path, is_pretrained_name, resolve_model_path
+from mlan.families.base import FamilyPlugin, ModelBuildError
+from mlan.families.registry import family_names, family_plugin
+from mlan.pretrained import gguf_path, is_pretrained_name
 from mlan.recipe import FreezeSpec, LoraSpec, ModelSpec
 from mlan.weights import check_model_dir
 
@@ -30,10 +33,6 @@ STAGE_FREEZE = {
 }
 
 
-class ModelBuildError(MlanError, ValueError):
-    """The model section cannot produce a model (names the key and the reason)."""
-
-
 # ---------------------------------------------------------------- building
 def build_model(model_spec: ModelSpec, family_config: dict[str, Any] | None = None) -> nn.Module:
     """The model a recipe names, in fp32 on CPU; seed torch first so every rank builds identical weights."""
@@ -42,55 +41,18 @@ def build_model(model_spec: ModelSpec, family_config: dict[str, Any] | None = No
     if family != model_spec.family:
         raise ModelBuildError(
             f"model.family: recipe says {model_spec.family!r}, the build's manifest says {family!r}")
+    plugin = family_plugin(family)
+    runtime = plugin.runtime()
     if model_spec.llm or model_spec.vision_tower or model_spec.config == "compose":
-        model = compose_llava(model_spec, family_config)
+        if not plugin.composes_from_parts:
+            composers = " / ".join(n for n in family_names() if family_plugin(n).composes_from_parts)
+            raise ModelBuildError(f"model.llm/model.vision_tower: composing from parts is for family {composers} only")
+        model = runtime.compose(model_spec, family_config)
     elif model_spec.config == "tiny":
-        model = build_tiny(family, family_config)
+        model = runtime.build_tiny(family_config)
     else:
-        model = load_pretrained(model_spec.config, family)
-    if family == "mllama":
-        reference_cross_attention(model)
-    return model
-
-
-def reference_cross_attention(model: nn.Module) -> nn.Module:
-    """Give an Mllama model Meta's cross-attention semantics (transformers issue #39379)."""
-    from mlan.families.mllama_patch import apply_reference_cross_attention
-
-    apply_reference_cross_attention(model)
-    return model
-
-
-def build_tiny(family: str, fc: dict[str, Any]) -> nn.Module:
-    """A tiny model of the real architecture, with image geometry taken from the build's family_config."""
-    from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
-
-    from mlan.families import tiny
-
-    if family == "llava":
-        cfg = tiny.tiny_llava_config()
-        size = int(fc.get("image_size") or cfg.vision_config.image_size)
-        patch = int(fc.get("patch_size") or cfg.vision_config.patch_size)
-        n_img = int(fc.get("image_tokens") or (size // patch) ** 2)
-        if (size // patch) ** 2 != n_img:
-            raise ModelBuildError(
-                f"family_config: image_tokens={n_img} does not match image_size {size} / patch {patch} "
-                f"= {(size // patch) ** 2} tokens (CLS dropped)")
-        cfg.vision_config.image_size = size
-        cfg.vision_config.patch_size = patch
-        cfg.image_seq_length = n_img
-        image_token = int(fc.get("image_token_id", tiny.IMAGE_TOKEN_ID))
-        cfg.image_token_index = image_token
-        cfg.text_config.vocab_size = max(int(fc.get("vocab_size") or 0), image_token + 1, tiny.LLAMA3_VOCAB)
-        return LlavaForConditionalGeneration(cfg)
-    if family == "mllama":
-        cfg = tiny.tiny_mllama_config()
-        cfg.vision_config.image_size = int(fc.get("tile_size") or cfg.vision_config.image_size)
-        if fc.get("patch_size"):
-            cfg.vision_config.patch_size = int(fc["patch_size"])
-        cfg.vision_config.max_num_tiles = int(fc.get("max_tiles") or cfg.vision_config.max_num_tiles)
-        return MllamaForConditionalGeneration(cfg)
-    raise ModelBuildError(f"model.family: unknown family {family!r}; allowed: llava, mllama")
+        model = load_pretrained(model_spec.config, plugin)
+    return runtime.prepare(model)
 
 
 def check_model_files(model_spec: ModelSpec) -> None:
@@ -118,91 +80,15 @@ def check_model_files(model_spec: ModelSpec) -> None:
             raise ModelBuildError(f"{key}: {value}: no such model folder (and not a hub id of the form owner/name)")
 
 
-def load_pretrained(path_or_id: str, family: str) -> nn.Module:
-    """A full VLM checkpoint (local save_pretrained folder or hub id) of the named family."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration, MllamaForConditionalGeneration
-
+def load_pretrained(path_or_id: str, plugin: FamilyPlugin) -> nn.Module:
+    """A full VLM checkpoint (local save_pretrained folder or hub id) of the plug-in's family."""
     check_model_dir(path_or_id)
     cfg = AutoConfig.from_pretrained(path_or_id)
-    classes = {"llava": LlavaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}
-    if cfg.model_type != family:
+    if cfg.model_type != plugin.model_type:
         raise ModelBuildError(
-            f"model.config: {path_or_id!r} is a {cfg.model_type!r} checkpoint, the recipe's family is {family!r} "
+            f"model.config: {path_or_id!r} is a {cfg.model_type!r} checkpoint, the recipe's family is {plugin.name!r} "
             "(to compose LLaVA from a base LLM, set model.llm and model.vision_tower instead)")
-    return classes[family].from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
-
-
-def _vision_model(path_or_id: str, fc: dict[str, Any] | None = None) -> nn.Module:
-    """The vision half of a CLIP or SigLIP checkpoint (a full dual-encoder checkpoint is fine).
-
-    `tiny` is a small *randomly initialised* CLIP tower (mlan/families/tiny.py) at the build's image size:
-    no pretrained CLIP/SigLIP weights are reachable offline, so a real LLM gets a random tower.
-    """
-    from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
-
-    if path_or_id == "tiny":
-        from mlan.families import tiny
-
-        vcfg = tiny.tiny_llava_config().vision_config
-        fc = fc or {}
-        vcfg.image_size = int(fc.get("image_size") or vcfg.image_size)
-        vcfg.patch_size = int(fc.get("patch_size") or vcfg.patch_size)
-        return CLIPVisionModel(vcfg)
-
-    check_model_dir(path_or_id)
-    kind = AutoConfig.from_pretrained(path_or_id).model_type
-    if kind in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
-    if kind in ("siglip", "siglip_vision_model"):
-        return SiglipVisionModel.from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
-    raise ModelBuildError(f"model.vision_tower: {path_or_id!r} is a {kind!r} model; expected CLIP or SigLIP")
-
-
-def compose_llava(model_spec: ModelSpec, fc: dict[str, Any]) -> nn.Module:
-    """LLaVA-1.5 style: base LLM + CLIP/SigLIP tower (penultimate layer) + a fresh 2-layer GELU projector."""
-    from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-    if model_spec.family != "llava":
-        raise ModelBuildError("model.llm/model.vision_tower: composing from parts is for family llava only")
-    if not (model_spec.llm and model_spec.vision_tower):
-        raise ModelBuildError("model: composing LLaVA needs both model.llm and model.vision_tower")
-    if model_spec.config not in ("compose", "tiny"):
-        raise ModelBuildError(
-            f"model.config = {model_spec.config!r}: give either a full checkpoint in model.config "
-            "or model.llm + model.vision_tower, not both")
-    llm_path = resolve_model_path(model_spec.llm)
-    check_model_dir(llm_path)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32, use_safetensors=True)
-    vision = _vision_model(model_spec.vision_tower, fc)
-    vcfg = vision.config
-    siglip = vcfg.model_type.startswith("siglip")
-    n_img = (vcfg.image_size // vcfg.patch_size) ** 2
-    want = int(fc.get("image_tokens") or model_spec.image_tokens)
-    if want != n_img:
-        raise ModelBuildError(
-            f"model.image_tokens = {want}: the vision tower {model_spec.vision_tower!r} gives {n_img} tokens "
-            f"({vcfg.image_size}px / patch {vcfg.patch_size})")
-    image_token = int(fc.get("image_token_id", llm.config.vocab_size))
-    cfg = LlavaConfig(
-        vision_config=vcfg.to_dict(),
-        text_config=llm.config.to_dict(),
-        image_token_index=image_token,
-        image_seq_length=n_img,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy="full" if siglip else "default",
-        vision_feature_layer=-2,
-    )
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
-    model.model.language_model = llm.model
-    model.lm_head = llm.lm_head
-    model.model.vision_tower = vision
-    model.model.multi_modal_projector = LlavaMultiModalProjector(cfg)
-    if image_token >= llm.config.vocab_size:  # room for the image token row (never a training target)
-        model.resize_token_embeddings(image_token + 1, mean_resizing=True)
-    model.config.text_config.vocab_size = model.get_input_embeddings().weight.shape[0]
-    return model
+    return plugin.runtime().load_pretrained(path_or_id)
 
 
 # ---------------------------------------------------------------- groups, freezing, LoRA
@@ -262,8 +148,6 @@ def lora_rank(model: nn.Module, lora: LoraSpec) -> int:
 
 def apply_lora(model: nn.Module, lora: LoraSpec, freeze: FreezeSpec) -> nn.Module:
     """peft LoRA on all LLM linear layers (r = hidden/2, rsLoRA); non-LLM groups keep the freeze policy."""
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(
         r=lora_rank(model, lora),
         lora_alpha=lora.alpha,

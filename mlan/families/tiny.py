@@ -2,14 +2,21 @@
 
 They keep the real shape pattern (Llama-3 vocabulary and special ids; Mllama cross-attention every
 5th layer from layer 3, as in Llama-3.2-11B-Vision) with small widths and small image tiles.
+The sizes below are also what the families' torch-free geometry reads for `model.config: tiny`, so this
+module imports transformers' config classes (which load torch) only inside the functions that build them.
 """
 from __future__ import annotations
 
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MllamaConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlavaConfig, MllamaConfig
 
 LLAMA3_VOCAB = 128256  # 128,000 BPE ranks + 256 special tokens
 IMAGE_TOKEN_ID = 128256  # `<|image|>`, added after the specials
 BOS_ID, EOT_ID, PAD_ID = 128000, 128009, 128004
+
+TINY_LLAVA_VOCAB = IMAGE_TOKEN_ID + 1  # LLaVA on Llama-3: the image token gets an embedding row
 
 TINY_LLAVA_IMAGE_SIZE = 56
 TINY_LLAVA_PATCH = 14
@@ -20,8 +27,10 @@ TINY_MLLAMA_PATCH = 14
 TINY_MLLAMA_MAX_TILES = 4
 
 
-def tiny_llama_config(num_layers: int = 2, hidden: int = 64, vocab_size: int = LLAMA3_VOCAB + 1) -> LlamaConfig:
+def tiny_llama_config(num_layers: int = 2, hidden: int = 64, vocab_size: int = TINY_LLAVA_VOCAB) -> LlamaConfig:
     """A tiny Llama-3 text model; vocab includes the image token row by default (LLaVA on Llama-3)."""
+    from transformers import LlamaConfig  # lazy: see the module docstring (rendering stays torch-free)
+
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -39,6 +48,9 @@ def tiny_llama_config(num_layers: int = 2, hidden: int = 64, vocab_size: int = L
 
 
 def tiny_llava_config(num_layers: int = 2, hidden: int = 64) -> LlavaConfig:
+    """A tiny LLaVA: CLIP tower at TINY_LLAVA_IMAGE_SIZE, Llama-3 text model with the image token row."""
+    from transformers import CLIPVisionConfig, LlavaConfig  # lazy: see the module docstring
+
     vision = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -62,6 +74,8 @@ def tiny_llava_config(num_layers: int = 2, hidden: int = 64) -> LlavaConfig:
 
 def tiny_mllama_config(num_layers: int = 10, hidden: int = 64) -> MllamaConfig:
     """Cross-attention at 3, 8, 13, … like the 11B model's [3, 8, …, 38] over 40 layers."""
+    from transformers import MllamaConfig  # lazy: see the module docstring
+
     cross = list(range(3, num_layers, 5))
     text = {
         "vocab_size": LLAMA3_VOCAB,

@@ -24,8 +24,10 @@ MIXING_KNOBS = ("weight", "upsample")  # source fields that choose how often a d
 # Only the code that shapes tokenized documents: editing the trainer, the merge map or the Mllama patch
 # (also under families/) must not re-tokenize every source. A path that is not there is an error.
 CODE_PATHS = (
-    "render.py", "templates.py", "tokenizer.py", "sources",
-    "families/__init__.py", "families/base.py", "families/llava.py", "families/mllama.py", "families/tiny.py",
+    "render.py", "piece_encoding.py", "templates.py", "tokenizer.py", "sources",
+    "families/__init__.py", "families/base.py", "families/local_config.py", "families/registry.py",
+    "families/tiny.py",
+    "families/*/__init__.py", "families/*/geometry.py",  # each family's torch-free side: registration, accounting
     "mixture/cache.py", "mixture/pre_resize.py",
 )
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -35,11 +37,12 @@ def code_fingerprint() -> str:
     """sha256 over the rendering code (CODE_PATHS); a missing path raises, so a moved module cannot drop out."""
     h = hashlib.sha256()
     for rel in CODE_PATHS:
-        p = _PACKAGE / rel
-        if not p.exists():
-            raise FileNotFoundError(f"cache key: {p} is in CODE_PATHS but does not exist (was it moved?)")
-        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
-            h.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes())
+        paths = sorted(_PACKAGE.glob(rel)) if "*" in rel else [_PACKAGE / rel]
+        if not paths or not all(p.exists() for p in paths):
+            raise FileNotFoundError(f"cache key: {rel} is in CODE_PATHS but does not exist (was it moved?)")
+        for p in paths:
+            for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+                h.update(str(f.relative_to(_PACKAGE)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 

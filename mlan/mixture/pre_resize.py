@@ -19,15 +19,10 @@ def pre_resize(doc: Document, renderer: Renderer) -> Document:
     size = getattr(geometry, "image_size", None)
     if not size:
         return doc
-    tiles = max(1, int(getattr(geometry, "max_tiles", 1)))
     images, exts, sizes = [], [], []
     for data in doc.images:
         im = open_oriented(data)  # the loader's decode: EXIF orientation applied, so none is stored
-        if tiles == 1:  # llava: the vision tower's square input
-            im = im.resize((size, size), Image.BICUBIC)
-        else:  # mllama: fit inside the largest tile canvas, keeping the aspect ratio
-            scale = min(1.0, size * tiles / max(im.size))
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+        im = im.resize(family.stored_image_size(im.width, im.height), Image.BICUBIC)
         buf = io.BytesIO()
         im.save(buf, format="PNG", optimize=False)
         images.append(buf.getvalue())

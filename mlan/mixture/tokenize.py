@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import ray
 from ray.util import ActorPool
 
-from mlan.families import get_family
+from mlan.families.registry import get_family
 from mlan.mixture import cache as tcache
 from mlan.mixture.cache_key import source_cache_keys
 from mlan.mixture.pre_resize import pre_resize

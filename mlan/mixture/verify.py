@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 
 from mlan.data.images import ImageDecodeError, decode_image
+from mlan.families.registry import find_family
 from mlan.mixture.shards import Manifest, PackedRow, fs_of, read_manifest, read_shard, sha256_problem
 
 COUNT_KEYS = ("rows", "tokens", "loss_tokens", "tokens_by_modality", "tokens_by_source")
@@ -38,7 +39,8 @@ def row_problems(row: PackedRow, family_config: dict, decode: bool = True) -> li
         return [str(err).removeprefix(f"packed row {row.key!r}: ")]
     problems: list[str] = []
     image_id = family_config.get("image_token_id")
-    per_image = int(family_config.get("image_tokens") or 1) if family_config.get("family") == "llava" else 1
+    plugin = find_family(family_config.get("family"))
+    per_image = plugin.placeholders_per_image(int(family_config.get("image_tokens") or 1)) if plugin else 1
     if image_id is not None:
         is_image = row.ids == image_id
         bounds = np.concatenate([[0], np.cumsum(row.docs.astype(np.int64))])

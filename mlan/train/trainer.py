@@ -28,6 +28,7 @@ from mlan.child_process import start_parent_watchdog
 from mlan.data.loader import ShardError
 from mlan.errors import MlanError, one_line
 from mlan.families import modeling
+from mlan.families.registry import same_modules_inputs
 from mlan.mixture.shards import read_manifest as read_shards_manifest
 from mlan.recipe import Recipe, RecipeError, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
@@ -119,32 +120,6 @@ def truncate_batch(batch: dict[str, Any], meta: dict[str, Any], keep_tokens: int
     return {**meta, "n_tokens": keep_tokens, "tokens_by_modality": by_mod}
 
 
-# ---------------------------------------------------------------- same modules on every rank
-def add_llava_dummy_image(batch: dict[str, Any], family_config: dict[str, Any]) -> torch.Tensor | None:
-    """A text-only LLaVA micro-batch gets one blank image as a document of its own; returns its positions.
-
-    FSDP needs every rank to run the same modules (design invariant 5): a rank whose micro-batch holds no
-    image would skip the vision tower's all-gathers while the others run them. The image's placeholders
-    go in new columns at the end of row 0 with positions restarting at 0 (their own document, after every
-    real token, so causal attention hides them) and labels −100; the trainer adds 0 × their logits to the
-    loss so the backward reaches the projector on every rank too.
-    """
-    if family_config.get("family") != "llava" or "pixel_values" in batch:
-        return None
-    n, size = int(family_config["image_tokens"]), int(family_config["image_size"])
-    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-    b = ids.shape[0]
-    new_ids = torch.zeros(b, n, dtype=ids.dtype)
-    new_ids[0] = int(family_config["image_token_id"])
-    batch["input_ids"] = torch.cat([ids, new_ids], dim=1)
-    batch["labels"] = torch.cat([labels, torch.full((b, n), IGNORE_INDEX, dtype=labels.dtype)], dim=1)
-    batch["position_ids"] = torch.cat([pos, torch.arange(n, dtype=pos.dtype).expand(b, n)], dim=1)
-    batch["pixel_values"] = torch.zeros(1, 3, size, size)
-    dummy = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    dummy[0, -n:] = True
-    return dummy
-
-
 # ---------------------------------------------------------------- one step
 @dataclass
 class TrainState:
@@ -228,7 +203,7 @@ class Stepper:
         denom = max(global_loss_tokens, 1.0)
         loss_sum = 0.0
         for b in micro:
-            dummy = add_llava_dummy_image(b, self.family_config)
+            dummy = same_modules_inputs(b, self.family_config)
             b = to_device(b, self.env.device)
             targets = shift_labels(b.pop("labels"))
             keep = targets != IGNORE_INDEX  # the lm_head runs only where a loss is taken

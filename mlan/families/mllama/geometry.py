@@ -1,9 +1,19 @@
-"""Llama-3.2-Vision (Mllama): one `<|image|>` per image in the text; the image is seen as tiles via cross-attention."""
+"""Llama-3.2-Vision (Mllama) token accounting (torch-free): one `<|image|>` per image in the text; the image is
+seen as tiles via cross-attention, tiled exactly as transformers' MllamaImageProcessor tiles it."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from mlan.families.base import Family
+from mlan.families import tiny
+from mlan.families.base import Family, VisionGeometry
+from mlan.families.local_config import load_local_config, vision_config
+
+if TYPE_CHECKING:
+    from mlan.recipe import ModelSpec
+
+# Real default: Llama-3.2-11B-Vision.
+MLLAMA_TILE, MLLAMA_PATCH, MLLAMA_MAX_TILES = 560, 14, 4
 
 
 def supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
@@ -33,7 +43,33 @@ def tile_grid(width: int, height: int, max_tiles: int, tile_size: int) -> tuple[
     return best[2]
 
 
+def mllama_geometry(model: ModelSpec) -> VisionGeometry:
+    """Sizes from the tiny config, else the model's config when readable, else the real defaults.
+
+    Explicit recipe keys (`model.image_size`, `model.max_tiles`) always win.
+    """
+    size, patch, tiles, vocab = MLLAMA_TILE, MLLAMA_PATCH, MLLAMA_MAX_TILES, None
+    if model.config == "tiny":
+        size, patch = tiny.TINY_MLLAMA_TILE, tiny.TINY_MLLAMA_PATCH
+        tiles, vocab = tiny.TINY_MLLAMA_MAX_TILES, tiny.LLAMA3_VOCAB
+    else:
+        cfg = load_local_config(model.config)
+        if cfg is not None:
+            vision = vision_config(cfg)
+            size, patch = int(vision.image_size), int(vision.patch_size)
+            tiles = int(getattr(vision, "max_num_tiles", tiles))
+            vocab = getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    explicit = model.model_fields_set
+    if "image_size" in explicit and model.image_size is not None:
+        size = model.image_size
+    if "max_tiles" in explicit:
+        tiles = model.max_tiles
+    return VisionGeometry(image_size=size, patch_size=patch, image_tokens=1, max_tiles=tiles, vocab_size=vocab)
+
+
 class MllamaFamily(Family):
+    """Mllama: one in-sequence token per image, up to `max_tiles` tiles per image in the vision encoder."""
+
     name = "mllama"
     default_template = "llama3"
 
@@ -54,3 +90,11 @@ class MllamaFamily(Family):
             return self.geometry.vocab_size
         n = len(self.tokenizer)
         return n - 1 if self.image_token is not None and self.image_token_id == n - 1 else n
+
+    def tile_size(self) -> int:
+        return self.geometry.image_size
+
+    def stored_image_size(self, width: int, height: int) -> tuple[int, int]:
+        """Fit inside the largest tile canvas, keeping the aspect ratio (never upscaled)."""
+        scale = min(1.0, self.geometry.image_size * self.geometry.max_tiles / max(width, height))
+        return max(1, round(width * scale)), max(1, round(height * scale))

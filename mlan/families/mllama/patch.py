@@ -25,6 +25,7 @@ import types
 
 import torch
 from torch import nn
+from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
 
 _MARK = "_mlan_reference_cross_attention"
 
@@ -66,8 +67,6 @@ def _reference_forward(
 
 
 def _cross_attention_layers(model: nn.Module) -> list[nn.Module]:
-    from transformers.models.mllama.modeling_mllama import MllamaCrossAttentionDecoderLayer
-
     return [m for m in model.modules() if isinstance(m, MllamaCrossAttentionDecoderLayer)]
 
 

@@ -1,0 +1,44 @@
+"""LLaVA's torch side for the registry (`FamilyPlugin.runtime()`): models, processor and inputs wired together."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlan.families.base import EvalGeometry, FamilyRuntime
+from mlan.families.llava import inputs, model
+from mlan.recipe import ModelSpec
+
+
+class LlavaRuntime(FamilyRuntime):
+    def build_tiny(self, family_config: Mapping[str, Any]) -> nn.Module:
+        return model.build_tiny(family_config)
+
+    def load_pretrained(self, path_or_id: str) -> nn.Module:
+        return model.load_pretrained(path_or_id)
+
+    def compose(self, model_spec: ModelSpec, family_config: Mapping[str, Any]) -> nn.Module:
+        return model.compose(model_spec, family_config)
+
+    def processor(self, family_config: Mapping[str, Any], tokenizer: Any) -> Any:
+        return model.processor(family_config, tokenizer)
+
+    def batch_images(self, family_config: Any, rows: Sequence[Any], decoded: list[list[Any]], length: int,
+                     always_images: bool) -> dict[str, torch.Tensor]:
+        return inputs.batch_images(family_config, decoded)
+
+    def same_modules_inputs(self, batch: dict[str, Any], family_config: Mapping[str, Any]) -> torch.Tensor | None:
+        return inputs.add_dummy_image(batch, family_config)
+
+    def eval_model(self, path: str, config: Any) -> tuple[nn.Module, EvalGeometry]:
+        vc = config.vision_config
+        n = int(getattr(config, "image_seq_length", 0) or (vc.image_size // vc.patch_size) ** 2)
+        return model.load_pretrained(path), EvalGeometry(int(config.image_token_id), n, int(vc.image_size), 1)
+
+    def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
+        return inputs.eval_inputs(images, geometry)
+
+
+RUNTIME = LlavaRuntime()

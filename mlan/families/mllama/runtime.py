@@ -1,0 +1,43 @@
+"""Mllama's torch side for the registry (`FamilyPlugin.runtime()`): every model it builds or loads carries Meta's
+reference cross-attention (`mlan.families.mllama.patch`)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mlan.families.base import EvalGeometry, FamilyRuntime
+from mlan.families.mllama import inputs, model
+from mlan.families.mllama.patch import apply_reference_cross_attention
+
+
+class MllamaRuntime(FamilyRuntime):
+    def build_tiny(self, family_config: Mapping[str, Any]) -> nn.Module:
+        return model.build_tiny(family_config)
+
+    def load_pretrained(self, path_or_id: str) -> nn.Module:
+        return model.load_pretrained(path_or_id)
+
+    def prepare(self, built: nn.Module) -> nn.Module:
+        """Meta's cross-attention semantics (transformers issue #39379)."""
+        return apply_reference_cross_attention(built)
+
+    def processor(self, family_config: Mapping[str, Any], tokenizer: Any) -> Any:
+        return model.processor(family_config, tokenizer)
+
+    def batch_images(self, family_config: Any, rows: Sequence[Any], decoded: list[list[Any]], length: int,
+                     always_images: bool) -> dict[str, torch.Tensor]:
+        return inputs.batch_images(family_config, rows, decoded, length, always_images)
+
+    def eval_model(self, path: str, config: Any) -> tuple[nn.Module, EvalGeometry]:
+        vc = config.vision_config
+        loaded = self.prepare(model.load_pretrained(path))
+        return loaded, EvalGeometry(int(config.image_token_id), 1, int(vc.image_size), int(vc.max_num_tiles))
+
+    def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
+        return inputs.eval_inputs(ids, images, geometry)
+
+
+RUNTIME = MllamaRuntime()
