@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
 import sys
 import time
@@ -220,7 +219,7 @@ class Study:
     def _save_untrained_vlm(self, out: Path) -> None:
         from mlan.families import get_family
         from mlan.families.modeling import build_model
-        from mlan.train.trainer import save_processor
+        from mlan.train.export import save_processor
 
         fc = get_family(self.recipe.model).family_config()
         torch.manual_seed(self.recipe.train.seed)
@@ -436,12 +435,3 @@ def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE
     total = study.out / "wall.json"
     _atomic_write(total, json.dumps({"last_invocation_s": time.time() - started}) + "\n")
     return study.out / "report.md"
-
-
-def study_command(args) -> int:
-    """CLI entry: `mlan study [--out DIR] [--recipe FILE] [--quick] [--nproc N]`."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    report = run_study(args.out, args.recipe or DEFAULT_RECIPE, quick=args.quick, nproc=args.nproc)
-    print(report.read_text(), end="")
-    print(f"report: {report}")
-    return 0
