@@ -211,9 +211,13 @@ def test_sigkill_then_resume_equals_uninterrupted(two_rank_run, llava_build):
     assert not (out / "final").exists()
     with pytest.raises(TrainingFailed):  # a run folder with checkpoints refuses a fresh start
         run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, overrides=overrides)
+    with pytest.raises(TrainingFailed, match="LR schedule differs"):  # the checkpointed schedule is kept
+        run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True,
+                     overrides=[*overrides, "train.lr=1e-3"])
     run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True, overrides=overrides)
     ref, got = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]  # the schedule continues exactly
     assert [r["tokens"] for r in got] == [r["tokens"] for r in ref] and got[-1]["tokens"] == 700
     for ra, rb in zip(ref, got):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * max(1.0, abs(ra["loss"]))
