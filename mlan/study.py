@@ -29,6 +29,7 @@ from mlan.ablate import _atomic_write, _mlan, _sets, export_complete, ratio_tag,
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting, harmonic_mean
 from mlan.recipe import Recipe, expand_env, load_recipe
+from mlan.train.metrics import mean_tokens_per_s, step_seconds
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "study-smollm2.yaml"
 NLVR_HELD_OUT_FROM = 900  # NLVR dev records [900, 988) are never trained on (the recipe's nlvr limit is 850)
@@ -114,29 +115,6 @@ def heldout_loss(model_dir: str, alpaca: Path, n_docs: int) -> float:
         total += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
         count += int((targets != -100).sum())
     return total / max(count, 1)
-
-
-def step_seconds(run: Path) -> float | None:
-    """Median wall time per optimizer step of a training run (from its metrics.jsonl)."""
-    from mlan.train.metrics import read_metrics
-
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rates = sorted(r["step_tokens"] / r["tokens_per_s"] for r in read_metrics(path)
-                   if r.get("tokens_per_s") and r.get("step_tokens"))
-    if not rates:
-        return None
-    return rates[len(rates) // 2]
-
-
-def mean_tokens_per_s(run: Path) -> float | None:
-    """Mean training throughput over the logged steps (tokens / s)."""
-    from mlan.train.metrics import read_metrics
-
-    path = run / "metrics.jsonl"
-    rows = read_metrics(path) if path.is_file() else []
-    return sum(r.get("tokens_per_s", 0) for r in rows) / len(rows) if rows else None
 
 
 # ---------------------------------------------------------------- cells
