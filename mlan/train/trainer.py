@@ -68,6 +68,8 @@ def add_llava_dummy_image(batch: dict[str, Any], family_config: dict[str, Any]) 
 # ---------------------------------------------------------------- one step
 @dataclass(frozen=True)
 class StepResult:
+    """One step's figures, summed over ranks."""
+
     tokens: int
     tokens_text: int
     tokens_image_text: int
@@ -78,10 +80,12 @@ class StepResult:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def take(it: Iterator, n: int) -> list:
+    """Up to `n` items of `it` (fewer at its end)."""
     out = []
     for _ in range(n):
         try:
@@ -108,7 +112,7 @@ class Stepper:
         dist.all_gather(out, local)
         return torch.stack(out).cpu()
 
-    def _all_reduce(self, values: list[float], dtype=torch.float64) -> list[float]:
+    def _all_reduce(self, values: list[float], dtype: torch.dtype = torch.float64) -> list[float]:
         t = torch.tensor(values, dtype=dtype, device=self.env.device)
         dist.all_reduce(t)
         return t.cpu().tolist()
@@ -170,6 +174,8 @@ class Stepper:
 # ---------------------------------------------------------------- one run
 @dataclass(frozen=True)
 class RunPaths:
+    """Where a run writes: metrics.jsonl, checkpoints/, final/."""
+
     run: Path
 
     @property
