@@ -27,8 +27,8 @@ def demo_command(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    ratios = parse_ratios(args.ratios) if getattr(args, "ratios", None) else DEMO_RATIOS
-    rows = run_demo(out, ratios, nproc=getattr(args, "nproc", 2), overrides=getattr(args, "overrides", ()) or ())
+    ratios = parse_ratios(args.ratios) if args.ratios else DEMO_RATIOS
+    rows = run_demo(out, ratios, nproc=args.nproc, overrides=args.overrides)
     ablation = out / "ablation"
     lang_up, vis_up = trend(rows)
     print()

@@ -28,7 +28,7 @@ def eval_command(args: argparse.Namespace) -> int:
 
     results = evaluate(args.model, args.tasks, batch_size=args.batch_size, limit=args.limit,
                        max_new_tokens=args.max_new_tokens, images=args.images, reference=args.reference,
-                       image_pattern=getattr(args, "image_pattern", None))
+                       image_pattern=args.image_pattern)
     print(format_table(results))
     if args.out:
         out = Path(args.out)

@@ -64,8 +64,8 @@ def merge_sweep_command(args: argparse.Namespace) -> int:
             vlm=args.vlm, llm=args.llm, alphas=tuple(grid(args.alphas, "alphas")),
             densities=tuple(grid(args.densities, "densities")), tasks=tuple(args.tasks), out=Path(args.out),
             scope=args.scope, direction=args.direction, limit=args.limit,
-            batch_size=getattr(args, "batch_size", 8), max_new_tokens=getattr(args, "max_new_tokens", 64),
-            images=getattr(args, "images", None), keep_models=getattr(args, "keep_models", False))
+            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            images=args.images, keep_models=args.keep_models)
         rows = merge_sweep(spec)
     except MergeError as err:
         print(f"mlan merge-sweep: error: {err}", file=sys.stderr)

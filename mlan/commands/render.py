@@ -38,7 +38,7 @@ def render_command(args: argparse.Namespace) -> int:
     from mlan.sources.images import ImageLimits, set_image_limits
     from mlan.sources.readers import check_source_paths
 
-    recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
+    recipe = load_recipe(args.recipe, args.overrides)
     spec = next((s for s in recipe.sources if s.name == args.source), None)
     if spec is None:
         names = ", ".join(s.name for s in recipe.sources) or "(none)"

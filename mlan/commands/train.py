@@ -25,6 +25,6 @@ def train_command(args: argparse.Namespace) -> int:
     from mlan.train.launch import run_training  # lazy (start-up): pulls torch, 2.8 s; --help 0.1 s
 
     final = run_training(args.recipe, args.shards, args.out, nproc=args.nproc, resume=args.resume,
-                         overrides=args.overrides, verify=not getattr(args, "no_verify", False))
+                         overrides=args.overrides, verify=not args.no_verify)
     print(f"mlan train: exported {final}")
     return 0
