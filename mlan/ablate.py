@@ -250,13 +250,3 @@ def run_ablation(recipe_path: str | Path, ratios: Sequence[float], out: str | Pa
         write_outputs(rows, out, recipe_path.stem)
     write_outputs(rows, out, recipe_path.stem)
     return sorted(rows, key=lambda r: r["text_ratio"])
-
-
-def ablate_command(args) -> int:
-    """CLI entry: `mlan ablate RECIPE --ratios 0,0.25,0.5,0.75,1.0 --out DIR [--nproc 2] [--set K=V]`."""
-    ratios = parse_ratios(args.ratios)
-    out = Path(args.out)
-    run_ablation(args.recipe, ratios, out, nproc=args.nproc, workers=args.workers, overrides=args.overrides)
-    print((out / "ablation.md").read_text(), end="")
-    print(f"table: {out / 'ablation.csv'}  plot: {out / 'ablation.png'}")
-    return 0

@@ -7,8 +7,6 @@ Re-running continues: finished ratios are not redone.
 from __future__ import annotations
 
 import shutil
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,22 +47,3 @@ def run_demo(out: str | Path = "demo-out", ratios: Sequence[float] = DEMO_RATIOS
 
     recipe = prepare_demo(out)
     return run_ablation(recipe, ratios, Path(out) / "ablation", nproc=nproc, overrides=overrides)
-
-
-def demo_command(args) -> int:
-    """CLI entry: `mlan demo [--out demo-out]`."""
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    from mlan.ablate import parse_ratios
-
-    ratios = parse_ratios(args.ratios) if getattr(args, "ratios", None) else DEMO_RATIOS
-    rows = run_demo(out, ratios, nproc=getattr(args, "nproc", 2), overrides=getattr(args, "overrides", ()) or ())
-    ablation = out / "ablation"
-    lang_up, vis_up = trend(rows)
-    print()
-    print((ablation / "ablation.md").read_text(), end="")
-    print(f"\nlanguage score rises with the text share: {'yes' if lang_up else 'NO'}; "
-          f"vision score rises with the image-text share: {'yes' if vis_up else 'NO'} (chance = 25%)")
-    print(f"plot: {ablation / 'ablation.png'}")
-    print(f"table: {ablation / 'ablation.csv'}  (wall time {time.perf_counter() - t0:.0f}s)", file=sys.stdout)
-    return 0

@@ -46,3 +46,7 @@ def one_line(err: BaseException) -> str:
         head, sep, message = last.partition(": ")
         return message if sep and "Error" in head else last
     return "; ".join(lines)
+
+
+class TrainError(MlanError, RuntimeError):
+    """A training run that cannot start or continue; the message says which input is wrong."""

@@ -7,8 +7,6 @@ reads each kept image's size (for Mllama's tile count) and bytes.
 """
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -263,80 +261,7 @@ def format_document(doc: Document, tokenizer, image_token_id: int | None) -> str
     return "".join(f"[[{t}]]" if trained else t for t, trained in document_spans(doc, tokenizer, image_token_id))
 
 
-def render_command(args) -> int:
-    """`mlan render RECIPE --source NAME [--limit N] [--json]`."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.text import Text
-
-    from mlan.errors import UserError
-    from mlan.recipe import load_recipe
-    from mlan.sources.images import ImageLimits, set_image_limits
-    from mlan.sources.readers import check_source_paths
-
-    recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
-    spec = next((s for s in recipe.sources if s.name == args.source), None)
-    if spec is None:
-        names = ", ".join(s.name for s in recipe.sources) or "(none)"
-        raise UserError(f"{args.recipe}: no source named {args.source!r}; the recipe has: {names}")
-    check_source_paths([spec])  # a missing path or a folder without data files: one line, exit 2
-    set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))  # as the build
-    renderer = Renderer(recipe.model, recipe.mixture.seq_len, recipe.mixture.overlong)
-    image_id = renderer.family.image_token_id if renderer.family.image_token is not None else None
-    console = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    counts = {"documents": 0, "errors": 0, "dropped": 0, "truncated": 0, "tokens": 0, "loss_tokens": 0}
-    limit = args.limit
-    first_failure = ""
-    for item in _source_conversations(spec):
-        if limit is not None and counts["documents"] + counts["errors"] + counts["dropped"] >= limit:
-            break
-        if isinstance(item, RecordError):
-            counts["errors"] += 1
-            first_failure = first_failure or str(item)
-            print(f"error: {item}", file=sys.stderr)
-            continue
-        try:
-            doc = renderer.render(item)
-        except RecordError as e:
-            counts["errors"] += 1
-            first_failure = first_failure or str(e)
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        except DocumentDropped as e:
-            counts["dropped"] += 1
-            first_failure = first_failure or f"dropped: {e}"
-            print(f"dropped: {e}", file=sys.stderr)
-            continue
-        counts["documents"] += 1
-        counts["truncated"] += int(doc.truncated)
-        counts["tokens"] += doc.n_tokens
-        counts["loss_tokens"] += doc.n_loss_tokens
-        if args.json:
-            sys.stdout.write(json.dumps(doc.to_json()) + "\n")
-            continue
-        head = (f"── {doc.doc_id} · {doc.modality} · {doc.n_tokens} tokens · {doc.n_loss_tokens} trained"
-                f"{' · truncated' if doc.truncated else ''}{''.join(f' · {note}' for note in item.notes)}")
-        console.print(f"[bold]{escape(head)}[/bold]")
-        for i, (size, ext, tiles, p) in enumerate(zip(doc.image_sizes, doc.image_exts, doc.image_tiles, doc.image_positions)):
-            console.print(escape(f"   image {i}: {size[0]}x{size[1]} {ext}, at token {p}, {tiles} tile(s)"))
-        text = Text()
-        for run, trained in document_spans(doc, renderer.tokenizer, image_id):
-            text.append(f"[[{run}]]" if trained else run, style="bold green" if trained else None)
-        console.print(text)
-        console.print()
-    err.print(
-        f"{counts['documents']} documents ({counts['truncated']} truncated), {counts['errors']} errors, "
-        f"{counts['dropped']} dropped; {counts['tokens']} tokens, {counts['loss_tokens']} trained",
-    )
-    if counts["documents"] == 0:  # nothing usable is a failure a script must see, not a quiet success
-        why = f"; the first: {first_failure}" if first_failure else " (the source has no records)"
-        raise UserError(f"source {spec.name!r}: no record rendered ({counts['errors']} rejected, "
-                        f"{counts['dropped']} dropped){why}".replace("\n", " "))
-    return 0
-
-
-def _source_conversations(spec) -> Iterator[Conversation | RecordError]:
+def source_conversations(spec) -> Iterator[Conversation | RecordError]:
     """Every conversation of a source, each path of an OpenAssistant tree included (`tree_paths: all`)."""
     from mlan.sources import iter_source, to_conversations
 

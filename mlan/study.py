@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
 import sys
 import time
@@ -31,6 +30,7 @@ from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting, harmonic_mean
 from mlan.recipe import Recipe, expand_env, load_recipe
+from mlan.train.metrics import mean_tokens_per_s, step_seconds
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "study-smollm2.yaml"
 NLVR_HELD_OUT_FROM = 900  # NLVR dev records [900, 988) are never trained on (the recipe's nlvr limit is 850)
@@ -118,29 +118,6 @@ def heldout_loss(model_dir: str, alpaca: Path, n_docs: int) -> float:
     return total / max(count, 1)
 
 
-def step_seconds(run: Path) -> float | None:
-    """Median wall time per optimizer step of a training run (from its metrics.jsonl)."""
-    from mlan.train.metrics import read_metrics
-
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rates = sorted(r["step_tokens"] / r["tokens_per_s"] for r in read_metrics(path)
-                   if r.get("tokens_per_s") and r.get("step_tokens"))
-    if not rates:
-        return None
-    return rates[len(rates) // 2]
-
-
-def mean_tokens_per_s(run: Path) -> float | None:
-    """Mean training throughput over the logged steps (tokens / s)."""
-    from mlan.train.metrics import read_metrics
-
-    path = run / "metrics.jsonl"
-    rows = read_metrics(path) if path.is_file() else []
-    return sum(r.get("tokens_per_s", 0) for r in rows) / len(rows) if rows else None
-
-
 # ---------------------------------------------------------------- cells
 class Study:
     """One study folder: runs the cells not finished yet and rewrites the report after each."""
@@ -221,7 +198,7 @@ class Study:
     def _save_untrained_vlm(self, out: Path) -> None:
         from mlan.families.modeling import build_model
         from mlan.families.registry import get_family
-        from mlan.train.trainer import save_processor
+        from mlan.train.export import save_processor
 
         fc = get_family(self.recipe.model).family_config()
         torch.manual_seed(self.recipe.train.seed)
@@ -328,43 +305,15 @@ def _table(rows: list[dict], cols: list[tuple[str, str, int]]) -> str:
 
 
 def write_report(study: Study, started: float) -> None:
+    """OUT/report.md, OUT/study.csv and OUT/ratio.png from every finished cell's result.json."""
     out = study.out
-    cells = sorted((p.parent.name for p in out.glob("*/result.json")), key=str)
-    rows = {c: json.loads((out / c / "result.json").read_text()) for c in cells}
+    rows = _result_rows(out)
     base = rows.get("base")
     lang_tasks = [t.name for t in study.recipe.eval.tasks if t.group == "language"]
     vis_tasks = [t.name for t in study.recipe.eval.tasks if t.group == "vision"]
     ratio_rows = sorted((r for c, r in rows.items() if c.startswith("ratio-")), key=lambda r: r["text_ratio"])
-    hm = lambda r: (harmonic_mean([r["language_avg"], r["vision_avg"]])
-                    if r.get("language_avg") is not None and r.get("vision_avg") is not None else None)
-    base_choice = base.get("omega_language_choice") if base else None
-    for c, r in rows.items():
-        if (out / c / "run").is_dir():
-            r["step_s"] = step_seconds(out / c / "run")
-        if r.get("omega_language_choice") is not None and base_choice is not None and c != "base":
-            r["delta_language_choice"] = base_choice - r["omega_language_choice"]
-    for r in [*rows.values(), *(rows["merge"]["points"] if "merge" in rows else [])]:
-        if isinstance(r, dict) and "language_avg" in r:
-            if r.get("omega_language_choice") is not None and base_choice is not None and "alpha" in r:
-                r["delta_language_choice"] = base_choice - r["omega_language_choice"]
-            r["hm_lang_vision"] = hm(r)
-            if base and r.get("heldout_loss") is not None and base.get("heldout_loss") is not None:
-                r["heldout_loss_delta"] = r["heldout_loss"] - base["heldout_loss"]
-    score_cols = ([(n, n, 1) for n in lang_tasks] + [("language avg", "language_avg", 1),
-                  ("ω lang", "omega_language", 1), ("Δ lang vs base", "delta_language", 1),
-                  ("ω lang (choice tasks)", "omega_language_choice", 1), ("Δ (choice tasks)", "delta_language_choice", 1),
-                  ("held-out loss", "heldout_loss", 3), ("Δ loss", "heldout_loss_delta", 3)]
-                  + [(n, n, 1) for n in vis_tasks] + [("vision avg", "vision_avg", 1), ("ω vision", "omega_vision", 1),
-                  ("HM(lang, vision)", "hm_lang_vision", 1)])
-    lines = [f"# MLAN study on {study.recipe.model.llm}" + (" (--quick smoke run: numbers mean nothing)"
-                                                            if study.quick else ""), "",
-             f"**{VISION_NOTE}**", "",
-             (f"Recipe: `{study.recipe_src}` (as run: `{study.recipe_path}`). Overrides: "
-             f"{', '.join(study.settings.overrides) or 'none'}. Accuracies in %, n items per task as in the "
-             "recipe's eval limits (small subsets: one item is worth several points). ω = harmonic mean of a group's "
-             "accuracies, Δ = ω(base) − ω(model) (> 0 is forgetting), HM = harmonic mean of language and vision "
-             "averages. Held-out loss: mean answer-token loss on alpaca records "
-             f"[{ALPACA_HELD_OUT_FROM}, {ALPACA_HELD_OUT_FROM + study.settings.heldout_docs}) (never trained on)."), ""]
+    score_cols = _score_columns(lang_tasks, vis_tasks)
+    lines = _report_head(study)
     if base:
         lines += ["## 1. Base", "", ("Language: the base LLM. Vision: the composed VLM before training (random "
                   "tower, fresh projector): chance level expected."), "", _table([base], score_cols), ""]
@@ -380,17 +329,73 @@ def write_report(study: Study, started: float) -> None:
                   "rsLoRA"), "", _table([low, *arms], [("arm", "cell", 0), *score_cols]), ""]
     merge = rows.get("merge")
     if merge:
-        pts = merge["points"]
         lines += ["## 4. Merge sweep of the vision-heaviest model with the base LLM (α × K)", "",
-                  _table(pts, [("α", "alpha", 2), ("K", "density", 2), *score_cols]), "",
+                  _table(merge["points"], [("α", "alpha", 2), ("K", "density", 2), *score_cols]), "",
                   "![merge sweep](merge/sweep.png)", ""]
+    lines += _report_tail(rows, started)
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+    flat = [r for r in rows.values() if "language_avg" in r] + (merge["points"] if merge else [])
+    _write_csv(out / "study.csv", flat, lang_tasks, vis_tasks)
+    if ratio_rows:
+        write_plot(ratio_rows, out / "ratio.png", f"{study.recipe.model.llm}: ratio sweep (random vision tower)")
+
+
+def _result_rows(out: Path) -> dict[str, dict]:
+    """Every finished cell's result.json by cell name, with the figures derived across cells (seconds per step,
+    Δ against the base on the choice tasks, HM of language and vision, Δ held-out loss)."""
+    cells = sorted((p.parent.name for p in out.glob("*/result.json")), key=str)
+    rows = {c: json.loads((out / c / "result.json").read_text()) for c in cells}
+    base = rows.get("base")
+    hm = lambda r: (harmonic_mean([r["language_avg"], r["vision_avg"]])
+                    if r.get("language_avg") is not None and r.get("vision_avg") is not None else None)
+    base_choice = base.get("omega_language_choice") if base else None
+    for c, r in rows.items():
+        if (out / c / "run").is_dir():
+            r["step_s"] = step_seconds(out / c / "run")
+        if r.get("omega_language_choice") is not None and base_choice is not None and c != "base":
+            r["delta_language_choice"] = base_choice - r["omega_language_choice"]
+    for r in [*rows.values(), *(rows["merge"]["points"] if "merge" in rows else [])]:
+        if isinstance(r, dict) and "language_avg" in r:
+            if r.get("omega_language_choice") is not None and base_choice is not None and "alpha" in r:
+                r["delta_language_choice"] = base_choice - r["omega_language_choice"]
+            r["hm_lang_vision"] = hm(r)
+            if base and r.get("heldout_loss") is not None and base.get("heldout_loss") is not None:
+                r["heldout_loss_delta"] = r["heldout_loss"] - base["heldout_loss"]
+    return rows
+
+
+def _score_columns(lang_tasks: list[str], vis_tasks: list[str]) -> list[tuple[str, str, int]]:
+    """(header, key, digits) of the score columns every table shares."""
+    return ([(n, n, 1) for n in lang_tasks] + [("language avg", "language_avg", 1),
+            ("ω lang", "omega_language", 1), ("Δ lang vs base", "delta_language", 1),
+            ("ω lang (choice tasks)", "omega_language_choice", 1), ("Δ (choice tasks)", "delta_language_choice", 1),
+            ("held-out loss", "heldout_loss", 3), ("Δ loss", "heldout_loss_delta", 3)]
+            + [(n, n, 1) for n in vis_tasks] + [("vision avg", "vision_avg", 1), ("ω vision", "omega_vision", 1),
+            ("HM(lang, vision)", "hm_lang_vision", 1)])
+
+
+def _report_head(study: Study) -> list[str]:
+    """The title, the vision note and how to read the numbers."""
+    return [f"# MLAN study on {study.recipe.model.llm}" + (" (--quick smoke run: numbers mean nothing)"
+                                                           if study.quick else ""), "",
+            f"**{VISION_NOTE}**", "",
+            (f"Recipe: `{study.recipe_src}` (as run: `{study.recipe_path}`). Overrides: "
+             f"{', '.join(study.settings.overrides) or 'none'}. Accuracies in %, n items per task as in the "
+             "recipe's eval limits (small subsets: one item is worth several points). ω = harmonic mean of a group's "
+             "accuracies, Δ = ω(base) − ω(model) (> 0 is forgetting), HM = harmonic mean of language and vision "
+             "averages. Held-out loss: mean answer-token loss on alpaca records "
+             f"[{ALPACA_HELD_OUT_FROM}, {ALPACA_HELD_OUT_FROM + study.settings.heldout_docs}) (never trained on)."), ""]
+
+
+def _report_tail(rows: dict[str, dict], started: float) -> list[str]:
+    """Wall time per cell, how to re-run a cell (with each cell's commands), and the notes."""
     timing = [{"cell": c, **{k: r.get(k) for k in ("build_s", "train_s", "eval_s", "step_s", "train_tokens_per_s",
                                                      "seconds")}} for c, r in rows.items()]
-    lines += ["## 5. Wall time (seconds) and how to re-run a cell", "",
-              _table(timing, [("cell", "cell", 0), ("build", "build_s", 0), ("train", "train_s", 0),
-                              ("eval", "eval_s", 0), ("s / step", "step_s", 2),
-                              ("train tok/s", "train_tokens_per_s", 0), ("cell total", "seconds", 0)]), "",
-              f"Study wall time so far (this invocation): {time.time() - started:.0f} s.", ""]
+    lines = ["## 5. Wall time (seconds) and how to re-run a cell", "",
+             _table(timing, [("cell", "cell", 0), ("build", "build_s", 0), ("train", "train_s", 0),
+                             ("eval", "eval_s", 0), ("s / step", "step_s", 2),
+                             ("train tok/s", "train_tokens_per_s", 0), ("cell total", "seconds", 0)]), "",
+             f"Study wall time so far (this invocation): {time.time() - started:.0f} s.", ""]
     lines += [("Re-run any cell: delete `OUT/<cell>/result.json` (and the parts to redo: `build/`, `run/`, "
               "`eval.json`) and run the study again; or run its commands by hand:"), ""]
     for c, r in rows.items():
@@ -398,18 +403,20 @@ def write_report(study: Study, started: float) -> None:
         lines += [f"- `{c}`:"] + [f"  - `{x}`" for x in cmds if x]
     lines += ["", "## Notes", "", ("- Null effects are reported as measured: differences of a few points on these "
               "subsets are within one or two items and are not evidence either way."), ""]
-    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
-    flat = [r for r in rows.values() if "language_avg" in r] + (merge["points"] if merge else [])
+    return lines
+
+
+def _write_csv(path: Path, flat: list[dict], lang_tasks: list[str], vis_tasks: list[str]) -> None:
+    """study.csv: one line per cell and merge point."""
     keys = ["cell", "text_ratio", "alpha", "density", *lang_tasks, "language_avg", "omega_language",
-            "delta_language", "omega_language_choice", "delta_language_choice", "heldout_loss", "heldout_loss_delta", *vis_tasks, "vision_avg", "omega_vision",
+            "delta_language", "omega_language_choice", "delta_language_choice", "heldout_loss", "heldout_loss_delta",
+            *vis_tasks, "vision_avg", "omega_vision",
             "delta_vision", "hm_lang_vision", "tokens_text", "tokens_image_text", "step_s", "seconds"]
-    with (out / "study.csv").open("w", newline="") as f:
+    with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(keys)
         for r in flat:
             w.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
-    if ratio_rows:
-        write_plot(ratio_rows, out / "ratio.png", f"{study.recipe.model.llm}: ratio sweep (random vision tower)")
 
 
 def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE, quick: bool = False,
@@ -437,12 +444,3 @@ def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE
     total = study.out / "wall.json"
     write_text_atomic(total, json.dumps({"last_invocation_s": time.time() - started}) + "\n")
     return study.out / "report.md"
-
-
-def study_command(args) -> int:
-    """CLI entry: `mlan study [--out DIR] [--recipe FILE] [--quick] [--nproc N]`."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    report = run_study(args.out, args.recipe or DEFAULT_RECIPE, quick=args.quick, nproc=args.nproc)
-    print(report.read_text(), end="")
-    print(f"report: {report}")
-    return 0

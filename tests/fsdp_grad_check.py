@@ -16,8 +16,8 @@ import torch.distributed as dist
 from mlan.families import tiny
 from mlan.recipe import parse_recipe
 from mlan.train.losses import IGNORE_INDEX, shift_labels, target_loss_sum
+from mlan.train.model import prepare_model
 from mlan.train.parallel import ParallelConfig, init_distributed, parallelize
-from mlan.train.trainer import prepare_model
 
 FC = {
     "family": "llava", "vocab_size": tiny.LLAMA3_VOCAB + 1, "image_token_id": tiny.IMAGE_TOKEN_ID,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mlan.ablate import markdown_table, parse_ratios, ratio_tag, write_outputs
-from mlan.cli import UserError
+from mlan.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

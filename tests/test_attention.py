@@ -24,7 +24,7 @@ from mlan.families.mllama.patch import has_reference_cross_attention
 from mlan.recipe import ModelSpec, Recipe, RecipeError, load_recipe
 from mlan.train import attention
 from mlan.train.attention import ATTENTION_CHOICES, set_attention
-from mlan.train.trainer import prepare_model
+from mlan.train.model import prepare_model
 
 TOL = 1e-5
 FCS = {"llava": LLAVA_FC, "mllama": MLLAMA_FC}

@@ -25,7 +25,7 @@ from mlan.continual.scores import write_outputs
 from mlan.continual.spec import ContinualError, check_tasks, load_continual, task_raw
 from mlan.recipe import parse_recipe
 from mlan.sources.readers import read_records
-from mlan.train.trainer import prepare_model
+from mlan.train.model import prepare_model
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "continual-tiny.yaml"
 SMALL = ["tasks.language.budget.tokens=6000", "tasks.colours.budget.examples=60",

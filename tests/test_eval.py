@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlan.cli import UserError, main
+from mlan.cli import main
+from mlan.errors import UserError
 from mlan.eval.answers import extract_answer, extract_gsm8k
 from mlan.eval.forgetting import forgetting, harmonic_mean
 from mlan.eval.harness import evaluate_tasks, load_model, model_inputs

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from mlan.errors import MlanError, WeightsError, one_line
 from mlan.merge import read_checkpoint
 from mlan.train import checkpoint as ckpt
+from mlan.train.state import ModelState, OptimizerState
 from mlan.weights import check_model_dir, read_safetensors_header
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -396,7 +397,7 @@ def test_a_step_folder_left_by_a_killed_run_never_blocks_a_save(tmp_path):
         half = stale.with_name(stale.name + ".tmp")
         half.mkdir()
         (half / "junk").write_text("half-written")
-        final = ckpt.save_checkpoint(run, 6, model, opt, {"step": 6}, {"consumed": 1})
+        final = ckpt.save_checkpoint(run, 6, {"model": ModelState(model), "optim": OptimizerState(model, opt)})
         assert final == stale and not (final / "junk").exists() and (final / ".metadata").is_file()
         assert ckpt.latest_checkpoint(run) == final
         (run / "checkpoints" / "step-00000007.tmp").mkdir()

@@ -3,7 +3,7 @@
 Each tracker's values are read back from what it wrote (TensorBoard event files through tensorboard's own
 reader, MLflow's file store through a fresh MlflowClient, W&B's offline transaction log through a reader of its
 record format written here) and compared with metrics.jsonl. A real one-rank training run (`python -m
-mlan.train.trainer`, gloo, tiny LLaVA) checks the new metrics.jsonl keys and the trackers end to end.
+mlan.commands.train_worker`, gloo, tiny LLaVA) checks the new metrics.jsonl keys and the trackers end to end.
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_training_run_writes_telemetry_and_trackers(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "-m", "mlan.train.trainer", str(tmp_path / "recipe.yaml"), "--shards",
+    proc = subprocess.run([sys.executable, "-m", "mlan.commands.train_worker", str(tmp_path / "recipe.yaml"), "--shards",
                            str(tmp_path / "build"), "--out", str(run)], check=False, env=env, capture_output=True,
                           text=True,
                           timeout=280)

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 
 from mlan.recipe import RecipeError, TrainSpec
-from mlan.train import trainer
+from mlan.train.budget import deal_budget, resolve_budget, truncate_batch
 from mlan.train.launch import TrainingFailed, run_training, worker_command
 from mlan.train.metrics import read_metrics
+from mlan.train.model import prepare_model
 from mlan.train.schedule import TokenSchedule
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,10 +43,10 @@ def test_schedule_warmup_then_cosine_over_tokens():
 
 def test_deal_budget_in_microbatch_then_rank_order():
     counts = torch.tensor([[10, 7], [8, 9]])  # (world, micro)
-    allot = trainer.deal_budget(counts, 25)
+    allot = deal_budget(counts, 25)
     assert allot.tolist() == [[10, 7], [8, 0]]
-    assert int(trainer.deal_budget(counts, 34).sum()) == 34
-    assert trainer.deal_budget(counts, 0).sum() == 0
+    assert int(deal_budget(counts, 34).sum()) == 34
+    assert deal_budget(counts, 0).sum() == 0
 
 
 def test_truncate_batch_keeps_exact_tokens_and_counts_modalities():
@@ -56,11 +57,11 @@ def test_truncate_batch_keeps_exact_tokens_and_counts_modalities():
     labels[1, 3:] = -100
     batch = {"input_ids": ids, "labels": labels.clone(), "position_ids": pos}
     meta = {"n_tokens": 12, "row_tokens": [9, 3], "tokens_by_modality": {"text": 5, "image_text": 7}, "keys": []}
-    new = trainer.truncate_batch(batch, meta, 7, IMG)
+    new = truncate_batch(batch, meta, 7, IMG)
     assert new["n_tokens"] == 7 and new["tokens_by_modality"] == {"text": 5, "image_text": 2}
     assert (batch["labels"][0, 7:] == -100).all() and torch.equal(batch["labels"][0, :7], labels[0, :7])
     assert (batch["labels"][1] == -100).all()
-    new = trainer.truncate_batch({**batch, "labels": labels.clone()}, meta, 10, IMG)
+    new = truncate_batch({**batch, "labels": labels.clone()}, meta, 10, IMG)
     assert new["tokens_by_modality"] == {"text": 5, "image_text": 5}
 
 
@@ -92,16 +93,16 @@ def test_llava_dummy_image_leaves_the_loss_unchanged():
 
 def test_budget_over_the_build_is_a_recipe_error():
     manifest = {"totals": {"tokens": 1000}}
-    assert trainer.resolve_budget(TrainSpec(), manifest) == 1000
-    assert trainer.resolve_budget(TrainSpec(budget_tokens=600), manifest) == 600
+    assert resolve_budget(TrainSpec(), manifest) == 1000
+    assert resolve_budget(TrainSpec(budget_tokens=600), manifest) == 600
     with pytest.raises(RecipeError, match="budget_tokens = 2000: the build holds only 1000"):
-        trainer.resolve_budget(TrainSpec(budget_tokens=2000), manifest)
+        resolve_budget(TrainSpec(budget_tokens=2000), manifest)
 
 
 def test_worker_command_is_torchrun():
     cmd = worker_command("r.yaml", "b", "o", 2, True, ["train.lr=1e-3"])
     assert cmd[1:3] == ["-m", "mlan.train.node_agent"] and "--nproc-per-node=2" in cmd  # torchrun's agent
-    assert cmd[cmd.index("-m", 3) + 1] == "mlan.train.trainer" and "--resume" in cmd
+    assert cmd[cmd.index("-m", 3) + 1] == "mlan.commands.train_worker" and "--resume" in cmd
     assert cmd[-2:] == ["--set", "train.lr=1e-3"]
 
 
@@ -210,9 +211,13 @@ def test_sigkill_then_resume_equals_uninterrupted(two_rank_run, llava_build):
     assert not (out / "final").exists()
     with pytest.raises(TrainingFailed):  # a run folder with checkpoints refuses a fresh start
         run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, overrides=overrides)
+    with pytest.raises(TrainingFailed, match="LR schedule differs"):  # the checkpointed schedule is kept
+        run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True,
+                     overrides=[*overrides, "train.lr=1e-3"])
     run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True, overrides=overrides)
     ref, got = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert [r["lr"] for r in got] == [r["lr"] for r in ref]  # the schedule continues exactly
     assert [r["tokens"] for r in got] == [r["tokens"] for r in ref] and got[-1]["tokens"] == 700
     for ra, rb in zip(ref, got):
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * max(1.0, abs(ra["loss"]))
@@ -234,7 +239,7 @@ def test_lora_changes_only_adapters_and_projector_then_merges(llava_build):
     run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, overrides=overrides)
     recipe = load_recipe(llava_build / "recipe.yaml", overrides)
     fc = shardkit.LLAVA_FC
-    initial = trainer.prepare_model(recipe, fc)  # the same seeded build the workers started from
+    initial = prepare_model(recipe, fc)  # the same seeded build the workers started from
     start = {k: v.detach().clone() for k, v in initial.state_dict().items()}
     ckpt = max((out / "checkpoints").glob("step-*[0-9]"))
     dcp_to_torch_save(ckpt, out / "ckpt.pt")
@@ -286,7 +291,7 @@ def _same_logits_after_export(run: Path, recipe_path: Path, overrides: list[str]
 
     recipe = load_recipe(recipe_path, overrides)
     fc = json.loads((build_dir / "manifest.json").read_text())["family_config"]
-    trained = trainer.prepare_model(recipe, fc)
+    trained = prepare_model(recipe, fc)
     dcp_to_torch_save(max((run / "checkpoints").glob("step-*[0-9]")), run / "final.pt")
     trained.load_state_dict(torch.load(run / "final.pt", weights_only=False)["model"])
     cls = {"llava": LlavaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}[fc["family"]]

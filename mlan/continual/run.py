@@ -158,12 +158,3 @@ def run_continual(recipe_path: str | Path, out: str | Path, overrides: Sequence[
         scores = write_outputs(out, spec.name, spec.method, rehearsal, names, task_sets, evals, spec.zero_floor,
                                replays)
     return scores
-
-
-def continual_command(args) -> int:
-    """CLI entry: `mlan continual RECIPE --out DIR [--set KEY=VALUE]`."""
-    out = Path(args.out)
-    run_continual(args.recipe, out, args.overrides)
-    print((out / "report.md").read_text(), end="")
-    print(f"matrix: {out / 'matrix.csv'}  forgetting: {out / 'forgetting.json'}  heatmap: {out / 'heatmap.png'}")
-    return 0

@@ -183,17 +183,3 @@ def format_table(results: dict) -> str:
             lines.append(f"forgetting Δ {group:<9} ω(ref) {d['reference_omega']:.2f} ω {d['omega']:.2f} "
                          f"Δ {d['delta']:+.2f}")
     return "\n".join(lines)
-
-
-def eval_command(args) -> int:
-    """CLI entry: `mlan eval MODEL --tasks … [--out FILE] [--reference FILE]`."""
-    results = evaluate(args.model, args.tasks, batch_size=args.batch_size, limit=args.limit,
-                       max_new_tokens=args.max_new_tokens, images=args.images, reference=args.reference,
-                       image_pattern=getattr(args, "image_pattern", None))
-    print(format_table(results))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"results: {out}")
-    return 0

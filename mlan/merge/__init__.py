@@ -2,7 +2,6 @@
 
 tensors: checkpoint I/O · select: streamed top-K by magnitude · merge: one merge · sweep: a grid of merges, scored.
 """
-from mlan.merge.commands import merge_command, merge_sweep_command
 from mlan.merge.merge import (
     Direction,
     MergeConfig,
@@ -18,6 +17,5 @@ from mlan.merge.tensors import MergeError, ShardReader, TensorEntry, read_checkp
 
 __all__ = [
     "Direction", "MagnitudeCut", "MergeConfig", "MergeError", "MergePlan", "MergeReport", "Scope", "ShardReader",
-    "SweepSpec", "TensorEntry", "find_cut", "keep_count", "merge_checkpoints", "merge_command", "merge_sweep",
-    "merge_sweep_command", "plan_merge", "plot_sweep", "read_checkpoint", "resolve_checkpoint", "sweep_table",
+    "SweepSpec", "TensorEntry", "find_cut", "keep_count", "merge_checkpoints", "merge_sweep", "plan_merge", "plot_sweep", "read_checkpoint", "resolve_checkpoint", "sweep_table",
 ]

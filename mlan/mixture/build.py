@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,12 +29,12 @@ from mlan.mixture.report import compute_stats, console, render_report
 from mlan.mixture.shards import MANIFEST, fs_of, write_manifest
 from mlan.mixture.tokenize import SourceCache, _family_config, tokenize_sources
 from mlan.mixture.write import PROGRESS_DIR, BuildError, shard_bounds, write_shards
-from mlan.recipe import Recipe, load_recipe
+from mlan.recipe import Recipe
 from mlan.run_lock import lock_output
 from mlan.sources.readers import check_source_paths
 
 ROWS_SEED_SALT = 0x726F7773  # "rows": the seeded row shuffle after packing
-__all__ = ["PROGRESS_DIR", "BuildError", "build", "build_command", "source_arrays", "source_docs", "tokenize_sources"]
+__all__ = ["PROGRESS_DIR", "BuildError", "build", "build_locked", "source_arrays", "source_docs", "tokenize_sources"]
 
 
 def _start_ray(workers: int | None, address: str | None) -> bool:
@@ -293,31 +292,20 @@ def _unusable_hint(summaries: dict, rejected: list[dict], listing: str) -> str:
     return (" — " + " | ".join(hints) + f" (every record listed in {listing})") if hints else ""
 
 
-# ---------------------------------------------------------------- CLI
-def default_out(recipe_path: str) -> str:
-    return str(Path("out") / Path(recipe_path).stem)
-
-
-def build_command(args) -> int:
-    """`mlan build`; an impossible plan is a PlanError (a RecipeError): one line, exit status 2."""
-    recipe = load_recipe(args.recipe, args.overrides)
-    out = args.out or default_out(args.recipe)
-    check_source_paths(recipe.sources)  # before the lock: a typo must not create the --out folder
+# ---------------------------------------------------------------- one locked build
+def build_locked(recipe: Recipe, out: str, workers: int | None = None, address: str | None = None,
+                 cache_dir: str | None = None) -> None:
+    """`mlan build`: checks that need no lock first (a typo must not create the `out` folder), then one writer
+    per `out` and a reaper so that a killed build leaves no Ray agent or worker behind."""
+    check_source_paths(recipe.sources)
     check_modalities([s.modality for s in recipe.sources], recipe.mixture.ratio.text)  # nor an impossible plan
-    lock = lock_output(out, "build")  # one writer per --out (LockError names the live holder)
-    reaper = start_descendant_reaper()  # a killed build leaves no Ray agent or worker behind
+    lock = lock_output(out, "build")  # LockError names the live holder
+    reaper = start_descendant_reaper()
     try:
-        build(recipe, out, workers=args.workers, address=args.address, cache_dir=args.cache, progress=True)
+        build(recipe, out, workers=workers, address=address, cache_dir=cache_dir, progress=True)
     finally:
         if reaper is not None:  # the build ended on its own (Ray shut down): the reaper is not needed
             reaper.terminate()
             reaper.wait()
         if lock is not None:
             lock.release()
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from mlan.cli import main
-
-    sys.exit(main(["build", *sys.argv[1:]]))

@@ -35,25 +35,38 @@ def compute_stats(
     `planned` holds per planned document (plan order): n_tokens, n_loss_tokens, n_images, n_tiles,
     n_vision_tokens, truncated, modality ("text"/"image_text" as str array), source (name array).
     """
-    mod = planned["modality"]
-    src = planned["source"]
-    tok = planned["n_tokens"]
-    is_text = mod == "text"
-    text_tokens, image_tokens = int(tok[is_text].sum()), int(tok[~is_text].sum())
-    total_tokens = text_tokens + image_tokens
-    n_text, n_image = int(is_text.sum()), int((~is_text).sum())
     names = list(dict.fromkeys(s.name for s in plan.sources))
-    if plan.ratio_by == "tokens":
-        ratio = text_tokens / total_tokens if total_tokens else 0.0
-    else:
-        ratio = n_text / (n_text + n_image) if (n_text + n_image) else 0.0
-    tiles = Counter(int(t) for per_image in planned["image_tiles"] for t in per_image)
     reasons = Counter(reason_kind(r["reason"]) for r in rejected)
-    planned_truncated = int(planned["truncated"].sum())
     return {
         "version": 1,
         "fingerprint": fingerprint,
         "seq_len": seq_len,
+        **_budget_figures(plan, planned, names),
+        "packing_efficiency": packing.efficiency,
+        "rows": packing.n_rows,
+        "shards": n_shards,
+        "truncated": int(planned["truncated"].sum()),
+        "truncated_records": sum(s["truncated"] for s in source_summaries.values()),
+        "dropped": len(dropped),
+        "rejected": dict(sorted(reasons.items())),
+        "records": source_summaries,
+        **_source_figures(plan, planned, names),
+        **_image_figures(planned),
+    }
+
+
+def _budget_figures(plan, planned: dict[str, np.ndarray], names: list[str]) -> dict:
+    """The budget reached, tokens and examples by modality and source, the text ratio achieved."""
+    mod, src, tok = planned["modality"], planned["source"], planned["n_tokens"]
+    is_text = mod == "text"
+    text_tokens, image_tokens = int(tok[is_text].sum()), int(tok[~is_text].sum())
+    total_tokens = text_tokens + image_tokens
+    n_text, n_image = int(is_text.sum()), int((~is_text).sum())
+    if plan.ratio_by == "tokens":
+        ratio = text_tokens / total_tokens if total_tokens else 0.0
+    else:
+        ratio = n_text / (n_text + n_image) if (n_text + n_image) else 0.0
+    return {
         "budget": {
             "unit": plan.budget_unit,
             "target": plan.budget,
@@ -73,14 +86,13 @@ def compute_stats(
         "ratio_by": plan.ratio_by,
         "ratio_target": plan.ratio_text,
         "ratio_achieved": ratio,
-        "packing_efficiency": packing.efficiency,
-        "rows": packing.n_rows,
-        "shards": n_shards,
-        "truncated": planned_truncated,
-        "truncated_records": sum(s["truncated"] for s in source_summaries.values()),
-        "dropped": len(dropped),
-        "rejected": dict(sorted(reasons.items())),
-        "records": source_summaries,
+    }
+
+
+def _source_figures(plan, planned: dict[str, np.ndarray], names: list[str]) -> dict:
+    """Per source: tokens and documents by modality, upsampling, and what the plan asked of it."""
+    mod, src, tok = planned["modality"], planned["source"], planned["n_tokens"]
+    return {
         "by_source_modality": {
             n: {m: {"tokens": int(tok[(src == n) & (mod == m)].sum()), "documents": int(((src == n) & (mod == m)).sum())}
                 for m in ("text", "image_text")}
@@ -98,6 +110,13 @@ def compute_stats(
             }
             for s in plan.sources
         },
+    }
+
+
+def _image_figures(planned: dict[str, np.ndarray]) -> dict:
+    """Images, vision tokens, and how many images got each tile count."""
+    tiles = Counter(int(t) for per_image in planned["image_tiles"] for t in per_image)
+    return {
         "images": int(planned["n_images"].sum()),
         "vision_tokens": int(planned["n_vision_tokens"].sum()),
         "tiles": {str(k): v for k, v in sorted(tiles.items())},

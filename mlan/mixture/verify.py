@@ -2,7 +2,6 @@
 `mlan inspect` (one packed row, for a person)."""
 from __future__ import annotations
 
-import sys
 from collections import Counter
 
 import numpy as np
@@ -109,26 +108,6 @@ def verify_build(build_dir: str, rows: bool = True) -> list[str]:
     return problems
 
 
-def verify_command(args) -> int:
-    from rich.console import Console
-
-    console = Console(stderr=True, highlight=False)
-    problems = verify_build(args.build_dir)
-    manifest = read_manifest(args.build_dir).data
-    if problems:
-        for p in problems:
-            console.print(f"[red]BAD[/red] {p}")
-        bad = sorted({p.split(":", 1)[0] for p in problems})
-        bad_rows = sorted({p.split(": ", 2)[1] for p in problems if ": row " in p})
-        console.print(f"mlan verify: {len(bad)} of {len(manifest['shards'])} shards bad: {', '.join(bad)}"
-                      + (f"; {len(bad_rows)} bad rows" if bad_rows else ""))
-        return 1
-    console.print(f"mlan verify: {len(manifest['shards'])} shards, {manifest['totals']['rows']} rows, "
-                  f"{manifest['totals']['tokens']:,} tokens: all match the manifest; every row read "
-                  "(document lengths, image tokens per image, no loss on image tokens, images decode)")
-    return 0
-
-
 # ---------------------------------------------------------------- inspect
 def find_row(build_dir: str, index: int) -> tuple[dict, PackedRow]:
     """The manifest and the packed row at global index `index` (shards in manifest order)."""
@@ -188,23 +167,3 @@ def describe_row(manifest: dict, row: PackedRow, tokenizer=None) -> str:
         lines += ["", "images:"]
         lines += [_image_line(i, d, e, doc) for i, (d, e, doc) in enumerate(zip(row.images, row.image_exts, row.image_docs))]
     return "\n".join(lines)
-
-
-def _load_tokenizer(manifest: dict):
-    try:
-        from mlan.tokenizer import load_tokenizer
-
-        return load_tokenizer(manifest["recipe"]["model"]["tokenizer"])
-    except Exception as err:  # noqa: BLE001 - ids are still worth showing
-        print(f"mlan inspect: tokenizer unavailable ({err}); showing ids", file=sys.stderr)
-        return None
-
-
-def inspect_command(args) -> int:
-    try:
-        manifest, row = find_row(args.build_dir, args.row)
-    except IndexError as err:
-        print(f"mlan inspect: error: {err}", file=sys.stderr)
-        return 2
-    print(describe_row(manifest, row, _load_tokenizer(manifest)))
-    return 0

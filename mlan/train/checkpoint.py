@@ -1,15 +1,15 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP) and the final Hugging Face export.
+"""Checkpoint folders with torch.distributed.checkpoint (DCP), the RNG states they hold, and the gathered weights
+the export writes.
 
-One checkpoint = one DCP folder `RUN/checkpoints/step-XXXXXXXX` holding the sharded model and optimizer
-state, the replicated train state (step, token counters, schedule) and, under a per-rank key, each
-rank's loader cursor and RNG states. A folder is written as `….tmp` and renamed by rank 0 once every
+One checkpoint = one DCP folder `RUN/checkpoints/step-XXXXXXXX` holding the Stateful objects of
+mlan/train/state.py: the sharded model and optimizer state, the replicated train state (step, token
+counters) and schedule and, under a per-rank key, each rank's loader cursor and RNG states. A folder is written as `….tmp` and renamed by rank 0 once every
 rank has finished, so a run killed mid-save resumes from the previous complete checkpoint; the leftover
 `.tmp` folder is removed when the next run starts, and a step folder that already exists is replaced.
 """
 from __future__ import annotations
 
 import ast
-import json
 import random
 import shutil
 from pathlib import Path
@@ -20,12 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 CHECKPOINTS = "checkpoints"
 
@@ -85,22 +80,15 @@ def remove_unfinished(run_dir: Path) -> list[Path]:
     return gone
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, train: dict, loader: dict) -> dict:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd, "train": dict(train),
-            f"rank{rank}": {"loader": json.dumps(loader), "rng": rng_state()}}
-
-
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    train: dict, loader: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it at the same step. `loader` must be JSON-serializable."""
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Collective: every rank calls it at the same step with its Stateful objects (mlan.train.state)."""
     rank = dist.get_rank()
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     dist.barrier()
-    dcp.save(_state(model, optimizer, rank, train, loader), checkpoint_id=str(tmp))
+    dcp.save(state, checkpoint_id=str(tmp))
     dist.barrier()
     if rank == 0:
         if final.exists():  # the same step written by an earlier (killed) run: this one replaces it
@@ -113,15 +101,9 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    train_template: dict) -> tuple[dict, dict]:
-    """Restore model and optimizer in place (and this rank's RNG); returns (train state, loader cursor)."""
-    rank = dist.get_rank()
-    state = _state(model, optimizer, rank, train_template, {})
+def load_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Collective: restore every Stateful object of `state` in place from the checkpoint folder."""
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    set_rng_state(state[f"rank{rank}"]["rng"])
-    return state["train"], json.loads(state[f"rank{rank}"]["loader"])
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

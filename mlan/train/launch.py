@@ -1,8 +1,8 @@
-"""`mlan train`: start torchrun with N local workers running `python -m mlan.train.trainer`, and wait.
+"""`mlan train`: start torchrun with N local workers running `python -m mlan.commands.train_worker`, and wait.
 
 Many nodes: run the same worker under torchrun on every node yourself, e.g.
 `torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
-   -m mlan.train.trainer RECIPE --shards DIR --out RUN` (RUN and DIR on a filesystem all nodes share).
+   -m mlan.commands.train_worker RECIPE --shards DIR --out RUN` (RUN and DIR on a filesystem all nodes share).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from mlan.errors import MlanError
 from mlan.families.modeling import check_model_files
 from mlan.recipe import load_recipe
 from mlan.run_lock import lock_output
+from mlan.train.budget import read_manifest, resolve_budget
 from mlan.train.node_agent import ERROR_FILE_ENV
 from mlan.train.shard_check import verify_build
 
@@ -29,7 +30,7 @@ def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
                    overrides: Iterable[str], verify: bool = True) -> list[str]:
     """The torchrun command line (through mlan's quiet agent) for one node with `nproc` local workers."""
     cmd = [sys.executable, "-m", "mlan.train.node_agent", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "mlan.train.trainer", str(recipe), "--shards", str(shards), "--out", str(out)]
+           "-m", "mlan.commands.train_worker", str(recipe), "--shards", str(shards), "--out", str(out)]
     if resume:
         cmd.append("--resume")
     if not verify:
@@ -41,8 +42,6 @@ def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
 
 def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[str], verify: bool = True) -> None:
     """Fail fast, before any worker starts, on a bad recipe, a missing or damaged build or an impossible budget."""
-    from mlan.train.trainer import read_manifest, resolve_budget
-
     recipe = load_recipe(recipe_path, list(overrides))
     resolve_budget(recipe.train, read_manifest(str(shards)))
     check_model_files(recipe.model)
@@ -82,14 +81,3 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
     if rc != 0:
         raise TrainingFailed(f"workers exited with status {rc} (their output is above; command: {' '.join(cmd)})")
     return Path(out) / "final"
-
-
-def train_command(args) -> int:
-    """cli.py dispatches `mlan train RECIPE --shards DIR --out RUN [--nproc N] [--resume] [--no-verify] [--set K=V]`.
-
-    Every failure is an MlanError: cli.py prints it as one line and exits 2.
-    """
-    final = run_training(args.recipe, args.shards, args.out, nproc=args.nproc, resume=args.resume,
-                         overrides=args.overrides, verify=not getattr(args, "no_verify", False))
-    print(f"mlan train: exported {final}")
-    return 0

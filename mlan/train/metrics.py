@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
 from mlan.train.trackers import Tracker
 
@@ -61,6 +63,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def step_seconds(run: Path) -> float | None:
+    """Median wall time per optimizer step of a training run (from its metrics.jsonl)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    rates = sorted(r["step_tokens"] / r["tokens_per_s"] for r in read_metrics(path)
+                   if r.get("tokens_per_s") and r.get("step_tokens"))
+    if not rates:
+        return None
+    return rates[len(rates) // 2]
+
+
+def mean_tokens_per_s(run: Path) -> float | None:
+    """Mean training throughput over the logged steps (tokens / s)."""
+    path = run / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    return sum(r.get("tokens_per_s", 0) for r in rows) / len(rows) if rows else None
+
+
 class MetricsLog:
     """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped first."""
 
@@ -94,9 +115,6 @@ class Progress:
         self._bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
         self._bar = RichProgress(
             TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),

@@ -34,7 +34,7 @@ class DistEnv:
 
 def init_distributed() -> DistEnv:
     """Join torchrun's process group: NCCL with one GPU per local rank, else gloo on CPU."""
-    if "RANK" not in os.environ:  # a plain `python -m mlan.train.trainer`: a world of one
+    if "RANK" not in os.environ:  # a plain `python -m mlan.commands.train_worker`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

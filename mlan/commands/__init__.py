@@ -1,0 +1,24 @@
+"""The command layer: one module per `mlan` command (or related pair), each holding its argparse arguments and
+its `*_command`; `build_parser` assembles them in the order `mlan --help` lists them.
+
+Command modules import their domain modules inside the command functions: those pull torch or Ray (2-4 s
+measured each) and `mlan --help` stays at 0.04 s without them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from mlan.commands import ablate, build, continual, demo, evaluate, merge, render, shards, study, train
+
+# each registers its sub-commands in this order: the order `mlan --help` prints them
+REGISTRARS = (render.register, build.register, shards.register, train.register, evaluate.register, ablate.register,
+              demo.register, merge.register, continual.register, study.register)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`mlan`'s parser; each sub-command's namespace carries `handler`, the function that runs it."""
+    parser = argparse.ArgumentParser(prog="mlan", description="Language-first multimodal instruction tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in REGISTRARS:
+        register(sub)
+    return parser
