@@ -11,15 +11,21 @@ import json
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.text import Text as RichText
 
+from mlan.errors import UserError
+from mlan.families.registry import get_family
 from mlan.piece_encoding import PieceEncoder, encode_texts, lay_out
-from mlan.sources.records import Conversation, ImageRef, RecordError
-
-if TYPE_CHECKING:
-    from mlan.recipe import ModelSpec
+from mlan.recipe import ModelSpec, load_recipe
+from mlan.sources import iter_source, to_conversations
+from mlan.sources.images import ImageLimits, probe_image, set_image_limits
+from mlan.sources.readers import check_source_paths
+from mlan.sources.records import Conversation, ImageRef, Message, RecordError, Text
+from mlan.templates import check_conversation, get_template
 
 OVERLONG = ("truncate", "drop")
 
@@ -91,9 +97,6 @@ class Renderer:
     def __init__(self, model: ModelSpec, seq_len: int, overlong: str = "truncate", tokenizer=None,
                  fast_bpe: bool = True):
         """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids)."""
-        from mlan.families.registry import get_family
-        from mlan.templates import get_template
-
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
         if seq_len < 1:
@@ -115,8 +118,6 @@ class Renderer:
         True for byte-level BPE tokenizers (Llama-3, tiktoken-style); SentencePiece tokenizers that prepend
         a space to every encode call are not, and are refused here with a clear message.
         """
-        from mlan.sources.records import Message, Text
-
         probe = Conversation("probe:0:0", "probe", (
             Message("user", (Text("What's 12+30?\n\nAnswer  in words, please:"),)),
             Message("assistant", (Text("Forty-two.\n(42)"),)),
@@ -147,8 +148,6 @@ class Renderer:
 
     def render_batch(self, convs: Iterable[Conversation]) -> list[Document | RecordError | DocumentDropped]:
         """Many conversations with one tokenizer call; each result is a Document or the exception for it."""
-        from mlan.templates import check_conversation
-
         convs = list(convs)
         pieces: list = []
         for conv in convs:
@@ -216,8 +215,6 @@ class Renderer:
         return doc
 
     def _add_image(self, conv: Conversation, doc: Document, ref: ImageRef) -> None:
-        from mlan.sources.images import probe_image
-
         file, index = str(conv.meta.get("file", conv.source)), conv.meta.get("index")
         try:
             data = ref.read_bytes()
@@ -265,15 +262,6 @@ def format_document(doc: Document, tokenizer, image_token_id: int | None) -> str
 
 def render_command(args) -> int:
     """`mlan render RECIPE --source NAME [--limit N] [--json]`."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.text import Text
-
-    from mlan.errors import UserError
-    from mlan.recipe import load_recipe
-    from mlan.sources.images import ImageLimits, set_image_limits
-    from mlan.sources.readers import check_source_paths
-
     recipe = load_recipe(args.recipe, getattr(args, "overrides", []) or [])
     spec = next((s for s in recipe.sources if s.name == args.source), None)
     if spec is None:
@@ -320,7 +308,7 @@ def render_command(args) -> int:
         console.print(f"[bold]{escape(head)}[/bold]")
         for i, (size, ext, tiles, p) in enumerate(zip(doc.image_sizes, doc.image_exts, doc.image_tiles, doc.image_positions)):
             console.print(escape(f"   image {i}: {size[0]}x{size[1]} {ext}, at token {p}, {tiles} tile(s)"))
-        text = Text()
+        text = RichText()
         for run, trained in document_spans(doc, renderer.tokenizer, image_id):
             text.append(f"[[{run}]]" if trained else run, style="bold green" if trained else None)
         console.print(text)
@@ -338,8 +326,6 @@ def render_command(args) -> int:
 
 def _source_conversations(spec) -> Iterator[Conversation | RecordError]:
     """Every conversation of a source, each path of an OpenAssistant tree included (`tree_paths: all`)."""
-    from mlan.sources import iter_source, to_conversations
-
     for file, index, record in iter_source(spec):
         if isinstance(record, RecordError):
             yield record

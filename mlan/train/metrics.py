@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
 from mlan.train.trackers import Tracker
 
@@ -94,9 +96,6 @@ class Progress:
         self._bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
         self._bar = RichProgress(
             TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
             TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
