@@ -115,7 +115,7 @@ def test_exif_orientation_applied_at_build_and_load(orientation: int, swapped: b
 
 def test_image_policy_is_in_the_cache_key(tmp_path: Path):
     """The image limits and the decode policy (EXIF applied) are part of every source's cache key."""
-    from mlan.families import get_family
+    from mlan.families.registry import get_family
     from mlan.mixture.cache_key import IMAGE_DECODE, source_cache_keys
     from mlan.recipe import parse_recipe
 
