@@ -13,6 +13,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from mlan.templates import Piece
+from mlan.tokenizer import is_offline_llama3, llama3_tiktoken
 
 TIKTOKEN_MAX_CHARS = 20_000  # longer texts go to the Rust tokenizer (tiktoken is slow on very long pieces)
 
@@ -60,9 +61,6 @@ class PieceEncoder:
 
     def __init__(self, tokenizer, fast_bpe: bool = True):
         """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids)."""
-        # lazy: mlan.tokenizer imports transformers (≈1.2 s), which the build driver (importing mlan.render) never needs
-        from mlan.tokenizer import is_offline_llama3, llama3_tiktoken
-
         self.tokenizer = tokenizer
         self._special = tokenizer.backend_tokenizer
         self._tiktoken = llama3_tiktoken() if fast_bpe and is_offline_llama3(tokenizer) else None

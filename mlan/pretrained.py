@@ -70,6 +70,8 @@ def gguf_path(name: str) -> Path:
 
 def load_gguf(name: str):
     """The base model and tokenizer straight from the GGUF (slow; the reference the conversion must equal)."""
+    # lazy (here and in _convert): torch + AutoModelForCausalLM cost ~2.1 s, and mlan.tokenizer imports this
+    # module for resolve_model_path on every tokenizer load (build driver, Ray tokenizer actors)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mlan.families.registry import get_family
 from mlan.piece_encoding import PieceEncoder, encode_texts, lay_out
-from mlan.sources.records import Conversation, ImageRef, RecordError
-
-if TYPE_CHECKING:
-    from mlan.recipe import ModelSpec
+from mlan.recipe import ModelSpec
+from mlan.sources import iter_source, to_conversations
+from mlan.sources.images import probe_image
+from mlan.sources.records import Conversation, ImageRef, Message, RecordError, Text
+from mlan.templates import check_conversation, get_template
 
 OVERLONG = ("truncate", "drop")
 
@@ -89,9 +90,6 @@ class Renderer:
     def __init__(self, model: ModelSpec, seq_len: int, overlong: str = "truncate", tokenizer=None,
                  fast_bpe: bool = True):
         """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids)."""
-        from mlan.families.registry import get_family
-        from mlan.templates import get_template
-
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
         if seq_len < 1:
@@ -113,8 +111,6 @@ class Renderer:
         True for byte-level BPE tokenizers (Llama-3, tiktoken-style); SentencePiece tokenizers that prepend
         a space to every encode call are not, and are refused here with a clear message.
         """
-        from mlan.sources.records import Message, Text
-
         probe = Conversation("probe:0:0", "probe", (
             Message("user", (Text("What's 12+30?\n\nAnswer  in words, please:"),)),
             Message("assistant", (Text("Forty-two.\n(42)"),)),
@@ -145,8 +141,6 @@ class Renderer:
 
     def render_batch(self, convs: Iterable[Conversation]) -> list[Document | RecordError | DocumentDropped]:
         """Many conversations with one tokenizer call; each result is a Document or the exception for it."""
-        from mlan.templates import check_conversation
-
         convs = list(convs)
         pieces: list = []
         for conv in convs:
@@ -214,8 +208,6 @@ class Renderer:
         return doc
 
     def _add_image(self, conv: Conversation, doc: Document, ref: ImageRef) -> None:
-        from mlan.sources.images import probe_image
-
         file, index = str(conv.meta.get("file", conv.source)), conv.meta.get("index")
         try:
             data = ref.read_bytes()
@@ -263,8 +255,6 @@ def format_document(doc: Document, tokenizer, image_token_id: int | None) -> str
 
 def source_conversations(spec) -> Iterator[Conversation | RecordError]:
     """Every conversation of a source, each path of an OpenAssistant tree included (`tree_paths: all`)."""
-    from mlan.sources import iter_source, to_conversations
-
     for file, index, record in iter_source(spec):
         if isinstance(record, RecordError):
             yield record

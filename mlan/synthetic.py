@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "animal": ("dog", "cat", "horse", "cow", "sheep", "mouse", "lion", "tiger", "bear", "wolf",
@@ -65,8 +66,6 @@ def colour_image(colour: str, rng: np.random.Generator, size: int) -> np.ndarray
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     Image.fromarray(arr).save(path, format="PNG", optimize=False)
 
 

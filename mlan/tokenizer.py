@@ -22,8 +22,14 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from tokenizers import AddedToken
+import tiktoken
+from llama_models import llama3
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import AddedToken, processors
 from transformers import PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import TikTokenConverter
+
+from mlan.pretrained import resolve_model_path
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -76,8 +82,6 @@ _CONTENT_LIST_PREAMBLE = (
 
 def llama3_model_file() -> Path:
     """The tiktoken rank file shipped inside the `llama-models` package."""
-    from llama_models import llama3
-
     path = Path(llama3.__file__).parent / "tokenizer.model"
     if not path.is_file():
         raise FileNotFoundError(f"llama-models is installed but has no {path}")
@@ -111,9 +115,6 @@ def cache_dir() -> Path:
 
 def _convert_llama3(model_file: Path, out_dir: Path) -> None:
     """tokenizer.model → a saved PreTrainedTokenizerFast folder (slow: ~tens of seconds, done once)."""
-    from tokenizers import processors
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
     backend = TikTokenConverter(vocab_file=str(model_file), pattern=LLAMA3_PATTERN).converted()
     base = backend.get_vocab_size()
     specials = llama3_special_tokens() + [IMAGE_TOKEN]
@@ -186,9 +187,8 @@ def with_image_token(tok):
 def _load_cached(name_or_path: str) -> PreTrainedTokenizerFast:
     if name_or_path == "llama3":
         return PreTrainedTokenizerFast.from_pretrained(str(_llama3_cached_dir()))
+    # lazy: AutoTokenizer costs ~1.1 s more (it loads torch), which the offline llama3 path never needs
     from transformers import AutoTokenizer
-
-    from mlan.pretrained import resolve_model_path
 
     name_or_path = resolve_model_path(name_or_path)  # a named offline base → its converted folder
 
@@ -196,7 +196,7 @@ def _load_cached(name_or_path: str) -> PreTrainedTokenizerFast:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as tok_err:
         # a processor folder / id whose tokenizer is only reachable through the processor
-        from transformers import AutoProcessor
+        from transformers import AutoProcessor  # lazy: ~5 s of start-up, for the rare processor-only folder
 
         try:
             tok = getattr(AutoProcessor.from_pretrained(name_or_path), "tokenizer", None)
@@ -238,9 +238,6 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
 @lru_cache(maxsize=1)
 def llama3_tiktoken():
     """tiktoken over the same rank file and pattern: the same ids for ordinary text, ~4x faster per core."""
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
     ranks = load_tiktoken_bpe(str(llama3_model_file()))
     return tiktoken.Encoding(name="mlan-llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
 

@@ -13,6 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.figure import Figure
+
 from mlan.atomic_write import atomic_open, write_text_atomic
 from mlan.eval.forgetting import harmonic_mean
 
@@ -105,19 +108,14 @@ def report_markdown(title: str, method: str, rehearsal: str, task_names: list[st
 
 def write_heatmap(rows: list[dict[str, Any]], task_names: list[str], path: Path, title: str) -> None:
     """ω_t(k): rows after task k, columns task t (blank above the diagonal: not yet seen)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     w = omegas(rows)
     n = len(task_names)
     grid = np.full((n, n), np.nan)
     for k, by in w.items():
         for t, v in by.items():
             grid[k - 1, t - 1] = v
-    fig, ax = plt.subplots(figsize=(1.4 * n + 2, 1.1 * n + 1.5), dpi=120)
+    fig = Figure(figsize=(1.4 * n + 2, 1.1 * n + 1.5), dpi=120)  # no pyplot: no global backend or figure state
+    ax = fig.subplots()
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
     for (i, j), v in np.ndenumerate(grid):
         if not np.isnan(v):
@@ -131,7 +129,6 @@ def write_heatmap(rows: list[dict[str, Any]], task_names: list[str], path: Path,
     fig.colorbar(im, ax=ax, label="ω (%)")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_outputs(out: Path, title: str, method: str, rehearsal: str, task_names: list[str],

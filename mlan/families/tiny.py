@@ -3,7 +3,8 @@
 They keep the real shape pattern (Llama-3 vocabulary and special ids; Mllama cross-attention every
 5th layer from layer 3, as in Llama-3.2-11B-Vision) with small widths and small image tiles.
 The sizes below are also what the families' torch-free geometry reads for `model.config: tiny`, so this
-module imports transformers' config classes (which load torch) only inside the functions that build them.
+module imports transformers' config classes (which load torch: ~3 s after `import mlan.recipe`) only inside the
+functions that build them.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from mlan.mixture.report import console, progress_bar
 from mlan.mixture.shards import join_url
 from mlan.mixture.write import BuildError, PartTables, write_shard
 from mlan.recipe import Recipe
-from mlan.render import DocumentDropped, Renderer  # the module is light: a Renderer loads its tokenizer
+from mlan.render import DocumentDropped, Renderer
 from mlan.sources import RecordError, iter_source, to_conversations
 from mlan.sources.images import ImageLimits, set_image_limits
 from mlan.sources.readers import RawLine

@@ -10,10 +10,17 @@ import binascii
 import io
 import os
 import posixpath
+import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import fsspec
+from PIL import Image as PILImage
+from PIL import ImageOps
 
 from mlan.sources.records import ImageRef, RecordError
 
@@ -43,8 +50,6 @@ def decode_data_url(url: str) -> bytes:
         raise ValueError("not a data: URL")
     if header.endswith(";base64"):
         return base64.b64decode(payload, validate=True)
-    from urllib.parse import unquote_to_bytes
-
     return unquote_to_bytes(payload)
 
 
@@ -93,8 +98,6 @@ def _inside(path: str, root: str) -> bool:
 
 
 def _resolve_remote(path: str, root: str, ctx: ImageContext, field: str) -> ImageRef:
-    import fsspec
-
     if "://" in path or path.startswith("/"):
         full = path
     else:
@@ -176,11 +179,6 @@ def open_oriented(data: bytes):
 
     The one decode used at build time (check, pre_resize) and in the loader, so both see the same pixels.
     """
-    import warnings
-
-    from PIL import Image as PILImage
-    from PIL import ImageOps
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # our own limits apply instead
         with PILImage.open(io.BytesIO(data)) as img:
@@ -193,8 +191,6 @@ def open_oriented(data: bytes):
 
 def _reason(err: BaseException) -> str:
     """PIL's message without the memory address of the file object it was given."""
-    import re
-
     text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)).strip()
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
@@ -207,10 +203,6 @@ def probe_image(ref: ImageRef, file: str, index: int | None, where: str | None =
     a decode bomb is refused before any pixel is decoded; then a full decode, so a truncated or corrupt
     image is rejected here and not in every later training run. `where` names the image (its path).
     """
-    import warnings
-
-    from PIL import Image as PILImage
-
     limits = limits or image_limits()
     where = where or ref.path or f"{len(ref.data or b'')} bytes of image data"
     try:
@@ -260,8 +252,6 @@ def _default_root(path: str, images: str | None) -> str | None:
         if path.startswith("file://"):
             path = path[len("file://"):]
         else:
-            import fsspec
-
             fs, fs_path = fsspec.core.url_to_fs(path)
             scheme = path.split("://", 1)[0]
             folder = fs_path if fs.isdir(fs_path) else posixpath.dirname(fs_path)

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
+import pyarrow.parquet as pq
+
 from mlan.errors import MlanError
 from mlan.recipe import SourceSpec
 from mlan.sources.formats import to_conversation
@@ -70,8 +73,6 @@ def source_kind(path: str) -> str:
     """`files` (a file or folder of data files), `saved` (datasets.save_to_disk folder) or `hub` (load_dataset)."""
     if path.startswith(HF_PREFIX) and not path.startswith("hf://"):
         return "hub"
-    import fsspec
-
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.isdir(fs_path):
         return "saved" if _is_saved_dataset(fs, fs_path) else "files"
@@ -84,8 +85,6 @@ def source_kind(path: str) -> str:
 
 def data_files(path: str) -> list[str]:
     """The data files of a file or folder source, sorted by path (the read order)."""
-    import fsspec
-
     fs, fs_path = fsspec.core.url_to_fs(path)
     if fs.isfile(fs_path):
         return [_url(fs, fs_path, path)]
@@ -100,8 +99,6 @@ def data_files(path: str) -> list[str]:
 
 # ---------------------------------------------------------------- per-format file readers
 def _open(file: str):
-    import fsspec
-
     return fsspec.open(file, "rb", compression="infer")
 
 
@@ -156,8 +153,6 @@ def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
 
 
 def _read_parquet(file: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
     with _open(file) as f:
         k = 0
         for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH):
@@ -182,6 +177,8 @@ def _json_lines_file(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
 
 # ---------------------------------------------------------------- datasets
 def _read_saved(path: str, split: str) -> Iterator[dict]:
+    # lazy (here and in _read_hub): datasets costs ~0.6 s on top of the build driver's imports, and only
+    # `saved` and `hub` sources need it
     import datasets
 
     ds = datasets.load_from_disk(path)
@@ -236,8 +233,6 @@ def check_source_paths(specs: list[SourceSpec]) -> None:
     Called by `mlan build` and `mlan render` before any work (and before Ray starts), so a typo in one source
     is one SourceError naming the source and path, not a failure after the other sources were read.
     """
-    import fsspec
-
     for spec in specs:
         try:
             if source_kind(spec.path) == "files":

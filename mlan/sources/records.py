@@ -10,6 +10,8 @@ from functools import cached_property
 from pathlib import PurePosixPath
 from typing import Literal
 
+import fsspec
+
 from mlan.errors import MlanError
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -53,8 +55,6 @@ class ImageRef:
     def read_bytes(self) -> bytes:
         if self.data is not None:
             return self.data
-        import fsspec
-
         with fsspec.open(self.path, "rb") as f:
             return f.read()
 

@@ -41,7 +41,7 @@ class TensorBoardTracker:
     """Scalars in `RUN/tensorboard/` (event files)."""
 
     def __init__(self, run_dir: Path):
-        try:
+        try:  # lazy (each tracker): an optional extra, absent unless installed; see the module docstring
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise _missing("tensorboard", err) from err
