@@ -17,9 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from safetensors import safe_open
+
 from mlan.atomic_write import write_text_atomic
 from mlan.child_process import run_child
 from mlan.errors import UserError
+from mlan.eval.harness import evaluate
 from mlan.mixture.shards import read_manifest
 from mlan.recipe import Recipe, load_recipe
 
@@ -80,8 +84,6 @@ def export_complete(final: Path) -> bool:
     weights = sorted(final.glob("*.safetensors"))
     if not weights:
         return False
-    from safetensors import safe_open
-
     for w in weights:
         try:
             with safe_open(str(w), framework="pt") as f:  # truncated files fail the header/size check
@@ -112,8 +114,6 @@ def _sets(overrides: Sequence[str]) -> list[str]:
 def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cache: Path, nproc: int,
               workers: int | None, overrides: Sequence[str], log: Callable[[str], None]) -> dict:
     """Build, train and evaluate one ratio (each step skipped when its output exists); returns its row."""
-    from mlan.eval.harness import evaluate
-
     d.root.mkdir(parents=True, exist_ok=True)
     sets = [*overrides, f"mixture.ratio.text={ratio}"]
     if not (d.build / "manifest.json").is_file():
@@ -192,12 +192,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def write_plot(rows: list[dict], path: Path, title: str = "") -> None:
     """Language and vision score (accuracy %) against the text share of the budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)  # no pyplot: no global backend or figure registry to manage
+    ax = fig.subplots()
     xs = [100 * r["text_ratio"] for r in rows]
     for key, label, marker in (("language_avg", "language avg", "o"), ("vision_avg", "vision avg", "s")):
         pts = [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
@@ -213,7 +209,6 @@ def write_plot(rows: list[dict], path: Path, title: str = "") -> None:
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def write_outputs(rows: list[dict], out: Path, title: str = "") -> None:

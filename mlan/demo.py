@@ -10,7 +10,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlan.ablate import run_ablation
 from mlan.errors import UserError
+from mlan.synthetic import generate_demo_data
 
 DEMO_RATIOS = (0.0, 0.5, 1.0)
 DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
@@ -18,8 +20,6 @@ DEMO_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 
 def prepare_demo(out: str | Path, recipe: str | Path = DEMO_RECIPE) -> Path:
     """Generate the data (once) and place the recipe beside it; returns OUT/demo.yaml."""
-    from mlan.synthetic import generate_demo_data
-
     out = Path(out)
     recipe = Path(recipe)
     if not recipe.is_file():
@@ -43,7 +43,5 @@ def trend(rows: list[dict]) -> tuple[bool, bool]:
 def run_demo(out: str | Path = "demo-out", ratios: Sequence[float] = DEMO_RATIOS, nproc: int = 2,
              overrides: Sequence[str] = ()) -> list[dict]:
     """Data → recipe → ablation; returns the ablation rows in ratio order."""
-    from mlan.ablate import run_ablation
-
     recipe = prepare_demo(out)
     return run_ablation(recipe, ratios, Path(out) / "ablation", nproc=nproc, overrides=overrides)

@@ -29,7 +29,14 @@ from mlan.ablate import _mlan, _sets, export_complete, ratio_tag, write_plot
 from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting, harmonic_mean
+from mlan.eval.harness import evaluate, load_model
+from mlan.families.modeling import build_model
+from mlan.families.registry import get_family
+from mlan.merge import SweepSpec, merge_sweep
+from mlan.pretrained import resolve_model_path
 from mlan.recipe import Recipe, expand_env, load_recipe
+from mlan.synthetic import generate_demo_data
+from mlan.train.export import save_processor
 from mlan.train.metrics import mean_tokens_per_s, step_seconds
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "study-smollm2.yaml"
@@ -59,8 +66,6 @@ class StudySettings:
 # ---------------------------------------------------------------- data
 def prepare(out: Path, recipe_src: Path) -> Path:
     """Generated colour data and the NLVR held-out eval file under OUT/data; OUT/study.yaml with absolute paths."""
-    from mlan.synthetic import generate_demo_data
-
     data = out / "data"
     if not (data / "eval_vision.jsonl").is_file():
         generate_demo_data(data, n_text=1, n_image=240, n_eval_vision=80, image_size=56)
@@ -98,8 +103,6 @@ def prepare(out: Path, recipe_src: Path) -> Path:
 @torch.no_grad()
 def heldout_loss(model_dir: str, alpaca: Path, n_docs: int) -> float:
     """Mean per-token loss on the answers of held-out alpaca records, rendered with the model's chat template."""
-    from mlan.eval.harness import load_model
-
     lm = load_model(model_dir)
     tok = lm.tokenizer
     records = json.loads(alpaca.read_text())[ALPACA_HELD_OUT_FROM:ALPACA_HELD_OUT_FROM + n_docs]
@@ -129,8 +132,6 @@ class Study:
         out.mkdir(parents=True, exist_ok=True)
         self.recipe_path = prepare(out, recipe_src)
         self.recipe: Recipe = load_recipe(self.recipe_path, list(settings.overrides))
-        from mlan.pretrained import resolve_model_path
-
         self.base_llm = resolve_model_path(self.recipe.model.llm or "")
         self.cache = out / "cache"
         self.alpaca = Path(self.recipe.source("alpaca").path)
@@ -146,8 +147,6 @@ class Study:
         return row
 
     def _eval(self, model: str, cell: Path, groups: tuple[str, ...] = ("language", "vision")) -> dict:
-        from mlan.eval.harness import evaluate
-
         f = cell / "eval.json"
         if f.is_file():
             return json.loads(f.read_text())
@@ -196,10 +195,6 @@ class Study:
         return self._finish("base", row)
 
     def _save_untrained_vlm(self, out: Path) -> None:
-        from mlan.families.modeling import build_model
-        from mlan.families.registry import get_family
-        from mlan.train.export import save_processor
-
         fc = get_family(self.recipe.model).family_config()
         torch.manual_seed(self.recipe.train.seed)
         model = build_model(self.recipe.model, fc)
@@ -241,8 +236,6 @@ class Study:
         return self._finish(cell, row)
 
     def merge(self, vlm_cell: str) -> list[dict]:
-        from mlan.merge import SweepSpec, merge_sweep
-
         done = self._done("merge")
         if done:
             return done["points"]

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
@@ -22,6 +24,7 @@ from mlan.eval.scoring import ModelInputs, score_choice, score_generate
 from mlan.eval.tasks import Task, load_task, parse_task_arg
 from mlan.families.base import EvalGeometry
 from mlan.families.registry import family_for_model_type, family_plugin
+from mlan.pretrained import resolve_model_path
 from mlan.weights import check_model_dir
 
 
@@ -42,10 +45,6 @@ class Loaded:
 
 def load_model(path: str) -> Loaded:
     """A model folder (save_pretrained) or hub id → model in eval mode + tokenizer; UserError names the path."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from mlan.pretrained import resolve_model_path
-
     path = resolve_model_path(path)  # a named offline base (e.g. smollm2-135m-instruct) → its converted folder
     p = Path(path)
     if p.exists() and not (p / "config.json").is_file():
@@ -80,8 +79,6 @@ def load_model(path: str) -> Loaded:
 
 
 def _open_image(path: str):
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.convert("RGB")
 

@@ -25,7 +25,7 @@ from mlan.mixture import cache as tcache
 from mlan.mixture.cache_key import combine_fingerprints
 from mlan.mixture.pack import Packing, pack, row_bound
 from mlan.mixture.plan import Plan, PlanError, SourceDocs, check_modalities, make_plan
-from mlan.mixture.report import compute_stats, console, render_report
+from mlan.mixture.report import compute_stats, console, reason_kind, render_report
 from mlan.mixture.shards import MANIFEST, fs_of, write_manifest
 from mlan.mixture.tokenize import SourceCache, _family_config, tokenize_sources
 from mlan.mixture.write import PROGRESS_DIR, BuildError, shard_bounds, write_shards
@@ -272,10 +272,6 @@ def _listing(recipe: Recipe, rejected: list[dict], dropped: list[dict]) -> list[
 
 def _unusable_hint(summaries: dict, rejected: list[dict], listing: str) -> str:
     """For each source with no usable document: how many records it had and its three commonest reasons."""
-    from collections import Counter
-
-    from mlan.mixture.report import reason_kind
-
     hints = []
     for name, s in summaries.items():
         if s["accepted"] > 0:

@@ -5,6 +5,8 @@ import re
 from collections import Counter
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PATH = re.compile(r"(?:[A-Za-z][\w+.-]*://|/)\S+")
@@ -210,14 +212,10 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
 
 # ---------------------------------------------------------------- what a person sees while a build runs
 def console():
-    from rich.console import Console
-
     return Console(stderr=True)
 
 
 def progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -2,9 +2,11 @@
 `mlan inspect` (one packed row, for a person)."""
 from __future__ import annotations
 
+import io
 from collections import Counter
 
 import numpy as np
+from PIL import Image
 
 from mlan.data.images import ImageDecodeError, decode_image
 from mlan.families.registry import find_family
@@ -126,11 +128,7 @@ def find_row(build_dir: str, index: int) -> tuple[dict, PackedRow]:
 
 
 def _image_line(i: int, data: bytes, ext: str, doc: int) -> str:
-    import io
-
     try:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as im:
             dims = f"{im.width}×{im.height} {im.mode}"
     except Exception:  # noqa: BLE001 - show what we can
@@ -140,7 +138,10 @@ def _image_line(i: int, data: bytes, ext: str, doc: int) -> str:
 
 def describe_row(manifest: dict, row: PackedRow, tokenizer=None) -> str:
     """A row as text: documents separated, trained spans in [[…]], image slots collapsed, images listed."""
-    from mlan.render import Document, format_document
+    from mlan.render import (  # lazy: +0.8 s (transformers); `mlan verify` never renders
+        Document,
+        format_document,
+    )
 
     image_id = manifest.get("family_config", {}).get("image_token_id")
     seq_len = manifest["seq_len"]
