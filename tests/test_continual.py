@@ -213,22 +213,22 @@ def test_sigkill_mid_sequence_resumes_to_the_same_matrix(tmp_path) -> None:
             assert int(torch.linalg.matrix_rank(diff, rtol=1e-4)) <= 32, name
     assert any(not torch.equal(w, prev[n]) for n, w in cur.items() if "multi_modal_projector" in n)
 
-    # The killed run starts where a run stopped after task 2 would be (tasks 1-2 finished: their folders,
-    # the shared cache and the claim), so only tasks 3-4 run twice; the SIGKILL lands in task 3's training.
+    # The killed run starts where a run stopped after task 3 would be (tasks 1-3 finished: their folders and
+    # the shared cache), so only task 4 runs twice; the SIGKILL lands in task 4, which replays two earlier tasks.
     killed = tmp_path / "killed"
-    unfinished = ("task-3-*", "task-4-*", "rehearsal", "continual.json", "matrix.csv", "forgetting.json", "report.md",
+    unfinished = ("task-4-*", "rehearsal", "continual.json", "matrix.csv", "forgetting.json", "report.md",
                   "heatmap.png")
     shutil.copytree(whole, killed, ignore=shutil.ignore_patterns(*unfinished))
     proc = _run(killed, extra)
     deadline = time.time() + 1200
-    build3 = killed / "task-3-positions" / "build" / "manifest.json"
-    while not build3.is_file() and proc.poll() is None and time.time() < deadline:
+    build4 = killed / "task-4-warmth" / "build" / "manifest.json"
+    while not build4.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    time.sleep(3)  # into task 3's training
+    time.sleep(3)  # into task 4's training
     assert proc.poll() is None, "the run ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (killed / "task-3-positions" / "eval.json").is_file()
+    assert not (killed / "task-4-warmth" / "eval.json").is_file()
     assert _run(killed, extra).wait(timeout=1500) == 0
     assert (killed / "matrix.csv").read_text() == (whole / "matrix.csv").read_text()
     assert json.loads((killed / "forgetting.json").read_text()) == json.loads((whole / "forgetting.json").read_text())

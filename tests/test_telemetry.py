@@ -70,6 +70,7 @@ def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_mlflow(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: the file store is opt-in, as in trackers.py
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=(run_dir.resolve() / "mlflow").as_uri())
