@@ -18,6 +18,7 @@ from mlan.families.modeling import check_model_files
 from mlan.recipe import load_recipe
 from mlan.run_lock import lock_output
 from mlan.train.budget import read_manifest, resolve_budget
+from mlan.train.checkpoint import check_latest_checkpoint
 from mlan.train.node_agent import ERROR_FILE_ENV
 from mlan.train.shard_check import verify_build
 
@@ -59,6 +60,8 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
     if nproc < 1:
         raise TrainingFailed(f"--nproc {nproc}: need at least one process")
     preflight(recipe_path, shards, overrides, verify)
+    if resume:  # a checkpoint that fails its digest or carries hostile metadata stops here, before any worker
+        check_latest_checkpoint(Path(out))
     lock = lock_output(out, "train")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
