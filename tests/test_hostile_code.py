@@ -124,3 +124,47 @@ def test_train_resume_on_a_crafted_checkpoint_is_one_line_exit_2(tmp_path, world
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not marker.exists()
     assert len(err) == 1 and err[0].startswith("mlan train: error: ") and str(folder / ".metadata") in err[0]
+
+
+# ---------------------------------------------------------------- jinja templates
+def _template_source(tmp_path: Path, prompt: str) -> list:
+    from mlan.recipe import SourceSpec, TemplateSpec
+    from mlan.sources import iter_conversations
+
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"q": "why", "a": "because"}\n')
+    spec = SourceSpec(name="src", path=str(data), format="template", modality="text",
+                      template=TemplateSpec(prompts=[prompt], response="A: {{ a }}", engine="jinja"))
+    return list(iter_conversations(spec))
+
+
+@pytest.mark.parametrize("payload", [
+    "{{ cycler.__init__.__globals__.os.popen('touch MARKER').read() }}",
+    ("{% for c in ''.__class__.__mro__[1].__subclasses__() %}{% if c.__name__ == 'Popen' %}"
+     "{{ c(['touch', 'MARKER']).wait() }}{% endif %}{% endfor %}"),
+    "{{ lipsum.__globals__['os'].system('touch MARKER') }}",
+    "{{ q.__class__.__base__.__subclasses__() }}",
+])
+def test_jinja_template_cannot_reach_python(tmp_path, payload) -> None:
+    marker = tmp_path / "pwned"
+    (result,) = _template_source(tmp_path, payload.replace("MARKER", str(marker)))
+    assert not marker.exists()
+    from mlan.sources import RecordError
+    assert isinstance(result, RecordError) and "unsafe" in str(result) and "t.jsonl" in str(result)
+
+
+def test_sandboxed_jinja_still_renders_ordinary_templates(tmp_path) -> None:
+    (conv,) = _template_source(tmp_path, "Q: {{ q | upper }}{% if a %} ({{ a|length }}){% endif %}")
+    assert [m.text for m in conv.messages] == ["Q: WHY (7)", "A: because"]
+
+
+@pytest.mark.parametrize("payload, reason", [
+    ("{{ 'a' * 10**12 }}", "too large"),
+    ("{{ 7 ** 10000000 }}", "too large"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ q + 1 }}", "TypeError"),
+])
+def test_jinja_template_errors_reject_the_record_quickly(tmp_path, payload, reason) -> None:
+    from mlan.sources import RecordError
+    (result,) = _template_source(tmp_path, payload)
+    assert isinstance(result, RecordError) and reason in str(result)
