@@ -13,6 +13,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers.utils import logging as hf_logging
+
 from mlan.errors import WeightsError
 
 # The safetensors reference implementation refuses headers over 100 MB; so does mlan (before reading them).
@@ -109,3 +112,79 @@ def check_model_dir(path: str | Path) -> None:
         return
     for file in safetensors_files(directory):
         read_safetensors_header(file)
+
+
+# ---------------------------------------------------------------- a loaded model against its checkpoint
+# safetensors dtypes of floating-point weights; an integer or bool tensor is only accepted where the model has an
+# integer buffer of that name (e.g. an old CLIP checkpoint's `position_ids`).
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def _first(kind: str, names: list[str], directory: str | Path) -> str:
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"{directory}: tensor {names[0]!r} {kind}{more}; the folder does not hold the weights its config builds"
+
+
+def check_loading_info(directory: str | Path, info: dict[str, Any]) -> None:
+    """from_pretrained's loading report (names already mapped to the model's) as one WeightsError, if any.
+
+    A tied lm_head is not in `missing_keys` (transformers ties it), so a tied model without one passes.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        name, *shapes = mismatched[0] if isinstance(mismatched[0], tuple) else (mismatched[0],)
+        found = f" (checkpoint {list(shapes[0])}, the config builds {list(shapes[1])})" if len(shapes) == 2 else ""
+        raise WeightsError(_first(f"has the wrong shape{found}", [name], directory)
+                           + (f" ({len(mismatched) - 1} more mismatched)" if len(mismatched) > 1 else ""))
+    for kind, key in (("is missing", "missing_keys"), ("is not in the model (unexpected)", "unexpected_keys")):
+        names = sorted(info.get(key) or [])
+        if names:
+            raise WeightsError(_first(kind, names, directory))
+    errors = [str(e) for e in info.get("error_msgs") or []]
+    if errors:
+        raise WeightsError(f"{directory}: the weights do not load: {errors[0].splitlines()[0]}")
+
+
+def check_tensor_dtypes(directory: str | Path, model: Any) -> None:
+    """Every checkpoint tensor is floating point, as a float model's config implies (an int32 weight would be cast
+    to float silently), except where the model itself holds an integer buffer of that name."""
+    if not Path(directory).is_dir():
+        return
+    integer_buffers = {name.rsplit(".", 1)[-1] for name, buf in model.named_buffers() if not buf.is_floating_point()}
+    for file in safetensors_files(directory):
+        _, header = read_safetensors_header(file)
+        for name, entry in header.items():
+            if name == "__metadata__" or entry["dtype"] in FLOAT_DTYPES:
+                continue
+            if name.rsplit(".", 1)[-1] not in integer_buffers:
+                raise WeightsError(f"{file}: tensor {name!r} is {entry['dtype']}; the model's weights are floating "
+                                   "point (a damaged or foreign checkpoint)")
+
+
+def check_finite(directory: str | Path, model: Any) -> None:
+    """No NaN or inf in any loaded weight, checked tensor by tensor (no copy of the whole model)."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+                raise WeightsError(f"{directory}: tensor {name!r} holds NaN or inf values")
+
+
+def load_checked(from_pretrained: Any, path_or_id: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained` (fp32, safetensors only) that refuses a damaged folder with one WeightsError naming
+    the tensor: missing, unexpected or wrongly shaped (against the model the config builds), a non-float dtype,
+    a non-finite value. Nothing is scored or trained on such a model."""
+    check_model_dir(path_or_id)
+    kwargs = {"dtype": torch.float32, "use_safetensors": True, **kwargs}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its multi-line load report would repeat what the one line below says
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = from_pretrained(path_or_id, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    check_loading_info(path_or_id, info)
+    check_tensor_dtypes(path_or_id, model)
+    check_finite(path_or_id, model)
+    return model

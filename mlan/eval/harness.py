@@ -25,7 +25,7 @@ from mlan.eval.tasks import Task, load_task, parse_task_arg
 from mlan.families.base import EvalGeometry
 from mlan.families.registry import family_for_model_type, family_plugin
 from mlan.pretrained import resolve_model_path
-from mlan.weights import check_model_dir
+from mlan.weights import check_model_dir, load_checked
 
 
 # ---------------------------------------------------------------- model and inputs
@@ -64,7 +64,7 @@ def load_model(path: str) -> Loaded:
         loaded = Loaded(model, tok, plugin.name, geo.image_token_id, geo.image_tokens, geo.image_size, geo.max_tiles, [])
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+            model = load_checked(AutoModelForCausalLM.from_pretrained, path)  # damaged weights: one line
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{path}: not a causal LM ({type(err).__name__}: {str(err).splitlines()[0]})") from None
         loaded = Loaded(model, tok, None, None, 0, 0, 1, [])

@@ -6,10 +6,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LlavaForConditionalGeneration
 
 from mlan.families.base import EvalGeometry, FamilyRuntime
 from mlan.families.llava import inputs, model
 from mlan.recipe import ModelSpec
+from mlan.weights import load_checked
 
 
 class LlavaRuntime(FamilyRuntime):
@@ -17,7 +19,8 @@ class LlavaRuntime(FamilyRuntime):
         return model.build_tiny(family_config)
 
     def load_pretrained(self, path_or_id: str) -> nn.Module:
-        return model.load_pretrained(path_or_id)
+        """The checkpoint, refused (one WeightsError naming the tensor) if damaged: see mlan.weights.load_checked."""
+        return load_checked(LlavaForConditionalGeneration.from_pretrained, path_or_id)
 
     def compose(self, model_spec: ModelSpec, family_config: Mapping[str, Any]) -> nn.Module:
         return model.compose(model_spec, family_config)
@@ -35,7 +38,7 @@ class LlavaRuntime(FamilyRuntime):
     def eval_model(self, path: str, config: Any) -> tuple[nn.Module, EvalGeometry]:
         vc = config.vision_config
         n = int(getattr(config, "image_seq_length", 0) or (vc.image_size // vc.patch_size) ** 2)
-        return model.load_pretrained(path), EvalGeometry(int(config.image_token_id), n, int(vc.image_size), 1)
+        return self.load_pretrained(path), EvalGeometry(int(config.image_token_id), n, int(vc.image_size), 1)
 
     def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
         return inputs.eval_inputs(images, geometry)

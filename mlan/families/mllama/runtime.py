@@ -7,10 +7,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import MllamaForConditionalGeneration
 
 from mlan.families.base import EvalGeometry, FamilyRuntime
 from mlan.families.mllama import inputs, model
 from mlan.families.mllama.patch import apply_reference_cross_attention
+from mlan.weights import load_checked
 
 
 class MllamaRuntime(FamilyRuntime):
@@ -18,7 +20,8 @@ class MllamaRuntime(FamilyRuntime):
         return model.build_tiny(family_config)
 
     def load_pretrained(self, path_or_id: str) -> nn.Module:
-        return model.load_pretrained(path_or_id)
+        """The checkpoint, refused (one WeightsError naming the tensor) if damaged: see mlan.weights.load_checked."""
+        return load_checked(MllamaForConditionalGeneration.from_pretrained, path_or_id)
 
     def prepare(self, built: nn.Module) -> nn.Module:
         """Meta's cross-attention semantics (transformers issue #39379)."""
@@ -33,7 +36,7 @@ class MllamaRuntime(FamilyRuntime):
 
     def eval_model(self, path: str, config: Any) -> tuple[nn.Module, EvalGeometry]:
         vc = config.vision_config
-        loaded = self.prepare(model.load_pretrained(path))
+        loaded = self.prepare(self.load_pretrained(path))
         return loaded, EvalGeometry(int(config.image_token_id), 1, int(vc.image_size), int(vc.max_num_tiles))
 
     def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
