@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -243,31 +244,92 @@ def _manifest_error(url: str, what: str) -> ManifestError:
     return ManifestError(f"{url}: {what}")
 
 
-def read_manifest(build_dir: str) -> Manifest:
-    """The one reader of manifest.json: a clear one-line error when the directory is not a finished build or
-    the JSON lacks a key every reader relies on."""
-    url = join_url(build_dir, MANIFEST)
-    fs, path = fs_of(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{url}: no manifest (is {build_dir} a finished `mlan build` output directory?)")
-    with fs.open(path, "r") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise _manifest_error(url, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+# A shard name is a relative path of plain parts (`shards/shard-000000.tar`), resolved inside the build folder:
+# never absolute, never `..`, no URL scheme, no backslash or control character.
+_PLAIN_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_COUNT_TABLES = ("tokens_by_modality", "tokens_by_source")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_count_table(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_count(v) for k, v in value.items())
+
+
+def is_plain_shard_name(name: Any) -> bool:
+    """A relative path of plain parts: what `mlan build` writes, and all a manifest may name."""
+    return isinstance(name, str) and 0 < len(name) <= 4096 and all(
+        _PLAIN_PART.fullmatch(part) for part in name.split("/"))
+
+
+def _check_manifest(url: str, data: Any) -> None:
+    """The manifest's schema, checked once: every key a reader relies on, with its type (one line naming it)."""
     if not isinstance(data, dict) or not isinstance(data.get("shards"), list):
         raise _manifest_error(url, "not a build manifest (no `shards` list)")
     for key in ("seq_len", "family_config"):
         if key not in data:
             raise _manifest_error(url, f"missing key {key!r}")
-    shards = []
-    for i, s in enumerate(data["shards"]):
+    if not _is_count(data["seq_len"]) or data["seq_len"] == 0:
+        raise _manifest_error(url, f"seq_len {data['seq_len']!r} is not a positive integer")
+    if not isinstance(data["family_config"], dict):
+        raise _manifest_error(url, f"family_config is a {type(data['family_config']).__name__}, not an object")
+    seen: set[str] = set()
+    for i, entry in enumerate(data["shards"]):
+        where = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            raise _manifest_error(url, f"{where} is a {type(entry).__name__}, not an object")
         for key in ("name", "rows"):
-            if not isinstance(s, dict) or key not in s:
-                raise _manifest_error(url, f"shards[{i}] has no {key!r}")
-        shards.append(Shard(s["name"], join_url(build_dir, s["name"]), int(s["rows"]), s.get("sha256")))
-    return Manifest(build_dir, url, int(data["seq_len"]), data["family_config"], shards, data)
+            if key not in entry:
+                raise _manifest_error(url, f"{where} has no {key!r}")
+        name = entry["name"]
+        if not is_plain_shard_name(name):
+            raise _manifest_error(url, f"{where}.name {str(name)[:200]!r} is not a plain relative name inside the "
+                                       "build folder (letters, digits, ._- and /; no '..', no absolute path)")
+        if name in seen:
+            raise _manifest_error(url, f"{where}.name {name!r} is listed twice")
+        seen.add(name)
+        for key in ("rows", "tokens", "loss_tokens"):
+            if key in entry and not _is_count(entry[key]):
+                raise _manifest_error(url, f"{where}.{key} {entry[key]!r} is not a count (a non-negative integer)")
+        for key in _COUNT_TABLES:
+            if key in entry and not _is_count_table(entry[key]):
+                raise _manifest_error(url, f"{where}.{key} is not an object of counts")
+        sha = entry.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise _manifest_error(url, f"{where}.sha256 {str(sha)[:80]!r} is not a sha256 hex digest")
+    if "totals" not in data:
+        raise _manifest_error(url, "missing key 'totals'")
+    totals = data["totals"]
+    if not isinstance(totals, dict):
+        raise _manifest_error(url, f"totals is a {type(totals).__name__}, not an object")
+    for key in ("rows", "tokens"):
+        if not _is_count(totals.get(key)):
+            raise _manifest_error(url, f"totals.{key} {totals.get(key)!r} is not a count (a non-negative integer)")
+
+
+def read_manifest(build_dir: str) -> Manifest:
+    """The one reader of manifest.json, and the one place it is validated: a directory that is not a finished
+    build, JSON that is not a manifest (wrong types, deep nesting) or a shard name outside the build folder is
+    one line naming the file and the key."""
+    url = join_url(build_dir, MANIFEST)
+    fs, path = fs_of(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no manifest (is {build_dir} a finished `mlan build` output directory?)")
+    try:
+        with fs.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _manifest_error(url, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise _manifest_error(url, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise _manifest_error(url, "not a build manifest (JSON nested too deeply)") from None
+    _check_manifest(url, data)
+    shards = [Shard(s["name"], join_url(build_dir, s["name"]), s["rows"], s.get("sha256")) for s in data["shards"]]
+    return Manifest(build_dir, url, data["seq_len"], data["family_config"], shards, data)
 
 
 def write_manifest(build_dir: str, data: dict[str, Any]) -> None:

@@ -7,28 +7,18 @@ exactly what a physically truncated row would).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlan.errors import TrainError
-from mlan.mixture.shards import read_manifest as read_shards_manifest
 from mlan.recipe import RecipeError, TrainSpec
 from mlan.train.losses import IGNORE_INDEX
 
 
-def read_manifest(build_dir: str | Path) -> dict[str, Any]:
-    """The build's manifest.json (local path or fsspec URL), checked for the keys training needs."""
-    manifest = read_shards_manifest(str(build_dir)).data
-    for key in ("family_config", "totals"):
-        if key not in manifest:
-            raise TrainError(f"{build_dir}/manifest.json: missing key {key!r}")
-    return manifest
-
-
 def resolve_budget(train: TrainSpec, manifest: dict[str, Any]) -> int:
-    """`train.budget_tokens`, default the build's total sequence tokens; never more than the build holds."""
+    """`train.budget_tokens`, default the build's total sequence tokens; never more than the build holds.
+    `manifest` is `read_manifest(build).data` (mlan.mixture.shards: the one reader, which validates totals)."""
     total = int(manifest["totals"]["tokens"])
     budget = train.budget_tokens or total
     if budget > total:

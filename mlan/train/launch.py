@@ -15,12 +15,13 @@ from pathlib import Path
 from mlan.child_process import run_child
 from mlan.errors import MlanError
 from mlan.families.modeling import check_model_files
+from mlan.mixture.shards import read_manifest
+from mlan.mixture.verify import check_build
 from mlan.recipe import load_recipe
 from mlan.run_lock import lock_output
-from mlan.train.budget import read_manifest, resolve_budget
+from mlan.train.budget import resolve_budget
 from mlan.train.checkpoint import check_latest_checkpoint
 from mlan.train.node_agent import ERROR_FILE_ENV
-from mlan.train.shard_check import verify_build
 
 
 class TrainingFailed(MlanError, RuntimeError):
@@ -44,10 +45,10 @@ def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
 def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[str], verify: bool = True) -> None:
     """Fail fast, before any worker starts, on a bad recipe, a missing or damaged build or an impossible budget."""
     recipe = load_recipe(recipe_path, list(overrides))
-    resolve_budget(recipe.train, read_manifest(str(shards)))
+    resolve_budget(recipe.train, read_manifest(str(shards)).data)
     check_model_files(recipe.model)
     if verify:
-        verify_build(str(shards))
+        check_build(str(shards))
 
 
 def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, nproc: int = 2,

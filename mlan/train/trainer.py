@@ -26,16 +26,17 @@ from mlan.data.loader import make_loader as make_rank_loader
 from mlan.errors import MlanError, TrainError
 from mlan.families import modeling
 from mlan.families.registry import same_modules_inputs
+from mlan.mixture.shards import read_manifest
+from mlan.mixture.verify import check_build
 from mlan.recipe import Recipe, TrainSpec, load_recipe
 from mlan.train import checkpoint as ckpt
-from mlan.train.budget import deal_budget, read_manifest, resolve_budget, truncate_batch
+from mlan.train.budget import deal_budget, resolve_budget, truncate_batch
 from mlan.train.export import export
 from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, target_loss_sum
 from mlan.train.metrics import MetricsLog, Progress, peak_flops, reset_peak_memory, step_telemetry
 from mlan.train.model import make_optimizer, prepare_model
 from mlan.train.parallel import DistEnv, ParallelConfig, init_distributed, parallelize, resolve_precision
 from mlan.train.schedule import STAGE_LR, TokenSchedule
-from mlan.train.shard_check import verify_build
 from mlan.train.state import Resumable, TrainState, run_state
 from mlan.train.trackers import make_trackers
 
@@ -200,7 +201,7 @@ def verify_on_rank0(shards: str, env: DistEnv) -> None:
     problem: list[str | None] = [None]
     if env.is_main:
         try:
-            verify_build(shards)
+            check_build(shards)
         except MlanError as err:
             problem[0] = str(err)
     if env.world_size > 1:
@@ -331,7 +332,7 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False, overrid
     """Run (or continue) a training run on this process's rank; returns RUN/final."""
     env = init_distributed()
     recipe = load_recipe(recipe_path, list(overrides))
-    manifest = read_manifest(shards)
+    manifest = read_manifest(str(shards)).data
     if verify:  # before step 1: never train on a shard `mlan verify` would reject
         verify_on_rank0(shards, env)
     budget = resolve_budget(recipe.train, manifest)
