@@ -43,9 +43,10 @@ def _describe(holder: dict[str, Any]) -> str:
 class RunLock:
     """An exclusive lock on one output folder, held from `acquire()` until `release()` or process death."""
 
-    def __init__(self, folder: str | Path, command: str):
+    def __init__(self, folder: str | Path, command: str, wait: bool = False):
         self.folder = Path(folder)
         self.command = command
+        self.wait = wait  # block until the holder is done (a shared cache) instead of refusing (an output folder)
         self.path = self.folder / LOCK_FILE
         self.fd: int | None = None
         self.took_over: dict[str, Any] | None = None  # the dead holder's record, when the lock was stale
@@ -59,9 +60,14 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
-                os.close(fd)
-                raise LockError(f"{self.folder}: in use by {_describe(holder)}; wait for it to finish or stop it "
-                                "(one writer per folder)") from None
+                if self.wait:
+                    print(f"mlan {self.command}: {self.folder}: waiting for {_describe(holder)} to finish with it",
+                          file=sys.stderr)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                else:
+                    os.close(fd)
+                    raise LockError(f"{self.folder}: in use by {_describe(holder)}; wait for it to finish or stop "
+                                    "it (one writer per folder)") from None
             try:
                 same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -49,6 +49,8 @@ CHUNK_RANGE = (1 << 16, 1 << 20)  # elements processed at once: 1/32 of the larg
 _COPY_BYTES = 1 << 22
 _MERGEABLE = {"F32", "F16", "BF16"}
 PARTIAL = ".partial"  # a merged shard being written (never copied as a side file)
+STAGING_SUFFIX = ".merging"  # the hidden folder beside --out a merge writes into (mlan.merge.merge.staging_dir)
+MERGE_REPORT = "merge.json"
 
 Scope = Literal["tensor", "global"]
 Direction = Literal["toward-llm", "paper"]
@@ -258,13 +260,39 @@ def _copy_side_files(vlm_dir: Path, out_dir: Path) -> None:
             shutil.copy2(src, out_dir / src.name)
 
 
+def staging_dir(out_dir: Path) -> Path:
+    """Where a merge writes until it is complete: a hidden sibling of `--out`, renamed into place at the end."""
+    return out_dir.parent / f".{out_dir.name}{STAGING_SUFFIX}"
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the finished merge into `out_dir`: one rename when the folder is absent or empty, else file by file
+    with merge.json (the completion record) last."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        staging.rename(out_dir)
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(staging.iterdir(), key=lambda f: f.name == MERGE_REPORT)
+    for f in files:
+        f.replace(out_dir / f.name)
+    staging.rmdir()
+
+
 def merge_checkpoints(vlm: str | Path, llm: str | Path, out: str | Path, config: MergeConfig,
                       progress: bool = False) -> MergeReport:
-    """Merge a VLM's language tower with its base LLM into `out` (a from_pretrained-loadable folder)."""
+    """Merge a VLM's language tower with its base LLM into `out` (a from_pretrained-loadable folder).
+
+    Everything is written into a hidden staging folder beside `out` and moved into place once complete, so a
+    killed merge leaves `out` untouched and the next run starts over (removing the stale staging folder).
+    """
     t0 = time.perf_counter()
     vlm_dir, llm_dir, out_dir = resolve_checkpoint(vlm), resolve_checkpoint(llm), Path(out)
     if out_dir.resolve() in (vlm_dir.resolve(), llm_dir.resolve()):
         raise MergeError(f"--out {out_dir} must differ from the input checkpoints")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"--out {out_dir} is a file; choose a folder")
     if out_dir.exists() and any(out_dir.glob("*.safetensors")):
         raise MergeError(f"--out {out_dir} already holds safetensors weights; choose an empty folder")
     plan = plan_merge(vlm_dir, llm_dir)
@@ -274,16 +302,19 @@ def merge_checkpoints(vlm: str | Path, llm: str | Path, out: str | Path, config:
         mapped_entries=plan.mapped_numel, cross_attention_layers=list(plan.names.cross_attention_layers),
         layer_map={str(k): v for k, v in plan.names.layer_map.items()},
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(out_dir)
+    if staging.exists():  # left by a killed merge: never resumed from, always redone
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
         with ShardReader() as reader:
-            _Merger(plan, config, reader, progress).run(out_dir, report)
+            _Merger(plan, config, reader, progress).run(staging, report)
     finally:
         torch.set_num_threads(threads)
-    _copy_side_files(vlm_dir, out_dir)
+    _copy_side_files(vlm_dir, staging)
     report.seconds = round(time.perf_counter() - t0, 3)
-    (out_dir / "merge.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    (staging / MERGE_REPORT).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    _publish(staging, out_dir)
     return report
-

@@ -101,8 +101,10 @@ def build(
     try:
         n_workers = workers or int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         actors: list = []
-        caches = tokenize_sources(recipe, cache_dir or tcache.default_cache_dir(), n_workers, progress,
-                                  keep_actors=actors, family_config=family_config)
+        cache_root = cache_dir or tcache.default_cache_dir()
+        with tcache.cache_lock(cache_root):  # a second build on this cache waits, then finds its entries complete
+            caches = tokenize_sources(recipe, cache_root, n_workers, progress, keep_actors=actors,
+                                      family_config=family_config)
         clock.append(("tokenize", time.perf_counter()))
         fingerprint = combine_fingerprints([c.fingerprint for c in caches])
         sel = select(recipe, caches, out, out_url)

@@ -4,12 +4,19 @@ One folder per source: `<cache>/<key>/part-NNNNNN.parquet` (one row per document
 with a `part-NNNNNN.json` sidecar (records read, rejected with reasons, dropped, truncated), and
 `_SUCCESS` once every part is there. The key (mlan.mixture.cache_key) covers everything that shapes a
 document. Parts are written atomically, so a killed tokenization resumes from the parts already written.
+
+Several builds may share one cache: every file is written under a temporary name unique to its writer
+(`_own_suffix`) and renamed into place (mlan.atomic_write), and a build holds the cache's lock (`cache_lock`) while it fills entries, so a second
+build waits and then finds them complete instead of writing the same entries at the same time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +27,7 @@ import pyarrow.parquet as pq
 from mlan.atomic_write import atomic_open
 from mlan.mixture.shards import fs_of
 from mlan.render import Document
+from mlan.run_lock import RunLock
 from mlan.sources.records import RecordError
 
 SUCCESS = "_SUCCESS"
@@ -29,6 +37,11 @@ META_COLUMNS = (
     "index", "doc_id", "modality", "n_tokens", "n_loss_tokens", "n_images", "n_image_tokens", "n_tiles",
     "n_vision_tokens", "truncated", "image_tiles",
 )
+
+
+def _own_suffix() -> str:
+    """A temporary-file suffix no other writer uses: two builds writing the same entry never share a temp file."""
+    return f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
 def default_cache_dir() -> str:
@@ -106,9 +119,9 @@ def write_part(cache: str, part: int, docs: list[Document], indices: list[int], 
     fs.makedirs(root, exist_ok=True)
     pq_url, js_url = part_paths(root, part)
     table = docs_to_table(docs, indices, files)
-    with atomic_open(fs.unstrip_protocol(pq_url), "wb") as f:
+    with atomic_open(fs.unstrip_protocol(pq_url), "wb", suffix=_own_suffix()) as f:
         pq.write_table(table, f, compression="zstd")
-    with atomic_open(fs.unstrip_protocol(js_url), "w") as f:
+    with atomic_open(fs.unstrip_protocol(js_url), "w", suffix=_own_suffix()) as f:
         json.dump(summary.to_json(), f)
     return table.select(list(META_COLUMNS))
 
@@ -124,8 +137,20 @@ def read_part_summary(cache: str, part: int) -> PartSummary | None:
 
 def mark_complete(cache: str, n_parts: int, info: dict) -> None:
     fs, root = fs_of(cache)
-    with fs.open(f"{root}/{SUCCESS}", "w") as f:
+    with atomic_open(fs.unstrip_protocol(f"{root}/{SUCCESS}"), "w", suffix=_own_suffix()) as f:
         json.dump({"parts": n_parts, **info}, f)
+
+
+@contextlib.contextmanager
+def cache_lock(cache_root: str) -> Iterator[None]:
+    """Hold the cache's lock (`<cache>/.mlan.lock`, flock) while filling entries: another build using the same
+    cache waits for it, then finds the entries complete. A remote (fsspec URL) cache is not lockable and relies
+    on the atomic writes alone."""
+    if "://" in cache_root and not cache_root.startswith("file://"):
+        yield
+        return
+    with RunLock(Path(cache_root.removeprefix("file://")), "build", wait=True):
+        yield
 
 
 def read_complete(cache: str) -> dict | None:
@@ -157,7 +182,7 @@ def write_meta(cache: str, n_parts: int, known: dict[int, pa.Table] | None = Non
     """The cache's meta file: every part's META_COLUMNS (from `known`, else read from the part) in one table."""
     fs, root = fs_of(cache)
     path = f"{root}/{META}"
-    with atomic_open(fs.unstrip_protocol(path), "wb") as f:
+    with atomic_open(fs.unstrip_protocol(path), "wb", suffix=_own_suffix()) as f:
         pq.write_table(_meta_of_parts(root, fs, n_parts, known), f)
 
 
