@@ -97,3 +97,34 @@ def test_one_verify_and_one_reader_agree_on_a_sound_and_a_damaged_build(build) -
     assert len(problems) == 1 and problems[0].startswith("shards/shard-000001.tar: sha256")
     with pytest.raises(ValueError, match="shards/shard-000001.tar: sha256"):
         check_build(str(build))
+
+
+def test_resume_over_shards_whose_fingerprint_changed_is_one_line(build, tmp_path) -> None:
+    """#22: `train --resume` on rebuilt shards gave a rank-0 traceback (the loader's ValueError)."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    from mlan.data.loader import make_loader
+    from mlan.errors import TrainError
+    from mlan.train import checkpoint as ckpt
+    from mlan.train.schedule import TokenSchedule
+    from mlan.train.state import TrainState, run_state
+
+    def parts(build_dir: Path) -> dict:
+        model = nn.Linear(2, 2)
+        loader = make_loader(str(build_dir), 0, 1, batch_rows=1, workers=0, seed=0)
+        return run_state(model, torch.optim.AdamW(model.parameters()), TrainState(),
+                         TokenSchedule(lr=1e-3, budget_tokens=100, warmup_ratio=0.1), loader)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        folder = ckpt.save_checkpoint(tmp_path / "run", 1, parts(build))
+        _edit(build, lambda m: m.update(fingerprint="rebuilt"))
+        with pytest.raises(TrainError) as err:
+            ckpt.load_checkpoint(folder, parts(build))
+    finally:
+        dist.destroy_process_group()
+    message = str(err.value)
+    assert message.startswith(f"{folder}: ") and "fingerprint: state 'test' vs loader 'rebuilt'" in message
+    assert "\n" not in message

@@ -268,6 +268,10 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise CheckpointError(problem[0])
     try:
         dcp.load(state, storage_reader=CheckedReader(path), planner=CheckedLoadPlanner())
+    except CheckpointError:
+        raise
+    except MlanError as err:  # a Stateful refused what it was handed (mlan.train.state): name the checkpoint
+        raise type(err)(f"{path}: {err}") from None
     except CheckpointException as err:  # DCP gathers every rank's failure: ours is one line, the rest not ours
         for exc, _trace in err.failures.values():
             if isinstance(exc, CheckpointError):

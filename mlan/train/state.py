@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from mlan.errors import TrainError
 from mlan.train.checkpoint import rng_state, set_rng_state
 from mlan.train.schedule import TokenSchedule
 
@@ -87,8 +88,13 @@ class RankState:
         return {"loader": json.dumps(self.loader.state_dict()), "rng": rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A cursor taken over other shards (a changed fingerprint), ranks, batch size or seed is one TrainError."""
         set_rng_state(state["rng"])
-        self.loader.load_state_dict(json.loads(state["loader"]))
+        try:
+            self.loader.load_state_dict(json.loads(state["loader"]))
+        except (ValueError, KeyError, TypeError) as err:
+            raise TrainError(f"{err}: the checkpoint was taken over other shards or settings; resume with the same "
+                             "--shards, recipe and --nproc, or train into a new --out") from None
 
 
 def run_state(model: nn.Module, optimizer: torch.optim.Optimizer, train: TrainState, schedule: TokenSchedule,
