@@ -134,3 +134,65 @@ def test_two_builds_sharing_one_cache_at_once_give_identical_shards(shared_data,
     assert leftovers == []
     entries = [p for p in cache.iterdir() if p.is_dir()]
     assert len(entries) == 2 and all((e / "_SUCCESS").is_file() for e in entries)
+
+
+def _write_part_repeatedly(cache: str, barrier, rounds: int, errors) -> None:
+    from mlan.mixture import cache as tcache
+
+    summary = tcache.PartSummary(part=0, read=0, accepted=0, rejected=[], dropped=[], truncated=0, tokens=0)
+    for _ in range(rounds):
+        barrier.wait()
+        try:
+            tcache.write_part(cache, 0, [], [], summary)
+            tcache.mark_complete(cache, 1, {"source": "s"})
+        except Exception as err:  # noqa: BLE001 - reported to the parent, which asserts there were none
+            errors.put(f"{type(err).__name__}: {err}")
+
+
+def test_two_writers_of_one_cache_entry_at_once_never_collide(tmp_path) -> None:
+    """Two builds on one cache write the same part at the same moment: each through its own temporary file."""
+    import multiprocessing
+
+    from mlan.mixture import cache as tcache
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, errors = ctx.Barrier(2), ctx.Queue()
+    cache = str(tmp_path / "cache" / "entry")
+    procs = [ctx.Process(target=_write_part_repeatedly, args=(cache, barrier, 40, errors)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert [p.exitcode for p in procs] == [0, 0] and found == []
+    assert tcache.read_part(cache, 0).num_rows == 0 and tcache.read_complete(cache) == {"parts": 1, "source": "s"}
+    assert sorted(p.name for p in (tmp_path / "cache" / "entry").iterdir()) == [
+        "_SUCCESS", "part-000000.json", "part-000000.parquet"]
+
+
+def _hold_cache_lock(cache_root: str, held, seconds: float) -> None:
+    from mlan.mixture import cache as tcache
+
+    with tcache.cache_lock(cache_root):
+        held.set()
+        time.sleep(seconds)
+
+
+def test_a_second_build_waits_for_the_cache_lock(tmp_path, capsys) -> None:
+    import multiprocessing
+
+    from mlan.mixture import cache as tcache
+
+    ctx = multiprocessing.get_context("fork")
+    held = ctx.Event()
+    holder = ctx.Process(target=_hold_cache_lock, args=(str(tmp_path), held, 1.5))
+    holder.start()
+    assert held.wait(60)
+    t0 = time.monotonic()
+    with tcache.cache_lock(str(tmp_path)):
+        waited = time.monotonic() - t0
+    holder.join(timeout=60)
+    assert waited > 0.5 and holder.exitcode == 0
+    assert f"{tmp_path}: waiting for `mlan build`" in capsys.readouterr().err
