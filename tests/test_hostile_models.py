@@ -81,22 +81,24 @@ def test_eval_on_a_folder_missing_q_proj_is_one_line_exit_2(sound_llava, tmp_pat
     assert "q_proj.weight' is missing" in err[0] and str(folder) in err[0]
 
 
-def _causal_lm(out: Path, tie: bool) -> Path:
+def _causal_lm(out: Path, tie: bool, tokenizer_from: Path) -> Path:
     cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
     torch.manual_seed(1)
     LlamaForCausalLM(cfg).save_pretrained(out)
-    load_tokenizer("llama3").save_pretrained(out)
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
     return out
 
 
-def test_causal_lm_tied_without_lm_head_loads_and_a_missing_norm_is_refused(tmp_path) -> None:
-    tied = _causal_lm(tmp_path / "tied", tie=True)
+def test_causal_lm_tied_without_lm_head_loads_and_a_missing_norm_is_refused(sound_llava, tmp_path) -> None:
+    tied = _causal_lm(tmp_path / "tied", tie=True, tokenizer_from=sound_llava)
     assert "lm_head.weight" not in load_file(tied / "model.safetensors")  # tied: not on disk, not "missing"
     lm = load_model(str(tied))
     assert lm.model.lm_head.weight.data_ptr() == lm.model.model.embed_tokens.weight.data_ptr()
 
-    untied = _causal_lm(tmp_path / "untied", tie=False)
+    untied = _causal_lm(tmp_path / "untied", tie=False, tokenizer_from=sound_llava)
     tensors = load_file(untied / "model.safetensors")
     del tensors["model.norm.weight"]
     save_file(tensors, untied / "model.safetensors", metadata={"format": "pt"})
