@@ -1,4 +1,5 @@
-"""Statistics every score carries: n, a Wilson 95 % interval, the chance and majority levels.
+"""Statistics every score carries: n, a Wilson 95 % interval, the chance and majority levels; and the paired
+comparison of two runs on the same items (bootstrap interval of the difference, exact McNemar p, power).
 
 A number without its n and interval is not a result (design.md "A score"); these are the one place the
 interval is computed, so every table and plot agrees with the results file.
@@ -8,6 +9,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 Z95 = 1.959963984540054  # the two-sided 95 % normal quantile
 
@@ -35,3 +39,123 @@ def majority_rate(golds: Sequence[str]) -> float:
     if not golds:
         raise ValueError("majority needs at least one item")
     return 100 * Counter(golds).most_common(1)[0][1] / len(golds)
+
+
+# ---------------------------------------------------------------- paired comparison of two runs on the same items
+BOOTSTRAP_RESAMPLES = 10_000  # resamples of the paired bootstrap; the interval's ends move < 0.2 points between seeds
+BOOTSTRAP_SEED = 0
+Z80 = 0.8416212335729143  # the one-sided 80 % normal quantile (power 0.8)
+
+
+@dataclass(frozen=True)
+class PairedCounts:
+    """The 2 × 2 table of two runs scored on the same n items: `a_only` right in A only, `b_only` in B only."""
+
+    n: int
+    both: int
+    a_only: int
+    b_only: int
+
+    @property
+    def discordant(self) -> int:
+        return self.a_only + self.b_only
+
+    @property
+    def difference(self) -> float:
+        """Accuracy of B minus accuracy of A, in percentage points."""
+        return 100 * (self.b_only - self.a_only) / self.n
+
+
+def paired_counts(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> PairedCounts:
+    """Count the 2 × 2 table of per-item correctness; the two sequences are the same items in the same order."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"paired runs need the same items: {len(correct_a)} vs {len(correct_b)}")
+    if not correct_a:
+        raise ValueError("a paired comparison needs n > 0")
+    a_only = sum(1 for x, y in zip(correct_a, correct_b) if x and not y)
+    b_only = sum(1 for x, y in zip(correct_a, correct_b) if y and not x)
+    both = sum(1 for x, y in zip(correct_a, correct_b) if x and y)
+    return PairedCounts(len(correct_a), both, a_only, b_only)
+
+
+def paired_bootstrap_ci(counts: PairedCounts, resamples: int = BOOTSTRAP_RESAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Percentile 95 % interval (points) of accuracy(B) − accuracy(A) under resampling items with replacement.
+
+    Each item contributes −1, 0 or +1 to the difference, so resampling n items is a multinomial draw of the
+    (A only, B only, same) counts: exactly the item bootstrap, without materialising n × resamples indices.
+    """
+    n = counts.n
+    probs = [counts.a_only / n, counts.b_only / n, 1 - counts.discordant / n]
+    draws = np.random.default_rng(seed).multinomial(n, probs, size=resamples)
+    diffs = 100 * (draws[:, 1] - draws[:, 0]) / n
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def mcnemar_exact_p(a_only: int, b_only: int) -> float:
+    """Exact McNemar p: two-sided binomial test of the discordant pairs against 1/2 (1.0 when none differ).
+
+    With p = 1/2 the binomial is symmetric, so the two-sided p is twice the smaller tail, capped at 1
+    (the same value as scipy.stats.binomtest(a_only, a_only + b_only).pvalue).
+    """
+    m = a_only + b_only
+    if m == 0:
+        return 1.0
+    k = min(a_only, b_only)
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m
+    return min(1.0, 2 * tail)
+
+
+def min_detectable_difference(n: int, discordance: float, alpha_z: float = Z95, power_z: float = Z80) -> float:
+    """Smallest paired difference (points) a McNemar test at 5 % two-sided finds with 80 % power on n items.
+
+    Connor's (1987) normal approximation for a discordance rate ψ (share of items where the runs disagree)
+    and difference δ = p(B only) − p(A only): n δ² = (z_{α/2} √ψ + z_β √(ψ − δ²))²; solved for δ by
+    bisection on (0, ψ]. Returns inf when even δ = ψ (every discordant pair one way) is not detectable.
+    """
+    if n <= 0:
+        raise ValueError("power needs n > 0")
+    if not 0 < discordance <= 1:
+        raise ValueError(f"the discordance rate must be in (0, 1], got {discordance}")
+    psi = discordance
+    gap = lambda d: math.sqrt(n) * d - (alpha_z * math.sqrt(psi) + power_z * math.sqrt(max(psi - d * d, 0.0)))
+    if gap(psi) < 0:
+        return math.inf
+    lo, hi = 0.0, psi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gap(mid) < 0 else (lo, mid)
+    return 100 * hi
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two runs on the same items: both accuracies with Wilson intervals, B − A with its paired interval and p."""
+
+    n: int
+    accuracy_a: float
+    ci95_a: tuple[float, float]
+    accuracy_b: float
+    ci95_b: tuple[float, float]
+    difference: float  # points, B − A
+    difference_ci95: tuple[float, float]
+    mcnemar_p: float
+    a_only: int
+    b_only: int
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "a": {"accuracy": self.accuracy_a, "ci95": list(self.ci95_a)},
+                "b": {"accuracy": self.accuracy_b, "ci95": list(self.ci95_b)},
+                "difference": self.difference, "difference_ci95": list(self.difference_ci95),
+                "mcnemar_p": self.mcnemar_p, "a_only": self.a_only, "b_only": self.b_only,
+                "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED}}
+
+
+def compare_paired(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> PairedComparison:
+    """Everything a table needs to compare run B with run A on the same items (same order)."""
+    c = paired_counts(correct_a, correct_b)
+    right_a, right_b = c.both + c.a_only, c.both + c.b_only
+    return PairedComparison(c.n, 100 * right_a / c.n, wilson_ci(right_a, c.n), 100 * right_b / c.n,
+                            wilson_ci(right_b, c.n), c.difference, paired_bootstrap_ci(c),
+                            mcnemar_exact_p(c.a_only, c.b_only), c.a_only, c.b_only)
