@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mlan.errors import UserError
+
 Z95 = 1.959963984540054  # the two-sided 95 % normal quantile
 
 
@@ -159,3 +161,77 @@ def compare_paired(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> Pair
     return PairedComparison(c.n, 100 * right_a / c.n, wilson_ci(right_a, c.n), 100 * right_b / c.n,
                             wilson_ci(right_b, c.n), c.difference, paired_bootstrap_ci(c),
                             mcnemar_exact_p(c.a_only, c.b_only), c.a_only, c.b_only)
+
+
+# ---------------------------------------------------------------- two results on the same items, task by task
+class ItemSetsDiffer(UserError):
+    """Two runs of a task were scored on different items: a paired comparison is impossible."""
+
+
+def _correct_by_id(task: str, records: Sequence[dict], side: str) -> dict[str, bool]:
+    """{item id: correct}; an id is the record's own `id`, else its 0-based position (the score contract)."""
+    out: dict[str, bool] = {}
+    for i, rec in enumerate(records):
+        item = str(rec.get("id", i))
+        if item in out:
+            raise ItemSetsDiffer(f"task {task}: item id {item!r} appears twice in {side}")
+        out[item] = bool(rec["correct"])
+    return out
+
+
+def aligned_correct(task: str, records_a: Sequence[dict], records_b: Sequence[dict]) -> tuple[list[bool], list[bool]]:
+    """Per-item correctness of A and B on the same ids, in A's order; ItemSetsDiffer names how many ids differ."""
+    a = _correct_by_id(task, records_a, "A")
+    b = _correct_by_id(task, records_b, "B")
+    if a.keys() != b.keys():
+        only_a, only_b = len(a.keys() - b.keys()), len(b.keys() - a.keys())
+        raise ItemSetsDiffer(f"task {task}: the item sets differ ({only_a} id(s) only in A, {only_b} only in B, "
+                             f"{len(a.keys() & b.keys())} shared); score both runs on the same items (--items)")
+    return list(a.values()), [b[k] for k in a]
+
+
+def compare_records(a_tasks: dict[str, dict], b_tasks: dict[str, dict]) -> dict:
+    """Paired comparison of B with A per shared task and pooled per group.
+
+    Each argument maps task name → {"group": …, "records": [per-item dicts with "correct" (and "id")]}
+    (a results dict's "tasks" from `evaluate(..., keep_records=True)`, or a results file with its items file).
+    Returns {"tasks": {name: PairedComparison.as_dict() + group}, "groups": {group: … + tasks},
+    "only_a": [...], "only_b": [...]}; the pooled line pairs every item of the group's shared tasks.
+    """
+    shared = [name for name in a_tasks if name in b_tasks]
+    tasks: dict[str, dict] = {}
+    pooled: dict[str, tuple[list[bool], list[bool], list[str]]] = {}
+    for name in shared:
+        ca, cb = aligned_correct(name, a_tasks[name]["records"], b_tasks[name]["records"])
+        if not ca:
+            raise ItemSetsDiffer(f"task {name}: no items (n = 0)")
+        group = a_tasks[name].get("group") or b_tasks[name].get("group") or "language"
+        tasks[name] = {"group": group, **compare_paired(ca, cb).as_dict()}
+        pa, pb, names = pooled.setdefault(group, ([], [], []))
+        pa.extend(ca)
+        pb.extend(cb)
+        names.append(name)
+    groups = {g: {"tasks": names, **compare_paired(pa, pb).as_dict()} for g, (pa, pb, names) in pooled.items()}
+    return {"tasks": tasks, "groups": groups, "only_a": [n for n in a_tasks if n not in b_tasks],
+            "only_b": [n for n in b_tasks if n not in a_tasks]}
+
+
+def half_width(ci95: Sequence[float]) -> float:
+    """Half the width of an interval: the '±' of a table cell (a Wilson interval is asymmetric near 0 and 100 %,
+    so tables that print ± also keep the ends, e.g. in their CSV)."""
+    return (ci95[1] - ci95[0]) / 2
+
+
+def format_score(accuracy: float, ci95: Sequence[float]) -> str:
+    """'54.1 [52.1, 56.1]': a score with its 95 % interval's ends."""
+    return f"{accuracy:.1f} [{ci95[0]:.1f}, {ci95[1]:.1f}]"
+
+
+def score_with_interval(task_entry: dict) -> tuple[float, tuple[float, float], int]:
+    """(accuracy %, Wilson ci95, n) of a results-file task entry; the interval is computed when the entry
+    predates the score contract (a count of correct items is recovered from accuracy × n)."""
+    n, acc = int(task_entry["n"]), float(task_entry["accuracy"])
+    ci = task_entry.get("ci95")
+    if ci is None:
+        ci = wilson_ci(round(acc * n / 100), n) if n > 0 else (0.0, 100.0)
+    return acc, (float(ci[0]), float(ci[1])), n
