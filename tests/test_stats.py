@@ -93,3 +93,31 @@ def test_min_detectable_difference_shape() -> None:
     assert min_detectable_difference(3, 0.01) == math.inf
     with pytest.raises(ValueError):
         min_detectable_difference(100, 0.0)
+
+
+def test_group_ci_of_one_task_matches_the_wilson_interval_roughly() -> None:
+    from mlan.eval.stats import group_ci
+
+    lo, hi = group_ci([(120, 200)])
+    w_lo, w_hi = wilson_ci(120, 200)
+    assert abs(lo - w_lo) < 1.5 and abs(hi - w_hi) < 1.5
+
+
+def test_group_ci_of_a_mean_shrinks_with_more_tasks_and_harmonic_mean_hits_zero() -> None:
+    from mlan.eval.stats import group_ci, harmonic_of
+
+    one = group_ci([(100, 200)])
+    four = group_ci([(100, 200)] * 4)
+    assert (four[1] - four[0]) < 0.6 * (one[1] - one[0])  # ≈ 1/√4 of the width
+    assert harmonic_of(np.array([[50.0, 0.0], [50.0, 50.0]])).tolist() == [0.0, 50.0]
+    assert group_ci([(0, 10), (5, 10)], harmonic_of) == (0.0, 0.0)
+
+
+def test_paired_group_difference_of_one_task_equals_the_paired_bootstrap() -> None:
+    from mlan.eval.stats import PairedCounts, paired_group_difference
+
+    t = PairedCounts(n=300, both=150, a_only=20, b_only=35)
+    diff, (lo, hi) = paired_group_difference([t])
+    assert diff == pytest.approx(t.difference)
+    ref_lo, ref_hi = paired_bootstrap_ci(t)
+    assert abs(lo - ref_lo) < 0.7 and abs(hi - ref_hi) < 0.7

@@ -20,17 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=compare_command)
 
 
-def items_path(results_file: Path, results: dict | None = None) -> Path:
-    """The per-item file of a results file: a task's `items_file` (relative to the results file) when named,
-    else FILE.items.jsonl beside FILE.json (the score contract)."""
-    for entry in (results or {}).get("tasks", {}).values():
-        named = entry.get("items_file") if isinstance(entry, dict) else None
-        if named:
-            p = Path(named)
-            return p if p.is_absolute() else results_file.parent / p.name
-    return results_file.with_name(results_file.stem + ".items.jsonl")
-
-
 def find_results(path: str) -> Path:
     """A results file, or the one results file (a .json with its .items.jsonl beside it) in a folder."""
     p = Path(path)
@@ -49,36 +38,10 @@ def find_results(path: str) -> Path:
 
 def load_run(path: str) -> tuple[Path, dict]:
     """(results file, results dict with each task's per-item records under tasks[NAME]["records"])."""
+    from mlan.eval.results_files import load_results
+
     file = find_results(path)
-    try:
-        results = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{file}: not a results JSON file ({err})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
-        raise UserError(f"{file}: not a results file of `mlan eval` (no \"tasks\")")
-    items = items_path(file, results)
-    if not items.is_file():
-        raise UserError(f"{file}: no per-item file {items.name} beside it; a paired comparison needs it "
-                        "(`mlan eval --out FILE.json` writes it)")
-    for entry in results["tasks"].values():
-        entry["records"] = []
-    with items.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                task, _ = rec["task"], rec["correct"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise UserError(f"{items}:{line_no}: not a per-item record with \"task\" and \"correct\" "
-                                f"({type(err).__name__}: {err})") from None
-            if task not in results["tasks"]:
-                raise UserError(f"{items}:{line_no}: task {task!r} is not in {file.name}")
-            results["tasks"][task]["records"].append(rec)
-    for name, entry in results["tasks"].items():
-        if not entry["records"]:
-            raise UserError(f"{items}: no items of task {name}")
-    return file, results
+    return file, load_results(file, required=True)
 
 
 def _signed_interval(lo: float, hi: float) -> str:

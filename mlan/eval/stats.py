@@ -235,3 +235,90 @@ def score_with_interval(task_entry: dict) -> tuple[float, tuple[float, float], i
     if ci is None:
         ci = wilson_ci(round(acc * n / 100), n) if n > 0 else (0.0, 100.0)
     return acc, (float(ci[0]), float(ci[1])), n
+
+
+# ---------------------------------------------------------------- intervals of table cells built from several tasks
+def task_counts(entry: dict) -> tuple[int, int]:
+    """(correct, n) of a task entry: from its records when present, else accuracy × n (exact for a percentage
+    that came from a count)."""
+    records = entry.get("records")
+    if records:
+        return sum(bool(r["correct"]) for r in records), len(records)
+    n = int(entry["n"])
+    return round(float(entry["accuracy"]) * n / 100), n
+
+
+def task_chance(entry: dict) -> float | None:
+    """The entry's chance level (%): the contract's `chance`, else from its records' option counts (choice
+    tasks of today's harness), else None."""
+    if entry.get("chance") is not None:
+        return float(entry["chance"])
+    if entry.get("kind") == "generate":
+        return 0.0
+    records = entry.get("records") or []
+    options = [len(r.get("loglik") or r.get("loglikelihoods") or []) for r in records]
+    return chance_level(options) if options and all(options) else None
+
+
+def mean_of(accuracies: np.ndarray) -> np.ndarray:
+    """Mean over tasks (last axis): a group average as results files report it."""
+    return accuracies.mean(axis=-1)
+
+
+def harmonic_of(accuracies: np.ndarray) -> np.ndarray:
+    """Harmonic mean over tasks (last axis), 0 when a task is at 0 (the limit)."""
+    with np.errstate(divide="ignore"):
+        inv = np.where(accuracies > 0, 1 / np.maximum(accuracies, 1e-300), np.inf)
+    return np.where(np.isinf(inv).any(axis=-1), 0.0, accuracies.shape[-1] / inv.sum(axis=-1))
+
+
+def group_ci(counts: Sequence[tuple[int, int]], statistic=mean_of, resamples: int = BOOTSTRAP_RESAMPLES,
+             seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """Bootstrap 95 % interval (%) of a statistic of several tasks' accuracies (mean, harmonic mean).
+
+    Resampling a task's n items with replacement draws its correct count from Binomial(n, correct / n); tasks
+    are resampled independently (they hold different items)."""
+    rng = np.random.default_rng(seed)
+    draws = np.stack([100 * rng.binomial(n, c / n, size=resamples) / n for c, n in counts], axis=-1)
+    lo, hi = np.percentile(statistic(draws), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_group_difference(tables: Sequence[PairedCounts], statistic=mean_of,
+                            resamples: int = BOOTSTRAP_RESAMPLES,
+                            seed: int = BOOTSTRAP_SEED) -> tuple[float, tuple[float, float]]:
+    """statistic(B) − statistic(A) (points) over several tasks, with its paired bootstrap 95 % interval.
+
+    Each task's items are resampled jointly for both runs (a multinomial draw of its 2 × 2 table), so the
+    interval is paired item by item as in `paired_bootstrap_ci`."""
+    rng = np.random.default_rng(seed)
+    acc_a, acc_b = [], []
+    for t in tables:
+        neither = t.n - t.both - t.discordant
+        d = rng.multinomial(t.n, [t.both / t.n, t.a_only / t.n, t.b_only / t.n, neither / t.n], size=resamples)
+        acc_a.append(100 * (d[:, 0] + d[:, 1]) / t.n)
+        acc_b.append(100 * (d[:, 0] + d[:, 2]) / t.n)
+    point_a = np.array([100 * (t.both + t.a_only) / t.n for t in tables])
+    point_b = np.array([100 * (t.both + t.b_only) / t.n for t in tables])
+    diffs = statistic(np.stack(acc_b, axis=-1)) - statistic(np.stack(acc_a, axis=-1))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(statistic(point_b) - statistic(point_a)), (float(lo), float(hi))
+
+
+def cell(value: float | None, ci95: Sequence[float] | None, digits: int = 1) -> str:
+    """A table cell: '54.1 ± 2.0' (± half the 95 % interval's width), '–' for no value."""
+    if value is None:
+        return "–"
+    if ci95 is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {half_width(ci95):.{digits}f}"
+
+
+def difference_cell(diff: float | None, ci95: Sequence[float] | None, p: float | None = None) -> str:
+    """'+3.1 [+0.4, +5.8]' (paired 95 % interval), with ', p 0.021' when an exact McNemar p is given."""
+    if diff is None:
+        return "–"
+    if ci95 is None:
+        return f"{diff:+.1f} (unpaired)"
+    text = f"{diff:+.1f} [{ci95[0]:+.1f}, {ci95[1]:+.1f}]"
+    return text + (f", p {p:.3g}" if p is not None else "")
