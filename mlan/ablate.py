@@ -27,7 +27,7 @@ from mlan.child_process import run_child
 from mlan.errors import UserError
 from mlan.eval.harness import evaluate
 from mlan.eval.results_files import load_results, save_results
-from mlan.eval.stats import cell, group_ci, task_chance, task_counts, wilson_ci
+from mlan.eval.stats import cell, score_stats
 from mlan.mixture.shards import read_manifest
 from mlan.recipe import Recipe, load_recipe
 
@@ -152,24 +152,6 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
     }
     write_text_atomic(d.result, json.dumps(row, indent=2) + "\n")
     return row
-
-
-def score_stats(results: dict) -> dict:
-    """What a table row needs beside the accuracies: per task n, correct, Wilson ci95 and chance ("stats"), and
-    the bootstrap 95 % interval of each group's average (`<group>_avg_ci95`)."""
-    stats, by_group = {}, {}
-    for name, entry in results["tasks"].items():
-        correct, n = task_counts(entry)
-        stats[name] = {"n": n, "correct": correct, "ci95": list(entry.get("ci95") or wilson_ci(correct, n)),
-                       "chance": task_chance(entry)}
-        by_group.setdefault(entry["group"], []).append((correct, n))
-    out: dict = {"stats": stats}
-    for group, counts in by_group.items():
-        out[f"{group}_avg_ci95"] = list(group_ci(counts))
-        out[f"{group}_n"] = sum(n for _, n in counts)
-        chances = [stats[t]["chance"] for t, e in results["tasks"].items() if e["group"] == group]
-        out[f"{group}_chance"] = sum(chances) / len(chances) if None not in chances else None
-    return out
 
 
 def _task_columns(rows: list[dict]) -> tuple[list[str], list[str]]:

@@ -131,7 +131,7 @@ def _results(words: list[bool], colours: list[bool]) -> dict:
 
 
 def test_tables_on_fixed_rows(tmp_path) -> None:
-    from mlan.ablate import score_stats
+    from mlan.eval.stats import score_stats
     from mlan.eval.stats import wilson_ci
 
     text_only = _results([True] * 16 + [False] * 4, [True] * 10 + [False] * 30)

@@ -322,3 +322,21 @@ def difference_cell(diff: float | None, ci95: Sequence[float] | None, p: float |
         return f"{diff:+.1f} (unpaired)"
     text = f"{diff:+.1f} [{ci95[0]:+.1f}, {ci95[1]:+.1f}]"
     return text + (f", p {p:.3g}" if p is not None else "")
+
+
+def score_stats(results: dict) -> dict:
+    """What a table row needs beside the accuracies: per task n, correct, Wilson ci95 and chance ("stats"), and
+    the bootstrap 95 % interval of each group's average (`<group>_avg_ci95`)."""
+    stats, by_group = {}, {}
+    for name, entry in results["tasks"].items():
+        correct, n = task_counts(entry)
+        stats[name] = {"n": n, "correct": correct, "ci95": list(entry.get("ci95") or wilson_ci(correct, n)),
+                       "chance": task_chance(entry)}
+        by_group.setdefault(entry["group"], []).append((correct, n))
+    out: dict = {"stats": stats}
+    for group, counts in by_group.items():
+        out[f"{group}_avg_ci95"] = list(group_ci(counts))
+        out[f"{group}_n"] = sum(n for _, n in counts)
+        chances = [stats[t]["chance"] for t, e in results["tasks"].items() if e["group"] == group]
+        out[f"{group}_chance"] = sum(chances) / len(chances) if None not in chances else None
+    return out
