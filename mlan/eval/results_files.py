@@ -36,6 +36,7 @@ def save_results(results: dict, path: Path) -> None:
     if write_results is not None:
         write_results(results, path)
         return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     lines, clean = [], {**results, "tasks": {}}
     for name, entry in results["tasks"].items():
         lines += [json.dumps(r) for r in entry["records"]]
