@@ -372,6 +372,10 @@ def measured_discordance(out: Path) -> tuple[dict[str, float], str] | None:
     return None
 
 
+def _points(mdd: float) -> str:
+    return "none" if mdd == float("inf") else f"{mdd:.1f}"
+
+
 def power_statement(task_sizes: list[tuple[str, str, int]], measured: tuple[dict[str, float], str] | None) -> str:
     """Per task (name, group, n) and pooled per group: the smallest paired difference (points) a McNemar test
     at 5 % two-sided detects with 80 % power, and whether the study can see the targets (2 points language
@@ -385,21 +389,20 @@ def power_statement(task_sizes: list[tuple[str, str, int]], measured: tuple[dict
         rate = rates.get(name, DEFAULT_DISCORDANCE.get(group, 0.2))
         how = "measured" if name in rates else "assumed"
         mdd = min_detectable_difference(n, rate) if n > 0 else float("inf")
-        lines.append(f"| {name} | {group} | {n:,} | {100 * rate:.0f} % ({how}) | {mdd:.1f} |")
+        lines.append(f"| {name} | {group} | {n:,} | {100 * rate:.0f} % ({how}) | {_points(mdd)} |")
         pooled.setdefault(group, []).append((n, rate))
     verdicts = []
     for group, parts in pooled.items():
         n = sum(k for k, _ in parts)
         rate = sum(k * r for k, r in parts) / n if n else 0.0
         mdd = min_detectable_difference(n, rate) if n > 0 and rate > 0 else float("inf")
-        lines.append(f"| **pooled {group}** | {group} | {n:,} | {100 * rate:.0f} % | **{mdd:.1f}** |")
+        lines.append(f"| **pooled {group}** | {group} | {n:,} | {100 * rate:.0f} % | **{_points(mdd)}** |")
         target = TARGET_DIFFERENCE.get(group)
         if target is not None:
             can = mdd <= target
             verdicts.append(f"- {group}: the pooled score over {n:,} items {'can' if can else 'CANNOT'} see a "
-                            f"{target:g}-point {group} difference (smallest detectable: {mdd:.1f} points)"
-                            + ("." if can else "; a smaller difference will read as 'no difference larger than "
-                               f"{mdd:.0f} points'."))
+                            f"{target:g}-point {group} difference (smallest detectable: {_points(mdd)} points)"
+                            + ("." if can else "; smaller differences will read as 'no difference detected'."))
     lines += ["", *verdicts, "",
               ("Discordance: " + (source + "; " if source else "") + "tasks marked 'assumed' use mlan's defaults "
                f"({', '.join(f'{g} {100 * r:.0f} %' for g, r in DEFAULT_DISCORDANCE.items())}), an assumption "

@@ -131,8 +131,7 @@ def _results(words: list[bool], colours: list[bool]) -> dict:
 
 
 def test_tables_on_fixed_rows(tmp_path) -> None:
-    from mlan.eval.stats import score_stats
-    from mlan.eval.stats import wilson_ci
+    from mlan.eval.stats import score_stats, wilson_ci
 
     text_only = _results([True] * 16 + [False] * 4, [True] * 10 + [False] * 30)
     mixed = _results([True] * 14 + [False] * 6, [True] * 36 + [False] * 4)
