@@ -604,6 +604,12 @@ def _csv_fields(r: dict) -> dict:
     return flat
 
 
+def power_only(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE, quick: bool = False) -> str:
+    """The power statement alone (`mlan study --power-only`): prepares OUT's data, trains nothing."""
+    settings = StudySettings.quick() if quick else StudySettings()
+    return Study(Path(recipe).resolve(), Path(out), settings, 1, quick, lambda msg: None).power()
+
+
 def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE, quick: bool = False,
               nproc: int = 1, log: Callable[[str], None] | None = None) -> Path:
     """Every cell not finished yet, in order; returns OUT/report.md."""
