@@ -401,7 +401,9 @@ def power_statement(task_sizes: list[tuple[str, str, int]], measured: tuple[dict
         if target is not None:
             can = mdd <= target
             verdicts.append(f"- {group}: the pooled score over {n:,} items {'can' if can else 'CANNOT'} see a "
-                            f"{target:g}-point {group} difference (smallest detectable: {_points(mdd)} points)"
+                            f"{target:g}-point {group} difference ("
+                            + (f"smallest detectable: {mdd:.1f} points)" if mdd != float("inf")
+                               else "no difference is detectable at this n)")
                             + ("." if can else "; smaller differences will read as 'no difference detected'."))
     lines += ["", *verdicts, "",
               ("Discordance: " + (source + "; " if source else "") + "tasks marked 'assumed' use mlan's defaults "
