@@ -79,6 +79,7 @@ def _reference_loglik(model, tok, context: str, continuation: str) -> float:
     return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
 
 
+@pytest.mark.slow  # ≈ 25 s on a quiet 2-core machine: the fixture's models plus one harness run
 def test_entry_and_records_follow_the_contract(models, task_yaml) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
