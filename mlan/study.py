@@ -312,7 +312,7 @@ class Study:
         choice = [t["accuracy"] for t in results["tasks"].values() if t["group"] == "language" and t["kind"] == "choice"]
         row["omega_language_choice"] = harmonic_mean(choice) if choice else None
         choice_counts = [(row["stats"][n]["correct"], row["stats"][n]["n"]) for n, t in results["tasks"].items()
-                         if t["group"] == "language" and t["kind"] == "choice"]
+                         if t["group"] == "language" and t["kind"] == "choice" and n in row["stats"]]
         if choice_counts:
             row["omega_language_choice_ci95"] = list(group_ci(choice_counts, harmonic_of))
         base = self.out / "base" / "eval-all.json"

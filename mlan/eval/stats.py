@@ -329,6 +329,8 @@ def score_stats(results: dict) -> dict:
     the bootstrap 95 % interval of each group's average (`<group>_avg_ci95`)."""
     stats, by_group = {}, {}
     for name, entry in results["tasks"].items():
+        if not entry.get("n"):
+            continue  # n = 0 (an error in the score contract; today's harness reports it as 0 %): no interval
         correct, n = task_counts(entry)
         stats[name] = {"n": n, "correct": correct, "ci95": list(entry.get("ci95") or wilson_ci(correct, n)),
                        "chance": task_chance(entry)}
@@ -337,6 +339,6 @@ def score_stats(results: dict) -> dict:
     for group, counts in by_group.items():
         out[f"{group}_avg_ci95"] = list(group_ci(counts))
         out[f"{group}_n"] = sum(n for _, n in counts)
-        chances = [stats[t]["chance"] for t, e in results["tasks"].items() if e["group"] == group]
+        chances = [stats[t]["chance"] for t, e in results["tasks"].items() if e["group"] == group and t in stats]
         out[f"{group}_chance"] = sum(chances) / len(chances) if None not in chances else None
     return out
