@@ -120,12 +120,13 @@ def prepare(out: Path, recipe_src: Path) -> Path:
 
 # ---------------------------------------------------------------- measurements
 @torch.no_grad()
-def heldout_loss(model_dir: str, alpaca: Path, n_docs: int) -> float:
-    """Mean per-token loss on the answers of held-out alpaca records, rendered with the model's chat template."""
+def heldout_doc_losses(model_dir: str, alpaca: Path, n_docs: int) -> list[tuple[float, int]]:
+    """(summed answer-token loss, answer tokens) per held-out alpaca record, rendered with the model's chat
+    template; per document so that the loss gets a bootstrap interval over documents."""
     lm = load_model(model_dir)
     tok = lm.tokenizer
     records = json.loads(alpaca.read_text())[ALPACA_HELD_OUT_FROM:ALPACA_HELD_OUT_FROM + n_docs]
-    total, count = 0.0, 0
+    docs: list[tuple[float, int]] = []
     for r in records:
         user = (r["instruction"] + ("\n" + r["input"] if r.get("input") else "")).strip()
         msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"].strip()}]
@@ -135,9 +136,34 @@ def heldout_loss(model_dir: str, alpaca: Path, n_docs: int) -> float:
         logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         targets = ids[0, 1:].clone()
         targets[: len(prompt) - 1] = -100
-        total += float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum"))
-        count += int((targets != -100).sum())
-    return total / max(count, 1)
+        docs.append((float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")),
+                     int((targets != -100).sum())))
+    return docs
+
+
+def _loss_of(docs: list) -> float:
+    return sum(t for t, _ in docs) / max(sum(c for _, c in docs), 1)
+
+
+def heldout_loss(model_dir: str, alpaca: Path, n_docs: int) -> float:
+    """Mean per-token loss on the answers of held-out alpaca records (every answer token weighs the same)."""
+    return _loss_of(heldout_doc_losses(model_dir, alpaca, n_docs))
+
+
+def loss_interval(docs: list, base_docs: list | None = None, resamples: int = 10_000,
+                  seed: int = 0) -> tuple[float, float]:
+    """Bootstrap 95 % interval over documents of the per-token loss (a ratio of sums); with `base_docs` (the
+    same documents scored by the base) the interval of loss − base loss, documents resampled jointly."""
+    import numpy as np
+
+    d = np.asarray(docs, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    stat = d[idx, 0].sum(1) / np.maximum(d[idx, 1].sum(1), 1)
+    if base_docs is not None:
+        b = np.asarray(base_docs, dtype=float)
+        stat = stat - b[idx, 0].sum(1) / np.maximum(b[idx, 1].sum(1), 1)
+    lo, hi = np.percentile(stat, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------- cells
@@ -224,7 +250,9 @@ class Study:
             save_results(merged, d / "eval-all.json")  # + eval-all.items.jsonl: every arm is paired with it
         else:
             write_text_atomic(d / "eval-all.json", json.dumps(merged, indent=2) + "\n")
-        row = self._row("base", None, merged, heldout_loss(self.base_llm, self.alpaca, self.settings.heldout_docs))
+        docs = heldout_doc_losses(self.base_llm, self.alpaca, self.settings.heldout_docs)
+        row = self._row("base", None, merged, _loss_of(docs))
+        row.update(heldout_docs=docs, heldout_loss_ci95=list(loss_interval(docs)))
         row["seconds"] = time.perf_counter() - t0
         row["commands"] = [f"rm -rf {d} && {self.again}  # the base LLM (language) and the untrained VLM (vision)"]
         return self._finish("base", row)
@@ -261,7 +289,9 @@ class Study:
         t = time.perf_counter()
         results = self._eval(str(final), d)
         times["eval_s"] = time.perf_counter() - t
-        row = self._row(cell, ratio, results, heldout_loss(str(final), self.alpaca, self.settings.heldout_docs))
+        docs = heldout_doc_losses(str(final), self.alpaca, self.settings.heldout_docs)
+        row = self._row(cell, ratio, results, _loss_of(docs))
+        row.update(heldout_docs=docs, heldout_loss_ci95=list(loss_interval(docs)))
         manifest = json.loads((build / "manifest.json").read_text())
         by_mod = manifest["totals"].get("tokens_by_modality", {})
         row.update(tokens_text=int(by_mod.get("text", 0)), tokens_image_text=int(by_mod.get("image_text", 0)),
@@ -517,6 +547,8 @@ def _result_rows(out: Path) -> dict[str, dict]:
             r["hm_lang_vision"] = hm(r)
             if base and r.get("heldout_loss") is not None and base.get("heldout_loss") is not None:
                 r["heldout_loss_delta"] = r["heldout_loss"] - base["heldout_loss"]
+                if r.get("heldout_docs") and len(r["heldout_docs"]) == len(base.get("heldout_docs") or []):
+                    r["heldout_loss_delta_ci95"] = list(loss_interval(r["heldout_docs"], base["heldout_docs"]))
     return rows
 
 
@@ -526,7 +558,7 @@ def _score_columns(lang_tasks: list[str], vis_tasks: list[str]) -> list[tuple[st
             ("ω lang", "omega_language", 1), ("Δ lang avg vs base [95 % paired]", "vs_base:language_avg", 1),
             ("ω lang (choice tasks)", "omega_language_choice", 1),
             ("Δ ω (choice tasks) [95 % paired]", "vs_base:omega_language_choice", 1),
-            ("held-out loss", "heldout_loss", 3), ("Δ loss", "heldout_loss_delta", 3)]
+            ("held-out loss", "heldout_loss", 3), ("Δ loss vs base (± paired over documents)", "heldout_loss_delta", 3)]
             + [(n, n, 1) for n in vis_tasks] + [("vision avg", "vision_avg", 1), ("ω vision", "omega_vision", 1),
             ("HM(lang, vision)", "hm_lang_vision", 1)])
 
@@ -552,7 +584,8 @@ def _report_head(study: Study) -> list[str]:
              "minus the base on the same items, with a paired bootstrap 95 % interval. ω = harmonic mean of a group's "
              "accuracies, Δ = ω(base) − ω(model) (> 0 is forgetting), HM = harmonic mean of language and vision "
              "averages. Held-out loss: mean answer-token loss on alpaca records "
-             f"[{ALPACA_HELD_OUT_FROM}, {ALPACA_HELD_OUT_FROM + study.settings.heldout_docs}) (never trained on)."), ""]
+             f"[{ALPACA_HELD_OUT_FROM}, {ALPACA_HELD_OUT_FROM + study.settings.heldout_docs}) (never trained on), "
+             "± half its bootstrap 95 % interval over documents (Δ loss: the same documents, resampled jointly)."), ""]
 
 
 def _report_tail(rows: dict[str, dict], started: float) -> list[str]:

@@ -113,3 +113,15 @@ def test_report_tables_show_n_intervals_and_paired_differences(tmp_path) -> None
     assert (tmp_path / "ratio.png").read_bytes()[:4] == b"\x89PNG"
     rows = (tmp_path / "study.csv").read_text().splitlines()
     assert "arc_n" in rows[0] and "language_avg_vs_base_difference" in rows[0]
+
+
+def test_heldout_loss_interval_over_documents() -> None:
+    from mlan.study import loss_interval
+
+    docs = [(10.0, 5), (30.0, 10), (8.0, 8), (20.0, 4), (12.0, 6)]
+    point = sum(t for t, _ in docs) / sum(c for _, c in docs)
+    lo, hi = loss_interval(docs)
+    assert lo < point < hi
+    assert loss_interval(docs, docs) == (0.0, 0.0)  # paired: the same documents, the same losses
+    worse = [(t + c * 0.5, c) for t, c in docs]  # every answer token 0.5 nats worse
+    assert loss_interval(worse, docs) == pytest.approx((0.5, 0.5))
