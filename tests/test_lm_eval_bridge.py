@@ -122,3 +122,20 @@ def test_bad_specs_are_one_line_errors(models, tmp_path) -> None:
         run_lm_eval_task(str(llama_dir), str(tmp_path / "missing.yaml"), limit=None, batch_size=2)
     with pytest.raises(UserError, match="n = 0"):
         run_lm_eval_task(str(llama_dir), "tiny_qa", limit=0, batch_size=2)
+
+
+def test_language_model_of_llava_and_mllama_gives_the_vlms_text_logits() -> None:
+    """The causal LM handed to lm-eval shares the VLM's decoder and head: same logits on a text-only input."""
+    from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
+
+    from mlan.eval.lm_eval_bridge import language_model
+    from mlan.families.tiny import tiny_llava_config, tiny_mllama_config
+
+    torch.manual_seed(0)
+    for vlm in (LlavaForConditionalGeneration(tiny_llava_config()).eval(),
+                MllamaForConditionalGeneration(tiny_mllama_config(num_layers=5)).eval()):
+        lm = language_model(vlm, "tiny")
+        assert type(lm).__name__.endswith("ForCausalLM")
+        ids = torch.tensor([[1, 50, 60, 70]])
+        with torch.no_grad():
+            torch.testing.assert_close(lm(input_ids=ids).logits, vlm(input_ids=ids).logits)

@@ -46,9 +46,14 @@ def language_model(model: torch.nn.Module, path: str) -> torch.nn.Module:
     head = getattr(model, "lm_head", None)
     if inner is None or head is None:
         raise UserError(f"{path}: a {config.model_type} model whose language model mlan cannot separate for lm-eval")
+    import transformers
+
+    # Mllama's text config is not in AutoModelForCausalLM's map; its causal LM is named after its decoder
+    named = getattr(transformers, type(inner).__name__.replace("TextModel", "ForCausalLM"), None)
     try:
         with torch.device("meta"):  # every submodule is replaced below: allocate nothing
-            lm: PreTrainedModel = AutoModelForCausalLM.from_config(text_config)
+            lm: PreTrainedModel = (named(text_config) if named is not None and named.__name__.endswith("ForCausalLM")
+                                   else AutoModelForCausalLM.from_config(text_config))
     except ValueError as err:
         raise UserError(f"{path}: no text-only causal LM class for {text_config.model_type} "
                         f"({str(err).splitlines()[0]})") from None
