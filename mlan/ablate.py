@@ -4,7 +4,9 @@ One tokenized cache serves every ratio (OUT/cache). Each ratio lives in OUT/rati
 eval.json, result.json); result.json is written last and atomically, so a ratio that has it is finished
 and never redone, and an interrupted ratio continues where it stopped (the build keeps its finished
 shards, training resumes from its last checkpoint). Builds and training runs are `mlan` subprocesses.
-Writes ablation.csv, ablation.md (the shape of MLAN's Table 5) and ablation.png after every ratio.
+Writes ablation.csv, ablation.md (the shape of MLAN's Table 5) and ablation.png after every ratio: every score
+with its n and 95 % interval, the chance levels stated, the plot from 0 with interval bars. Each ratio's
+per-item records land in eval.items.jsonl beside eval.json (`mlan compare` pairs two ratios from them).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from mlan.atomic_write import write_text_atomic
 from mlan.child_process import run_child
 from mlan.errors import UserError
 from mlan.eval.harness import evaluate
+from mlan.eval.results_files import load_results, save_results
+from mlan.eval.stats import cell, score_stats
 from mlan.mixture.shards import read_manifest
 from mlan.recipe import Recipe, load_recipe
 
@@ -126,13 +130,13 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
                  "--resume", *_sets(sets)]
         _mlan(train, log)
     if d.eval.is_file():
-        results = json.loads(d.eval.read_text())
+        results = load_results(d.eval)
     else:
         ev = recipe.eval
         log(f"evaluating {d.final} on {len(ev.tasks)} task(s)")
         results = evaluate(str(d.final), list(ev.tasks), batch_size=ev.batch_size, limit=ev.limit,
-                           max_new_tokens=ev.max_new_tokens, reference=ev.reference)
-        write_text_atomic(d.eval, json.dumps(results, indent=2) + "\n")
+                           max_new_tokens=ev.max_new_tokens, reference=ev.reference, keep_records=True)
+        save_results(results, d.eval)
     manifest = read_manifest(str(d.build))
     by_mod = manifest.totals.get("tokens_by_modality", {})
     row = {
@@ -144,6 +148,7 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
         "vision_avg": results.get("vision_avg"),
         "groups": {name: t["group"] for name, t in results["tasks"].items()},
         **{name: t["accuracy"] for name, t in results["tasks"].items()},
+        **score_stats(results),
     }
     write_text_atomic(d.result, json.dumps(row, indent=2) + "\n")
     return row
@@ -167,47 +172,102 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _flat(row: dict) -> dict:
+    """A row with its intervals, n and chance as flat CSV fields (`<task>_n`, `<task>_ci95_lo`, …)."""
+    flat = dict(row)
+    for name, st in row.get("stats", {}).items():
+        flat.update({f"{name}_n": st["n"], f"{name}_ci95_lo": st["ci95"][0], f"{name}_ci95_hi": st["ci95"][1],
+                     f"{name}_chance": st["chance"]})
+    for group in ("language", "vision"):
+        ci = row.get(f"{group}_avg_ci95")
+        if ci:
+            flat.update({f"{group}_avg_ci95_lo": ci[0], f"{group}_avg_ci95_hi": ci[1]})
+    return flat
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
+    """One line per ratio: tokens, group averages with their interval, then per task accuracy, n, interval, chance."""
     vision, language = _task_columns(rows)
-    cols = [*BASE_COLUMNS, *vision, *language]
+    per_task = lambda name: [name, f"{name}_n", f"{name}_ci95_lo", f"{name}_ci95_hi", f"{name}_chance"]
+    cols = [*BASE_COLUMNS, *(f"{g}_avg_ci95_{e}" for g in ("language", "vision") for e in ("lo", "hi")),
+            *(c for name in [*vision, *language] for c in per_task(name))]
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for row in rows:
+        for row in map(_flat, rows):
             w.writerow(["" if row.get(c) is None else row.get(c) for c in cols])
+
+
+def _column_n(rows: list[dict], name: str) -> str:
+    """' (n=80)' for a header when every row scored the task on the same number of items."""
+    ns = {r.get("stats", {}).get(name, {}).get("n") for r in rows}
+    return f" (n={ns.pop()})" if len(ns) == 1 and None not in ns else ""
+
+
+def _task_cell(row: dict, name: str) -> str:
+    st = row.get("stats", {}).get(name)
+    return cell(row.get(name), st["ci95"] if st else None)
+
+
+def chance_note(rows: list[dict]) -> str:
+    """The line under a table stating the chance levels and what ± means."""
+    vision, language = _task_columns(rows)
+    levels = {}
+    for row in rows:
+        for name, st in row.get("stats", {}).items():
+            if st.get("chance") is not None:
+                levels.setdefault(name, st["chance"])
+    chance = ", ".join(f"{n} {levels[n]:.1f} %" for n in [*vision, *language] if n in levels) or "not recorded"
+    return (f"Accuracy % ± half the width of its 95 % interval (Wilson per task; averages: bootstrap over items, "
+            f"10,000 resamples). Chance level: {chance}.")
 
 
 def markdown_table(rows: list[dict]) -> str:
     """MLAN Table 5's shape: % language, vision tasks, vision avg, language tasks, language avg (+ tokens)."""
     vision, language = _task_columns(rows)
-    head = ["% language", "text tokens", "image-text tokens", *vision, "vision avg", *language, "language avg"]
+    head = ["% language", "text tokens", "image-text tokens", *(n + _column_n(rows, n) for n in vision), "vision avg",
+            *(n + _column_n(rows, n) for n in language), "language avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for row in rows:
         cells = [f"{100 * row['text_ratio']:g}", f"{row['tokens_text']:,}", f"{row['tokens_image_text']:,}",
-                 *(_fmt(row.get(n)) for n in vision), _fmt(row.get("vision_avg")),
-                 *(_fmt(row.get(n)) for n in language), _fmt(row.get("language_avg"))]
+                 *(_task_cell(row, n) for n in vision), cell(row.get("vision_avg"), row.get("vision_avg_ci95")),
+                 *(_task_cell(row, n) for n in language), cell(row.get("language_avg"), row.get("language_avg_ci95"))]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + chance_note(rows) + "\n"
 
 
 def write_plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """Language and vision score (accuracy %) against the text share of the budget."""
-    fig = Figure(figsize=(6, 4), dpi=120)  # no pyplot: no global backend or figure registry to manage
+    """Language and vision averages (accuracy %) against the text share of the budget: y from 0, 95 % interval
+    bars, each group's chance level as a dashed line, n in the caption."""
+    fig = Figure(figsize=(6, 4.4), dpi=120)  # no pyplot: no global backend or figure registry to manage
     ax = fig.subplots()
     xs = [100 * r["text_ratio"] for r in rows]
-    for key, label, marker in (("language_avg", "language avg", "o"), ("vision_avg", "vision avg", "s")):
-        pts = [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=label)
+    caption = []
+    for (key, label, marker), colour in zip((("language", "language avg", "o"), ("vision", "vision avg", "s")),
+                                            ("tab:blue", "tab:orange")):
+        pts = [(x, r) for x, r in zip(xs, rows) if r.get(f"{key}_avg") is not None]
+        if not pts:
+            continue
+        ys = [r[f"{key}_avg"] for _, r in pts]
+        cis = [r.get(f"{key}_avg_ci95") or (y, y) for (_, r), y in zip(pts, ys)]
+        yerr = [[y - c[0] for y, c in zip(ys, cis)], [c[1] - y for y, c in zip(ys, cis)]]
+        ax.errorbar([p[0] for p in pts], ys, yerr=yerr, marker=marker, capsize=3, label=label, color=colour)
+        chances = [r.get(f"{key}_chance") for _, r in pts if r.get(f"{key}_chance") is not None]
+        if chances:
+            ax.axhline(chances[0], linestyle="--", linewidth=1, color=colour, label=f"{key} chance")
+        ns = sorted({r.get(f"{key}_n") for _, r in pts if r.get(f"{key}_n")})
+        if ns:
+            caption.append(f"{key}: n = {'/'.join(f'{n:,}' for n in ns)} items per point")
     ax.set_xlabel("text share of the token budget (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xlim(-5, 105)
-    ax.set_ylim(-2, 105)  # points at 0 or 100 stay visible
+    ax.set_ylim(0, 105)  # from 0: a narrow autoscaled axis makes noise look like a trend
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
+    fig.text(0.01, 0.01, "; ".join(caption) + ("; " if caption else "") + "bars: 95 % interval", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path)
 
 

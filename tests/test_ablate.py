@@ -121,21 +121,42 @@ def test_demo_code_path_at_tiny_size(tmp_path) -> None:
     assert {"word_groups", "colours"} <= set(rows[0])
 
 
+def _results(words: list[bool], colours: list[bool]) -> dict:
+    """An in-process results dict (today's harness records: no ids; choice records with their log-likelihoods)."""
+    def entry(group: str, correct: list[bool], options: int) -> dict:
+        return {"accuracy": 100 * sum(correct) / len(correct), "n": len(correct), "group": group, "kind": "choice",
+                "records": [{"correct": c, "loglikelihoods": [0.0] * options} for c in correct]}
+    return {"tasks": {"words": entry("language", words, 4), "colours": entry("vision", colours, 2)},
+            "language_avg": 100 * sum(words) / len(words), "vision_avg": 100 * sum(colours) / len(colours)}
+
+
 def test_tables_on_fixed_rows(tmp_path) -> None:
+    from mlan.eval.stats import score_stats, wilson_ci
+
+    text_only = _results([True] * 16 + [False] * 4, [True] * 10 + [False] * 30)
+    mixed = _results([True] * 14 + [False] * 6, [True] * 36 + [False] * 4)
     rows = [
         {"text_ratio": 1.0, "tokens_text": 1000, "tokens_image_text": 0, "tokens_total": 1000, "language_avg": 80.0,
-         "vision_avg": 25.0, "groups": {"words": "language", "colours": "vision"}, "words": 80.0, "colours": 25.0},
+         "vision_avg": 25.0, "groups": {"words": "language", "colours": "vision"}, "words": 80.0, "colours": 25.0,
+         **score_stats(text_only)},
         {"text_ratio": 0.5, "tokens_text": 500, "tokens_image_text": 500, "tokens_total": 1000, "language_avg": 70.0,
-         "vision_avg": 90.0, "groups": {"words": "language", "colours": "vision"}, "words": 70.0, "colours": 90.0},
+         "vision_avg": 90.0, "groups": {"words": "language", "colours": "vision"}, "words": 70.0, "colours": 90.0,
+         **score_stats(mixed)},
     ]
     write_outputs(rows, tmp_path)
     got = list(csv.DictReader((tmp_path / "ablation.csv").open()))
     assert [r["text_ratio"] for r in got] == ["0.5", "1.0"]  # sorted by ratio
-    assert list(got[0]) == ["text_ratio", "tokens_text", "tokens_image_text", "tokens_total", "language_avg",
-                            "vision_avg", "colours", "words"]
+    assert list(got[0])[:6] == ["text_ratio", "tokens_text", "tokens_image_text", "tokens_total", "language_avg",
+                                "vision_avg"]
+    assert got[0]["colours"] == "90.0" and got[0]["colours_n"] == "40" and got[0]["words_chance"] == "25.0"
+    lo, hi = wilson_ci(36, 40)
+    assert float(got[0]["colours_ci95_lo"]) == pytest.approx(lo) and float(got[0]["colours_ci95_hi"]) == pytest.approx(hi)
+    assert float(got[0]["vision_avg_ci95_lo"]) < 90.0 < float(got[0]["vision_avg_ci95_hi"])
     md = markdown_table(sorted(rows, key=lambda r: r["text_ratio"])).splitlines()
-    assert md[0] == "| % language | text tokens | image-text tokens | colours | vision avg | words | language avg |"
-    assert md[2] == "| 50 | 500 | 500 | 90.0 | 90.0 | 70.0 | 70.0 |"
+    assert md[0] == ("| % language | text tokens | image-text tokens | colours (n=40) | vision avg | words (n=20) | "
+                     "language avg |")
+    assert md[2].startswith(f"| 50 | 500 | 500 | 90.0 ± {(hi - lo) / 2:.1f} | 90.0 ± ")
+    assert "Chance level: colours 50.0 %, words 25.0 %" in md[-1]
     assert (tmp_path / "ablation.png").read_bytes()[:8] == PNG_MAGIC
 
 

@@ -108,6 +108,32 @@ def test_matrix_and_scores_recomputed_from_eval_files(tmp_path, floor) -> None:
     assert fg["vl_avg"]["3"] == (pytest.approx(0.0) if floor is None else pytest.approx(_hm([0.1, 70, 90])))
 
 
+def test_intervals_from_per_item_records(tmp_path) -> None:
+    """With per-item records: n and the Wilson interval per eval set, ω with ±, and NL Δ paired with after task 1."""
+    from mlan.eval.stats import compare_paired, wilson_ci
+
+    task_sets = [["lang"], ["v1"]]
+    lang1 = [True] * 30 + [False] * 20
+    lang2 = [True] * 22 + [False] * 28  # 8 items forgotten
+    v1 = [True] * 35 + [False] * 5
+
+    def entry(group: str, correct: list[bool]) -> dict:
+        return {"accuracy": 100 * sum(correct) / len(correct), "n": len(correct), "group": group, "kind": "choice",
+                "records": [{"correct": c, "loglikelihoods": [0.0, 0.0]} for c in correct]}
+    evals = {1: {"tasks": {"lang": entry("language", lang1)}},
+             2: {"tasks": {"lang": entry("language", lang2), "v1": entry("vision", v1)}}}
+    scores = write_outputs(tmp_path, "t", "naive", "none", ["l", "v"], task_sets, evals, None, {})
+    rows = _read_matrix(tmp_path / "matrix.csv")
+    assert rows[0]["n"] == "50" and float(rows[0]["ci95_lo"]) == pytest.approx(wilson_ci(30, 50)[0])
+    assert rows[0]["chance"] == "50.0"
+    assert scores["nl_delta"][2] == pytest.approx(16.0)
+    lo, hi = scores["nl_delta_ci95"][2]
+    paired = compare_paired(lang1, lang2)  # B − A = −16 points; NL Δ = A − B
+    assert lo < 16.0 < hi and abs(lo + paired.difference_ci95[1]) < 1.0 and abs(hi + paired.difference_ci95[0]) < 1.0
+    report = (tmp_path / "report.md").read_text()
+    assert "+16.0 [" in report and "| 2 | 2 | v1 | 40 | 87.5 ± " in report
+
+
 # ---------------------------------------------------------------- recipe and presets
 def test_recipe_errors_name_the_key(tmp_path, capsys) -> None:
     bad = tmp_path / "c.yaml"

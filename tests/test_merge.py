@@ -426,7 +426,11 @@ def test_merge_sweep_scores_every_point_with_mlan_eval(mllama_pair, shared_data,
     scored = json.loads((point.parent / "results.json").read_text())
     assert scored["model"] == str(point) and scored["tasks"]["nlvr"]["n"] == 2
     assert json.loads((out / "points" / "vlm" / "results.json").read_text())["model"] == str(vlm_dir)
-    assert (out / "sweep.md").read_text().count("\n") == 2 + len(rows)
+    table = [line for line in (out / "sweep.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and "(n=2)" in table[0]
+    assert "Chance level: arc 25.0 %, nlvr 50.0 %" in (out / "sweep.md").read_text()
+    assert all("ci95" in r["language_vs_vlm"] for r in rows if r["alpha"] != 0)
+    assert (out / "points" / "vlm" / "results.items.jsonl").is_file()
     with Image.open(out / "sweep.png") as im:
         assert im.width > 300
     # a second run resumes: nothing is merged or scored again

@@ -34,3 +34,94 @@ def test_prepare_holds_out_what_the_recipe_never_trains_on(tmp_path, shared_data
     assert {t.group for t in recipe.eval.tasks} == {"language", "vision"}
 
 
+
+
+# ---------------------------------------------------------------- power statement and paired report tables
+def _results(tasks: dict[str, tuple[str, list[bool]]]) -> dict:
+    """An in-process results dict with per-item records (today's harness: no ids, log-likelihoods per option)."""
+    entries = {n: {"accuracy": 100 * sum(c) / len(c), "n": len(c), "group": g, "kind": "choice",
+                   "records": [{"correct": x, "loglikelihoods": [0.0] * (4 if g == "language" else 2)} for x in c]}
+               for n, (g, c) in tasks.items()}
+    avg = lambda g: (sum(e["accuracy"] for e in entries.values() if e["group"] == g)
+                     / max(1, sum(e["group"] == g for e in entries.values())))
+    return {"model": "m", "tasks": entries, "language_avg": avg("language"), "vision_avg": avg("vision")}
+
+
+def test_power_statement_says_when_the_study_cannot_see_the_targets() -> None:
+    from mlan.eval.stats import min_detectable_difference
+    from mlan.study import DEFAULT_DISCORDANCE, power_statement
+
+    small = power_statement([("arc", "language", 25), ("piqa", "language", 25), ("colours", "vision", 80)], None)
+    assert min_detectable_difference(25, 0.15) == float("inf")
+    assert "| arc | language | 25 | 15 % (assumed) | none |" in small  # 25 items detect no difference at all
+    pooled = min_detectable_difference(50, DEFAULT_DISCORDANCE["language"])
+    assert f"**pooled language** | language | 50 | 15 % | **{pooled:.1f}**" in small
+    assert "CANNOT see a 2-point language difference" in small and "CANNOT see a 10-point vision" in small
+    # measured discordance wins over the default; enough items make the targets visible
+    big = power_statement([("arc", "language", 7000), ("colours", "vision", 2000)],
+                          ({"arc": 0.05, "colours": 0.1}, "measured between the base and ratio-0.0"))
+    assert "5 % (measured)" in big and "can see a 2-point language" in big and "can see a 10-point vision" in big
+    assert "measured between the base and ratio-0.0" in big
+
+
+def test_measured_discordance_and_paired_rows_from_items_files(tmp_path) -> None:
+    from mlan.eval.results_files import save_results
+    from mlan.eval.stats import compare_paired
+    from mlan.study import measured_discordance, paired_vs_base
+
+    base_arc = [True] * 30 + [False] * 30
+    arm_arc = [True] * 24 + [False] * 6 + [True] * 12 + [False] * 18  # 6 lost, 12 gained: 18 of 60 differ
+    base = _results({"arc": ("language", base_arc), "colours": ("vision", [False] * 20)})
+    arm = _results({"arc": ("language", arm_arc), "colours": ("vision", [True] * 15 + [False] * 5)})
+    assert measured_discordance(tmp_path) is None
+    save_results(base, tmp_path / "base" / "eval-all.json")
+    save_results(arm, tmp_path / "ratio-0.0" / "eval.json")
+    rates, source = measured_discordance(tmp_path)
+    assert rates["arc"] == pytest.approx(18 / 60) and rates["colours"] == pytest.approx(15 / 20)
+    assert "ratio-0.0" in source
+    paired = paired_vs_base(base, arm)
+    ref = compare_paired(base_arc, arm_arc)
+    assert paired["arc"]["difference"] == pytest.approx(ref.difference) == pytest.approx(10.0)
+    assert paired["arc"]["p"] == pytest.approx(ref.mcnemar_p)
+    assert paired["arc"]["ci95"] == pytest.approx(list(ref.difference_ci95), abs=1.0)
+    assert paired["vision_avg"]["difference"] == pytest.approx(75.0)
+
+
+def test_report_tables_show_n_intervals_and_paired_differences(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from mlan.eval.results_files import save_results
+    from mlan.study import Study, StudySettings, write_report
+
+    tasks = [SimpleNamespace(name="arc", group="language"), SimpleNamespace(name="colours", group="vision")]
+    study = SimpleNamespace(out=tmp_path, settings=StudySettings(ratios=(0.0,)), quick=False, recipe_src="r.yaml",
+                            recipe_path="study.yaml", recipe=SimpleNamespace(model=SimpleNamespace(llm="smol"),
+                                                                             eval=SimpleNamespace(tasks=tasks)))
+    base = _results({"arc": ("language", [True] * 30 + [False] * 30), "colours": ("vision", [False] * 20)})
+    arm = _results({"arc": ("language", [True] * 36 + [False] * 24), "colours": ("vision", [True] * 20)})
+    save_results(base, tmp_path / "base" / "eval-all.json")
+    for cell, results, ratio in (("base", base, None), ("ratio-0.0", arm, 0.0)):
+        row = Study._row(study, cell, ratio, results, 1.0)
+        (tmp_path / cell).mkdir(exist_ok=True)
+        (tmp_path / cell / "result.json").write_text(json.dumps(row))
+    (tmp_path / "power.md").write_text("POWER STATEMENT\n")
+    write_report(study, 0.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "POWER STATEMENT" in report
+    assert "arc (n=60)" in report and "50.0 ± " in report and "60.0 ± " in report
+    assert "+10.0 [" in report and "Chance level: arc 25.0 %, colours 50.0 %" in report
+    assert (tmp_path / "ratio.png").read_bytes()[:4] == b"\x89PNG"
+    rows = (tmp_path / "study.csv").read_text().splitlines()
+    assert "arc_n" in rows[0] and "language_avg_vs_base_difference" in rows[0]
+
+
+def test_heldout_loss_interval_over_documents() -> None:
+    from mlan.study import loss_interval
+
+    docs = [(10.0, 5), (30.0, 10), (8.0, 8), (20.0, 4), (12.0, 6)]
+    point = sum(t for t, _ in docs) / sum(c for _, c in docs)
+    lo, hi = loss_interval(docs)
+    assert lo < point < hi
+    assert loss_interval(docs, docs) == (0.0, 0.0)  # paired: the same documents, the same losses
+    worse = [(t + c * 0.5, c) for t, c in docs]  # every answer token 0.5 nats worse
+    assert loss_interval(worse, docs) == pytest.approx((0.5, 0.5))

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import argparse
 
-from mlan.commands import ablate, build, continual, demo, evaluate, merge, render, shards, study, train
+from mlan.commands import (
+    ablate,
+    build,
+    compare,
+    continual,
+    demo,
+    evaluate,
+    merge,
+    render,
+    shards,
+    study,
+    train,
+)
 
 # each registers its sub-commands in this order: the order `mlan --help` prints them
-REGISTRARS = (render.register, build.register, shards.register, train.register, evaluate.register, ablate.register,
-              demo.register, merge.register, continual.register, study.register)
+REGISTRARS = (render.register, build.register, shards.register, train.register, evaluate.register, compare.register,
+              ablate.register, demo.register, merge.register, continual.register, study.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from mlan.continual.spec import (
     task_raw,
 )
 from mlan.eval.harness import evaluate
+from mlan.eval.results_files import load_results, save_results
 from mlan.recipe import Recipe
 
 Log = Callable[[str], None]
@@ -83,8 +84,8 @@ def _evaluate(model: str, recipe: Recipe, target: Path, log: Log) -> dict:
     ev = recipe.eval
     log(f"evaluating {model} on {', '.join(t.name for t in ev.tasks)}")
     results = evaluate(model, list(ev.tasks), batch_size=ev.batch_size, limit=ev.limit,
-                       max_new_tokens=ev.max_new_tokens)
-    _atomic_json(target, results)
+                       max_new_tokens=ev.max_new_tokens, keep_records=True)
+    save_results(results, target)  # eval.items.jsonl, then eval.json (the task's "finished" mark) last
     return results
 
 
@@ -146,7 +147,7 @@ def run_continual(recipe_path: str | Path, out: str | Path, overrides: Sequence[
         d = task_dir(out, k, task.name)
         if (d / "eval.json").is_file():
             log(f"task {k + 1} ({task.name}): finished earlier, not redone")
-            results = json.loads((d / "eval.json").read_text())
+            results = load_results(d / "eval.json")  # with its per-item records when the items file exists
             model = results["model"]
         else:
             log(f"task {k + 1} ({task.name}): build → train → eval in {d}")

@@ -5,6 +5,8 @@ accuracy inside the mean, as the paper's tables suggest 0.1; None keeps the exac
 NL Δ(k) = ω_1(1) − ω_1(k) (Δ > 0: forgetting). VL Avg(k) = harmonic mean over every VL eval set of tasks 2…k.
 Δ_t(k) = ω_t(t) − ω_t(k) for VL t < k; mean forgetting(k) = mean over VL t < k of max_{t≤l<k} ω_t(l) − ω_t(k)
 (Chaudhry et al.); backward transfer(k) = mean over VL t < k of ω_t(k) − ω_t(t) (Lopez-Paz & Ranzato).
+Intervals (95 %): Wilson per eval set; ω and VL Avg by bootstrap over items; NL Δ paired item by item
+(the same language items scored after task 1 and after task k), when the eval files carry per-item records.
 """
 from __future__ import annotations
 
@@ -18,8 +20,20 @@ from matplotlib.figure import Figure
 
 from mlan.atomic_write import atomic_open, write_text_atomic
 from mlan.eval.forgetting import harmonic_mean
+from mlan.eval.stats import (
+    aligned_correct,
+    cell,
+    difference_cell,
+    group_ci,
+    harmonic_of,
+    paired_counts,
+    paired_group_difference,
+    task_chance,
+    task_counts,
+    wilson_ci,
+)
 
-COLUMNS = ("after_task", "task", "eval_set", "accuracy", "omega")
+COLUMNS = ("after_task", "task", "eval_set", "accuracy", "omega", "n", "ci95_lo", "ci95_hi", "chance")
 
 
 def hmean(values: list[float], zero_floor: float | None) -> float:
@@ -35,9 +49,51 @@ def matrix_rows(evals: dict[int, dict], task_sets: list[list[str]], zero_floor: 
         for t, names in enumerate(task_sets[:k], 1):
             accs = [float(results[n]["accuracy"]) for n in names]
             w = hmean(accs, zero_floor)
-            rows.extend({"after_task": k, "task": t, "eval_set": n, "accuracy": a, "omega": w}
-                        for n, a in zip(names, accs))
+            for n, a in zip(names, accs):
+                row = {"after_task": k, "task": t, "eval_set": n, "accuracy": a, "omega": w, "n": None,
+                       "ci95_lo": None, "ci95_hi": None, "chance": task_chance(results[n])}
+                if results[n].get("n"):
+                    correct, count = task_counts(results[n])
+                    lo, hi = results[n].get("ci95") or wilson_ci(correct, count)
+                    row.update(n=count, correct=correct, ci95_lo=lo, ci95_hi=hi)
+                rows.append(row)
     return rows
+
+
+def _omega_statistic(zero_floor: float | None):
+    """ω over the last axis, with the zero floor applied as `hmean` applies it."""
+    return lambda accs: harmonic_of(np.maximum(accs, zero_floor) if zero_floor else accs)
+
+
+def intervals(rows: list[dict[str, Any]], evals: dict[int, dict], task_sets: list[list[str]],
+              zero_floor: float | None) -> dict[str, Any]:
+    """95 % intervals: ω_t(k) and VL Avg(k) by bootstrap over items; NL Δ(k) paired with after-task-1's
+    per-item records (absent where an eval file has no records). Keys are as in `forgetting_scores`."""
+    stat = _omega_statistic(zero_floor)
+    omega_ci: dict[int, dict[int, list[float]]] = {}
+    vl_ci: dict[int, list[float]] = {}
+    for k in sorted({r["after_task"] for r in rows}):
+        mine = [r for r in rows if r["after_task"] == k]
+        if any(r["n"] is None for r in mine):
+            continue
+        for t in sorted({r["task"] for r in mine}):
+            counts = [(r["correct"], r["n"]) for r in mine if r["task"] == t]
+            omega_ci.setdefault(k, {})[t] = list(group_ci(counts, stat))
+        vl = [(r["correct"], r["n"]) for r in mine if r["task"] > 1]
+        if vl:
+            vl_ci[k] = list(group_ci(vl, stat))
+    nl_ci: dict[int, list[float]] = {}
+    first = evals.get(1, {}).get("tasks", {})
+    lang = task_sets[0] if task_sets else []
+    if lang and all(first.get(n, {}).get("records") for n in lang):
+        for k, results in sorted(evals.items()):
+            later = results["tasks"]
+            if k == 1 or not all(later.get(n, {}).get("records") for n in lang):
+                continue
+            tables = [paired_counts(*aligned_correct(n, first[n]["records"], later[n]["records"])) for n in lang]
+            _, (lo, hi) = paired_group_difference(tables, stat)  # ω1(k) − ω1(1); NL Δ is its negative
+            nl_ci[k] = [-hi, -lo]
+    return {"omega_ci95": omega_ci, "vl_avg_ci95": vl_ci, "nl_delta_ci95": nl_ci}
 
 
 def omegas(rows: list[dict[str, Any]]) -> dict[int, dict[int, float]]:
@@ -77,7 +133,8 @@ def write_matrix(rows: list[dict[str, Any]], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "accuracy": f"{r['accuracy']:.4f}", "omega": f"{r['omega']:.4f}"})
+            w.writerow({**{c: ("" if r.get(c) is None else r[c]) for c in COLUMNS},
+                        "accuracy": f"{r['accuracy']:.4f}", "omega": f"{r['omega']:.4f}"})
 
 
 def _cell(v: float | None) -> str:
@@ -86,19 +143,30 @@ def _cell(v: float | None) -> str:
 
 def report_markdown(title: str, method: str, rehearsal: str, task_names: list[str], rows: list[dict[str, Any]],
                     scores: dict[str, Any], replays: dict[int, dict[str, int]]) -> str:
-    """ω_t(k) as a table (rows: after task k), then NL Δ, VL Avg, mean forgetting and BWT per row."""
+    """ω_t(k) ± 95 % as a table (rows: after task k), then NL Δ (paired interval), VL Avg ±, mean forgetting and
+    BWT per row; then every eval set's accuracy with n, ± and chance."""
     w = omegas(rows)
-    head = ["after task", *(f"{t}. {n}" for t, n in enumerate(task_names, 1)), "NL Δ", "VL Avg",
+    oci, nci, vci = (scores.get(k, {}) for k in ("omega_ci95", "nl_delta_ci95", "vl_avg_ci95"))
+    head = ["after task", *(f"{t}. {n}" for t, n in enumerate(task_names, 1)), "NL Δ [95 % paired]", "VL Avg",
             "mean forgetting", "BWT"]
     lines = [f"# {title}: method {method}, rehearsal {rehearsal}", "",
-             "ω_t(k) (harmonic mean of task t's accuracies, %) after training task k; task 1 is the language task.",
+             ("ω_t(k) (harmonic mean of task t's accuracies, %) after training task k; task 1 is the language "
+              "task. ± is half the 95 % interval (bootstrap over items); NL Δ's interval is paired: the same "
+              "language items after task 1 and after task k."),
              "", "| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for k in sorted(w):
-        cells = [str(k), *(_cell(w[k].get(t)) for t in range(1, len(task_names) + 1)),
-                 *(_cell(scores[key].get(k)) for key in ("nl_delta", "vl_avg", "mean_forgetting", "backward_transfer"))]
+        nl = scores["nl_delta"].get(k)
+        nl_cell = difference_cell(nl, nci.get(k)) if k != 1 and nl is not None else _cell(nl)
+        cells = [str(k), *(cell(w[k].get(t), oci.get(k, {}).get(t)) for t in range(1, len(task_names) + 1)),
+                 nl_cell, cell(scores["vl_avg"].get(k), vci.get(k)),
+                 *(_cell(scores[key].get(k)) for key in ("mean_forgetting", "backward_transfer"))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Per eval set (accuracy %):", "", "| after task | task | eval set | accuracy |", "|---:|---:|---|---:|"]
-    lines += [f"| {r['after_task']} | {r['task']} | {r['eval_set']} | {r['accuracy']:.1f} |" for r in rows]
+    lines += ["", "Per eval set (accuracy % ± half its Wilson 95 % interval):", "",
+              "| after task | task | eval set | n | accuracy | chance |", "|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        ci = (r["ci95_lo"], r["ci95_hi"]) if r.get("ci95_lo") is not None else None
+        lines.append(f"| {r['after_task']} | {r['task']} | {r['eval_set']} | {r['n'] if r['n'] else '–'} | "
+                     f"{cell(r['accuracy'], ci)} | {_cell(r.get('chance'))} |")
     if replays:
         lines += ["", "Replayed examples per task (from each build's stats.json):", ""]
         lines += [f"- task {k}: " + ", ".join(f"{s} {n}" for s, n in sorted(by.items())) for k, by in sorted(replays.items())]
@@ -106,9 +174,12 @@ def report_markdown(title: str, method: str, rehearsal: str, task_names: list[st
     return "\n".join(lines) + "\n"
 
 
-def write_heatmap(rows: list[dict[str, Any]], task_names: list[str], path: Path, title: str) -> None:
-    """ω_t(k): rows after task k, columns task t (blank above the diagonal: not yet seen)."""
+def write_heatmap(rows: list[dict[str, Any]], task_names: list[str], path: Path, title: str,
+                  omega_ci: dict[int, dict[int, list[float]]] | None = None) -> None:
+    """ω_t(k): rows after task k, columns task t (blank above the diagonal: not yet seen); each cell with ±
+    (half its 95 % interval) and the items per task in the caption."""
     w = omegas(rows)
+    omega_ci = omega_ci or {}
     n = len(task_names)
     grid = np.full((n, n), np.nan)
     for k, by in w.items():
@@ -119,7 +190,9 @@ def write_heatmap(rows: list[dict[str, Any]], task_names: list[str], path: Path,
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
     for (i, j), v in np.ndenumerate(grid):
         if not np.isnan(v):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=9)
+            ci = omega_ci.get(i + 1, {}).get(j + 1)
+            text = f"{v:.1f}" + (f"\n±{(ci[1] - ci[0]) / 2:.1f}" if ci else "")
+            ax.text(j, i, text, ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
     labels = [f"{t}. {name}" for t, name in enumerate(task_names, 1)]
     ax.set_xticks(range(n), labels, rotation=30, ha="right")
     ax.set_yticks(range(n), labels)
@@ -127,7 +200,14 @@ def write_heatmap(rows: list[dict[str, Any]], task_names: list[str], path: Path,
     ax.set_ylabel("after training task k")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="ω (%)")
-    fig.tight_layout()
+    items = {}
+    for r in rows:
+        if r.get("n"):
+            items.setdefault(r["task"], {})[r["eval_set"]] = r["n"]
+    if items:
+        caption = "n per task: " + ", ".join(f"{t}. {sum(by.values()):,}" for t, by in sorted(items.items()))
+        fig.text(0.01, 0.01, caption + "; ± half the 95 % interval (bootstrap over items)", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path)
 
 
@@ -136,9 +216,10 @@ def write_outputs(out: Path, title: str, method: str, rehearsal: str, task_names
                   replays: dict[int, dict[str, int]]) -> dict[str, Any]:
     """matrix.csv, forgetting.json, report.md and heatmap.png from the eval files read so far."""
     rows = matrix_rows(evals, task_sets, zero_floor)
-    scores = forgetting_scores(rows, zero_floor)
+    scores = {**forgetting_scores(rows, zero_floor), **intervals(rows, evals, task_sets, zero_floor)}
     write_matrix(rows, out / "matrix.csv")
     write_text_atomic(out / "forgetting.json", json.dumps(scores, indent=2) + "\n")
     write_text_atomic(out / "report.md", report_markdown(title, method, rehearsal, task_names, rows, scores, replays))
-    write_heatmap(rows, task_names, out / "heatmap.png", f"{title} ({method}, rehearsal {rehearsal})")
+    write_heatmap(rows, task_names, out / "heatmap.png", f"{title} ({method}, rehearsal {rehearsal})",
+                  scores["omega_ci95"])
     return scores

@@ -1,5 +1,6 @@
 """The merge sweep: one merge per (α, K), each scored with `mlan eval`, resumable point by point; its table
-and plot."""
+(every score with n and ± 95 %, the chance levels, each merge's paired difference from the VLM at α = 0) and
+its plot (from 0, interval bars, chance line, n in the caption)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,17 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from mlan.atomic_write import write_text_atomic
 from mlan.eval.harness import evaluate
+from mlan.eval.results_files import load_results, save_results
+from mlan.eval.stats import (
+    PairedCounts,
+    aligned_correct,
+    cell,
+    difference_cell,
+    paired_counts,
+    paired_group_difference,
+    score_stats,
+)
 from mlan.merge.merge import Direction, MergeConfig, Scope, merge_checkpoints
 from mlan.merge.tensors import MergeError
 
@@ -81,16 +91,21 @@ def merge_sweep(spec: SweepSpec) -> list[dict]:
                         alpha=alpha, density=density, scope=spec.scope, direction=spec.direction),
                         progress=sys.stderr.isatty())
                 results = evaluate(model, list(spec.tasks), batch_size=spec.batch_size, limit=spec.limit,
-                                   max_new_tokens=spec.max_new_tokens, images=spec.images)
+                                   max_new_tokens=spec.max_new_tokens, images=spec.images, keep_records=True)
                 point.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(results_file, json.dumps(results, indent=2) + "\n")
+                save_results(results, results_file)  # results.json + results.items.jsonl
                 if alpha != 0 and not spec.keep_models:
                     shutil.rmtree(model)
-            results = json.loads(results_file.read_text())
+            results = load_results(results_file)
             rows.append({"alpha": alpha, "density": density, "scope": spec.scope, "direction": spec.direction,
                          "language_avg": results.get("language_avg"), "vision_avg": results.get("vision_avg"),
                          "tasks": {n: t["accuracy"] for n, t in results["tasks"].items()},
-                         "point": str(point.relative_to(spec.out))})
+                         "groups": {n: t["group"] for n, t in results["tasks"].items()},
+                         "point": str(point.relative_to(spec.out)), **score_stats(results),
+                         "_records": {n: t.get("records") for n, t in results["tasks"].items()}})
+    add_paired_differences(rows)
+    for r in rows:
+        r.pop("_records")
     spec.out.mkdir(parents=True, exist_ok=True)
     (spec.out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     (spec.out / "sweep.md").write_text(sweep_table(rows))
@@ -98,36 +113,84 @@ def merge_sweep(spec: SweepSpec) -> list[dict]:
     return rows
 
 
-def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
+def add_paired_differences(rows: list[dict]) -> None:
+    """Each merge's group averages minus the VLM's (α = 0), paired item by item: `<group>_vs_vlm` =
+    {difference, ci95} (points); absent when either side has no per-item records."""
+    vlm = next((r for r in rows if r["alpha"] == 0 and r["_records"]), None)
+    if vlm is None:
+        return
+    for r in rows:
+        if r["alpha"] == 0 or not all(r["_records"].values()):
+            continue
+        for group in ("language", "vision"):
+            names = [n for n, g in r["groups"].items() if g == group and vlm["_records"].get(n)]
+            if not names:
+                continue
+            tables: list[PairedCounts] = [paired_counts(*aligned_correct(n, vlm["_records"][n], r["_records"][n]))
+                                          for n in names]
+            diff, ci = paired_group_difference(tables)
+            r[f"{group}_vs_vlm"] = {"difference": diff, "ci95": list(ci)}
+
+
+def _stat_cell(r: dict, name: str) -> str:
+    st = r.get("stats", {}).get(name)
+    return cell(r["tasks"].get(name), st["ci95"] if st else None)
+
+
+def _vs_vlm_cell(r: dict, group: str) -> str:
+    d = r.get(f"{group}_vs_vlm")
+    return difference_cell(d["difference"], d["ci95"]) if d else "–"
 
 
 def sweep_table(rows: list[dict]) -> str:
-    """A Markdown table: one row per (K, α), language and vision averages, then every task."""
+    """A Markdown table: one row per (K, α), language and vision averages with their paired difference from the
+    VLM (α = 0), then every task; n in the headers, the chance levels under the table."""
     tasks = list(rows[0]["tasks"]) if rows else []
-    head = ["K", "α", "language avg", "vision avg", *tasks]
+    n_of = lambda t: next((r["stats"][t]["n"] for r in rows if t in r.get("stats", {})), None)
+    head = ["K", "α", "language avg", "Δ language vs α=0", "vision avg", "Δ vision vs α=0",
+            *(f"{t} (n={n_of(t)})" if n_of(t) else t for t in tasks)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['density']:g}", f"{r['alpha']:g}", _fmt(r["language_avg"]), _fmt(r["vision_avg"])]
-        lines.append("| " + " | ".join(cells + [_fmt(r["tasks"].get(t)) for t in tasks]) + " |")
-    return "\n".join(lines) + "\n"
+        cells = [f"{r['density']:g}", f"{r['alpha']:g}", cell(r["language_avg"], r.get("language_avg_ci95")),
+                 _vs_vlm_cell(r, "language"), cell(r["vision_avg"], r.get("vision_avg_ci95")),
+                 _vs_vlm_cell(r, "vision")]
+        lines.append("| " + " | ".join(cells + [_stat_cell(r, t) for t in tasks]) + " |")
+    chance = {t: r["stats"][t]["chance"] for r in rows for t in r.get("stats", {})
+              if r["stats"][t].get("chance") is not None}
+    note = ("Accuracy % ± half the 95 % interval (Wilson per task, bootstrap over items for averages); Δ: merge "
+            "minus the VLM (α = 0) in points, paired bootstrap 95 % interval over the same items. Chance level: "
+            + (", ".join(f"{t} {c:.1f} %" for t, c in chance.items()) or "not recorded") + ".")
+    return "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:
-    """Language and vision averages against α, one line per K."""
+    """Language and vision averages against α, one line per K: y from 0, 95 % interval bars, the chance level
+    dashed, n in the caption."""
     groups = [g for g in ("language", "vision") if any(r[f"{g}_avg"] is not None for r in rows)]
-    fig = Figure(figsize=(5 * max(len(groups), 1), 3.6))  # no pyplot: no backend, no global figure list
+    fig = Figure(figsize=(5 * max(len(groups), 1), 3.9))  # no pyplot: no backend, no global figure list
     axes = fig.subplots(1, max(len(groups), 1), squeeze=False)
+    caption = []
     for ax, group in zip(axes[0], groups):
         for density in sorted({r["density"] for r in rows}):
-            pts = sorted((r["alpha"], r[f"{group}_avg"]) for r in rows
-                         if r["density"] == density and r[f"{group}_avg"] is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"K = {density:g}")
+            pts = sorted(((r["alpha"], r) for r in rows if r["density"] == density and r[f"{group}_avg"] is not None),
+                         key=lambda p: p[0])
+            ys = [r[f"{group}_avg"] for _, r in pts]
+            cis = [r.get(f"{group}_avg_ci95") or (y, y) for (_, r), y in zip(pts, ys)]
+            ax.errorbar([p[0] for p in pts], ys, yerr=[[y - c[0] for y, c in zip(ys, cis)],
+                                                       [c[1] - y for y, c in zip(ys, cis)]],
+                        marker="o", capsize=3, label=f"K = {density:g}")
+        chance = next((r.get(f"{group}_chance") for r in rows if r.get(f"{group}_chance") is not None), None)
+        if chance is not None:
+            ax.axhline(chance, linestyle="--", linewidth=1, color="grey", label="chance")
+        n = next((r.get(f"{group}_n") for r in rows if r.get(f"{group}_n")), None)
+        if n:
+            caption.append(f"{group}: n = {n:,} items per point")
+        ax.set_ylim(0, 105)  # from 0: an autoscaled axis makes noise look like a trend
         ax.set_xlabel("α")
         ax.set_ylabel(f"{group} accuracy (%)")
         ax.set_title(f"{group} vs α")
-        ax.legend()
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.text(0.01, 0.01, "; ".join(caption) + ("; " if caption else "") + "bars: 95 % interval", fontsize=7)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=120)
-
