@@ -7,8 +7,14 @@ import argparse
 SET_EXAMPLE = "mixture.budget.tokens=200000"
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the example's line breaks and adds `(default: …)` to every option whose help does not say it."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps the description, keeps the example's lines as written, and adds `(default: …)` to every option
+    whose help does not say it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
