@@ -89,7 +89,7 @@ def test_set_examples_are_keys_of_the_commands_recipes():
 
 def test_readme_commands_parse():
     readme = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)
     lines = [part.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()
              for part in line.split("#")[0].split("&&")]
     commands = [re.sub(r"^(\.venv/bin/)?mlan\s+", "", cmd) for cmd in lines if re.match(r"(\.venv/bin/)?mlan ", cmd)]
