@@ -23,6 +23,7 @@ from mlan import progress as mlan_progress
 from mlan.atomic_write import write_text_atomic
 from mlan.child_process import start_descendant_reaper
 from mlan.mixture import cache as tcache
+from mlan.mixture import plan_warnings
 from mlan.mixture.cache_key import combine_fingerprints
 from mlan.mixture.pack import Packing, pack, row_bound
 from mlan.mixture.plan import Plan, PlanError, SourceDocs, check_modalities, make_plan
@@ -95,6 +96,7 @@ def build(
         fs.rm(f"{root}/{MANIFEST}")  # the old manifest no longer describes what is on disk
     out_url = fs.unstrip_protocol(root)
     family_config = _family_config(recipe)
+    plan_warnings.say(plan_warnings.recipe_warnings(recipe))  # before Ray: probable mistakes, one line each
 
     clock = [("start", time.perf_counter())]
     started = _start_ray(workers, address)
@@ -107,6 +109,7 @@ def build(
         clock.append(("tokenize", time.perf_counter()))
         fingerprint = combine_fingerprints([c.fingerprint for c in caches])
         sel = select(recipe, caches, out, out_url)
+        plan_warnings.say(plan_warnings.plan_warnings(recipe, sel.plan, sel.summaries))
         # pack, then a seeded row order so rows are not sorted by length
         packing = pack(sel.plan.n_tokens, sel.planned["n_images"], seq_len=mix.seq_len,
                        max_images=mix.max_images_per_row, buffer_tokens=mix.pack_buffer_tokens)
