@@ -118,16 +118,45 @@ def _train_log(root: Path, name: str, *global_options: str) -> str:
     return text
 
 
+# another library's progress bar in a log: tqdm's "…|██| 64/64 [00:00<00:00, …it/s]", its name ("Loading weights")
+OTHER_BARS = re.compile(r"it/s\]|s/it\]|\d+%\|[█▏▎▍▌▋▊▉ ]*\||Loading weights|Writing model shards")
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_build) -> str:
+    return _train_log(tiny_build, "text")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_redirected_train_log_shows_progress_lines(tiny_build):
-    text = _train_log(tiny_build, "text")
+def test_redirected_train_log_shows_progress_lines(text_run):
+    text = text_run
     lines = [m for m in map(LINE.match, text.splitlines()) if m and m["name"] == "train"]
     assert len(lines) >= 3, text
     assert all(m["unit"] == "tokens" and m["total"] == "300" for m in lines)
     assert all(re.search(r"loss [\d.]+, lr [\d.e-]+$", m["metrics"]) for m in lines), text
     assert lines[-1]["done"] == "300"
-    assert "Loading weights" not in text and "it/s]" not in text  # no other library's bar
+    assert not OTHER_BARS.search(text), text  # no other library's bar
+
+
+def _eval_log(model: Path, *global_options: str) -> str:
+    task = Path(os.environ["MLAN_SHARED_DATA"]) / "eval" / "boolq_test.json"
+    cmd = [sys.executable, "-m", "mlan.cli", *global_options, "eval", str(model), "--tasks", str(task), "--limit", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    for key in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):  # as a user's shell has them: unset
+        env.pop(key, None)
+    proc = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_no_other_librarys_progress_bar_in_an_eval_log_unless_verbose(text_run, tiny_build, shared_data):
+    model = tiny_build / "text" / "final"
+    assert not OTHER_BARS.search(_eval_log(model)), "another library's progress bar in the eval log"
+    assert OTHER_BARS.search(_eval_log(model, "-v")), "-v shows everything (and the check sees a bar)"
 
 
 @pytest.mark.slow
