@@ -22,6 +22,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from safetensors import safe_open
 
+from mlan import progress
 from mlan.atomic_write import write_text_atomic
 from mlan.child_process import run_child
 from mlan.errors import UserError
@@ -99,10 +100,11 @@ def export_complete(final: Path) -> bool:
     return True
 
 
-def _mlan(args: list[str], log: Callable[[str], None]) -> None:
-    """Run one `mlan` command in a subprocess; its output streams through; failure names the command."""
+def _mlan(args: list[str], log: Callable[[str], None], step: str = "") -> None:
+    """Run one `mlan` command in a subprocess; its output streams through; failure names the command. `step`
+    names the sweep's step in the announcement (`[ratio-0.25] train …`)."""
     cmd = [sys.executable, "-m", "mlan.cli", *args]
-    log("$ mlan " + " ".join(args))
+    log(f"[{step}] {args[0]} …  $ mlan {' '.join(args)}" if step else "$ mlan " + " ".join(args))
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -124,16 +126,16 @@ def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cach
         args = ["build", str(recipe_path), "--out", str(d.build), "--cache", str(cache), *_sets(sets)]
         if workers:
             args += ["--workers", str(workers)]
-        _mlan(args, log)
+        _mlan(args, log, ratio_tag(ratio))
     if not export_complete(d.final):
         train = ["train", str(recipe_path), "--shards", str(d.build), "--out", str(d.run), "--nproc", str(nproc),
                  "--resume", *_sets(sets)]
-        _mlan(train, log)
+        _mlan(train, log, ratio_tag(ratio))
     if d.eval.is_file():
         results = load_results(d.eval)
     else:
         ev = recipe.eval
-        log(f"evaluating {d.final} on {len(ev.tasks)} task(s)")
+        log(f"[{ratio_tag(ratio)}] eval … {d.final} on {len(ev.tasks)} task(s)")
         results = evaluate(str(d.final), list(ev.tasks), batch_size=ev.batch_size, limit=ev.limit,
                            max_new_tokens=ev.max_new_tokens, reference=ev.reference, keep_records=True)
         save_results(results, d.eval)
@@ -282,7 +284,7 @@ def run_ablation(recipe_path: str | Path, ratios: Sequence[float], out: str | Pa
                  workers: int | None = None, overrides: Sequence[str] = (),
                  log: Callable[[str], None] | None = None) -> list[dict]:
     """The sweep; finished ratios are read back, not redone. Returns the rows in ratio order."""
-    log = log or (lambda msg: print(f"[mlan ablate] {msg}", file=sys.stderr, flush=True))
+    log = log or (lambda msg: progress.say(f"[mlan ablate] {msg}"))
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path, list(overrides))
     if not recipe.eval.tasks:

@@ -9,6 +9,7 @@ import threading
 
 from mlan.commands import build_parser
 from mlan.errors import MlanError, one_line
+from mlan.progress import LogSettings
 
 
 class Terminated(KeyboardInterrupt):
@@ -40,10 +41,33 @@ def _quiet_stdout() -> None:
         pass
 
 
+# Other libraries' progress bars and expected notices, off unless -v; set in the environment so that torchrun
+# workers, Ray workers and pipeline children (which import those libraries themselves) are quiet too.
+QUIET_LIBRARIES_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" / "Writing model shards" bars too
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",  # sub-config defaults and other info-level notices
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "DATASETS_VERBOSITY": "error",
+    "RAY_DEDUP_LOGS": "1",
+}
+
+
+def apply_output_settings(settings: LogSettings, environ: dict[str, str] | None = None) -> None:
+    """Export the output settings for this process and its children; quiet the other libraries unless -v
+    (a variable the user set stays as set)."""
+    env = os.environ if environ is None else environ
+    settings.export(env)
+    if not settings.verbose:
+        for key, value in QUIET_LIBRARIES_ENV.items():
+            env.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 a command-specific failure (e.g. `verify` found bad shards), 2 a user error (one
     line on stderr), 130 Ctrl-C, 143 SIGTERM, 141 the reader of stdout went away (quietly)."""
     args = build_parser().parse_args(argv)
+    apply_output_settings(LogSettings(format=args.log_format, quiet=args.quiet, verbose=args.verbose))
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:

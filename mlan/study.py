@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import shlex
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from mlan import progress
 from mlan.ablate import _mlan, _sets, export_complete, ratio_tag, write_plot
 from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
@@ -278,13 +278,13 @@ class Study:
         if not (build / "manifest.json").is_file():
             t = time.perf_counter()
             _mlan(["build", str(self.recipe_path), "--out", str(build), "--cache", str(self.cache), *_sets(sets)],
-                  self.log)
+                  self.log, cell)
             times["build_s"] = time.perf_counter() - t
         final = d / "run" / "final"
         if not export_complete(final):
             t = time.perf_counter()
             _mlan(["train", str(self.recipe_path), "--shards", str(build), "--out", str(d / "run"),
-                   "--nproc", str(self.nproc), "--resume", *_sets([*sets, *extra])], self.log)
+                   "--nproc", str(self.nproc), "--resume", *_sets([*sets, *extra])], self.log, cell)
             times["train_s"] = time.perf_counter() - t
         t = time.perf_counter()
         results = self._eval(str(final), d)
@@ -648,7 +648,7 @@ def power_only(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIP
 def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE, quick: bool = False,
               nproc: int = 1, log: Callable[[str], None] | None = None) -> Path:
     """Every cell not finished yet, in order; returns OUT/report.md."""
-    log = log or (lambda msg: print(f"[mlan study] {msg}", file=sys.stderr, flush=True))
+    log = log or (lambda msg: progress.say(f"[mlan study] {msg}"))
     started = time.time()
     settings = StudySettings.quick() if quick else StudySettings()
     study = Study(Path(recipe).resolve(), Path(out), settings, nproc, quick, log)

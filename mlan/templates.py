@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
+from mlan.errors import MlanError
 from mlan.sources.records import Conversation, Image, Message, RecordError, Text, ToolCall
 
 VICUNA_SYSTEM = (
@@ -113,11 +114,23 @@ class Template:
         raise NotImplementedError
 
 
+class TemplateError(MlanError, ValueError):
+    """`model.template` names a template this tokenizer cannot render: one line naming the key and the fix."""
+
+
 def _token_id(tok, token: str, template: str) -> int:
     i = tok.convert_tokens_to_ids(token)
     if i is None or i == tok.unk_token_id or tok.convert_ids_to_tokens(i) != token:
-        raise ValueError(f"template {template!r} needs the token {token} which tokenizer {tok.name_or_path!r} lacks")
+        raise TemplateError(f"model.template: {template!r} needs the token {token}, which tokenizer "
+                            f"{tok.name_or_path!r} lacks; {_instead(tok, template)}")
     return int(i)
+
+
+def _instead(tok, template: str) -> str:
+    """What to set instead: the tokenizer's own chat template when it has one."""
+    if template != "tokenizer" and getattr(tok, "chat_template", None):
+        return "set `template: tokenizer` (its own chat template) or leave `template` unset"
+    return "choose another tokenizer or `template` (llama3, vicuna_v1, tokenizer)"
 
 
 class Llama3Template(Template):
@@ -183,7 +196,8 @@ class VicunaV1Template(Template):
 
     def __init__(self, tok):
         if tok.eos_token is None:
-            raise ValueError(f"template 'vicuna_v1' needs an eos_token; tokenizer {tok.name_or_path!r} has none")
+            raise TemplateError(f"model.template: 'vicuna_v1' needs an eos_token, which tokenizer "
+                                f"{tok.name_or_path!r} lacks; {_instead(tok, 'vicuna_v1')}")
         self.eot = int(tok.eos_token_id)
         self.bos = (int(tok.bos_token_id),) if tok.bos_token_id is not None else ()
 
@@ -242,7 +256,8 @@ class TokenizerTemplate(Template):
 
     def __init__(self, tok, image_token: str | None):
         if not tok.chat_template:
-            raise ValueError(f"template 'tokenizer': tokenizer {tok.name_or_path!r} has no chat_template")
+            raise TemplateError(f"model.template: 'tokenizer' needs a chat_template, which tokenizer "
+                                f"{tok.name_or_path!r} lacks; {_instead(tok, 'tokenizer')}")
         self.tok = tok
         self.image_token = image_token
 
@@ -333,6 +348,23 @@ class TokenizerTemplate(Template):
             last = out[-1]
             out[-1] = Piece(last.kind, last.trained, last.text, last.ids, last.image, last.special, turn_end=True)
         return out
+
+
+LLAMA3_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def is_llama3_tokenizer(tok) -> bool:
+    """Llama-3's tokenizer (offline `llama3` or a Llama-3.x hub folder): it has the Llama-3 header tokens."""
+    vocab = tok.get_vocab()
+    return all(t in vocab for t in LLAMA3_TOKENS)
+
+
+def default_template(tok, family_default: str) -> str:
+    """The template for a recipe that sets no `model.template`: the family's (llama3) for Llama-3's tokenizer,
+    else the tokenizer's own chat template when it has one (SmolLM2's ChatML), else the family's."""
+    if is_llama3_tokenizer(tok) or not getattr(tok, "chat_template", None):
+        return family_default
+    return "tokenizer"
 
 
 def get_template(name: str, tok, image_token: str | None = None) -> Template:

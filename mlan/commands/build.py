@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlan.commands.options import add_set
+from mlan.commands.options import add_set, example
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build", help="build token-budgeted, ratio-exact, packed WebDataset shards (Ray)")
-    p.add_argument("recipe")
+    p = sub.add_parser("build", help="build token-budgeted, ratio-exact, packed WebDataset shards (Ray)",
+                       description="Tokenize the recipe's sources (cached), plan the budget and ratio, pack rows "
+                                   "and write WebDataset shards with manifest.json, stats.json and report.md.",
+                       epilog=example("mlan build recipes/tiny-llava.yaml --out out/tiny-llava"))
+    p.add_argument("recipe", help="an mlan recipe (README.md, Recipes)")
     p.add_argument("--out", default=None, help="output directory or fsspec URL (default: ./out/<recipe name>)")
     p.add_argument("--workers", type=int, default=None, help="Ray tokenizer actors (default: all cores)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local Ray)")

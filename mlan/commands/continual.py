@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlan.commands.options import add_set
+from mlan.commands.options import add_set, example
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("continual", help="a task sequence (language, then VL tasks): build, train, eval each; "
-                       "the forgetting matrix")
+                       "the forgetting matrix",
+                       description="Build, train and evaluate each task of a continual recipe in order; "
+                                   "matrix.csv, forgetting.json, report.md and heatmap.png in --out.",
+                       epilog=example("mlan continual recipes/continual-tiny.yaml --out out/ct-naive",
+                                      "mlan continual recipes/continual-tiny.yaml --out out/ct-msgm "
+                                      "--set method=msgm --set rehearsal.fraction=0.01"))
     p.add_argument("recipe", help="a continual recipe (docs/continual.md)")
     p.add_argument("--out", required=True, help="output folder (resumable: rerun to continue)")
-    add_set(p)
+    add_set(p, "method=lora")
     p.set_defaults(handler=continual_command)
 
 

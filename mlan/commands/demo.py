@@ -7,14 +7,17 @@ import sys
 import time
 from pathlib import Path
 
-from mlan.commands.options import add_set
+from mlan.commands.options import add_set, example
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the embedded default: a complete small ablation on this machine")
-    p.add_argument("--out", default="demo-out")
-    p.add_argument("--ratios", default=None, help="comma-separated text ratios (default 0,0.5,1.0)")
-    p.add_argument("--nproc", type=int, default=2)
+    p = sub.add_parser("demo", help="the embedded default: a complete small ablation on this machine",
+                       description="A complete small ablation on generated data: build, train and evaluate each "
+                                   "text ratio; the table, the trends and the plot.",
+                       epilog=example("mlan demo --out demo-out"))
+    p.add_argument("--out", default="demo-out", help="output folder (rerun to continue)")
+    p.add_argument("--ratios", default=None, help="comma-separated text ratios (default: 0,0.5,1.0)")
+    p.add_argument("--nproc", type=int, default=2, help="training processes per ratio (torchrun)")
     add_set(p)
     p.set_defaults(handler=demo_command)
 

@@ -8,17 +8,22 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on language and vision tasks")
+    p = sub.add_parser("eval", help="evaluate a model on language and vision tasks",
+                       description="Score a model on language and vision tasks; print a table, write the "
+                                   "results JSON with --out.",
+                       epilog="example:\n  mlan eval runs/tiny-llava/final --tasks "
+                              "../shared/data/eval/boolq_test.json --limit 50")
     p.add_argument("model", help="model directory (save_pretrained) or hub id")
     p.add_argument("--tasks", nargs="+", required=True, help="task files, or NAME=PATH pairs")
-    p.add_argument("--out", default=None, help="results JSON file")
-    p.add_argument("--reference", default=None, help="results JSON of a reference model (forgetting Δ)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="items per task")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--images", default=None, help="image root for image tasks")
+    p.add_argument("--out", default=None, help="results JSON file (default: none, the table only)")
+    p.add_argument("--reference", default=None,
+                   help="results JSON of a reference model (forgetting Δ; default: none)")
+    p.add_argument("--batch-size", type=int, default=8, help="items per forward pass")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for generative tasks")
+    p.add_argument("--images", default=None, help="image root for image tasks (default: the task file's folder)")
     p.add_argument("--image-pattern", default=None, help="image path pattern over record fields and {split}, "
-                   "e.g. 'images/{directory}/test1-{identifier}-0.png'")
+                   "e.g. 'images/{directory}/test1-{identifier}-0.png' (default: the record's image field)")
     p.set_defaults(handler=eval_command)
 
 

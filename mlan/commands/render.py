@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from mlan.commands.options import add_set
+from mlan.commands.options import add_set, example
 from mlan.errors import UserError
 
 if TYPE_CHECKING:
@@ -19,10 +19,13 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("render", help="render a recipe source's documents with their loss masks")
-    p.add_argument("recipe")
+    p = sub.add_parser("render", help="render a recipe source's documents with their loss masks",
+                       description="Render one source's documents as the build does: the text with trained "
+                                   "spans in [[…]], or one JSON object per document.",
+                       epilog=example("mlan render recipes/shared-data.yaml --source nlvr --limit 2"))
+    p.add_argument("recipe", help="an mlan recipe (README.md, Recipes)")
     p.add_argument("--source", required=True, help="source name in the recipe")
-    p.add_argument("--limit", type=int, default=None, help="render at most N documents")
+    p.add_argument("--limit", type=int, default=None, help="render at most N documents (default: all)")
     p.add_argument("--json", action="store_true", help="one JSON object per document")
     add_set(p)
     p.set_defaults(handler=render_command)

@@ -6,15 +6,22 @@ import argparse
 import sys
 from typing import Any
 
+from mlan.commands.options import example
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="recompute shard sha256s and counts against the manifest")
-    p.add_argument("build_dir")
+    p = sub.add_parser("verify", help="recompute shard sha256s and counts against the manifest",
+                       description="Recompute every shard's sha256 and counts against manifest.json and read every "
+                                   "row as the loader does; exit status 1 naming each bad shard and row.",
+                       epilog=example("mlan verify out/tiny-llava"))
+    p.add_argument("build_dir", help="a `mlan build` output folder")
     p.set_defaults(handler=verify_command)
 
-    p = sub.add_parser("inspect", help="print one packed row for a person")
-    p.add_argument("build_dir")
-    p.add_argument("--row", type=int, default=0, help="global row index (default 0)")
+    p = sub.add_parser("inspect", help="print one packed row for a person",
+                       description="One packed row: its documents, trained spans marked, images listed.",
+                       epilog=example("mlan inspect out/tiny-llava --row 0"))
+    p.add_argument("build_dir", help="a `mlan build` output folder")
+    p.add_argument("--row", type=int, default=0, help="global row index (default: 0)")
     p.set_defaults(handler=inspect_command)
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
+from mlan.commands.options import example
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="the MLAN study on SmolLM2-135M-Instruct (offline): ratios, Soft Targets, "
-                       "LoRA, merges; one report")
-    p.add_argument("--out", default="study-out")
+                       "LoRA, merges; one report",
+                       description="The MLAN study on SmolLM2-135M-Instruct, offline: base scores, the ratio "
+                                   "sweep, Soft Targets, rsLoRA and the merge sweep; report.md (resumable).",
+                       epilog=example("mlan study --quick --out out/study-quick"))
+    p.add_argument("--out", default="study-out", help="output folder (rerun to continue)")
     p.add_argument("--recipe", default=None, help="study recipe (default: recipes/study-smollm2.yaml)")
     p.add_argument("--quick", action="store_true", help="a smoke run of every cell with tiny budgets")
     p.add_argument("--nproc", type=int, default=1, help="training processes per run (default: 1)")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from mlan.commands.options import add_set
+from mlan.commands.options import add_set, example
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="FSDP2 training on packed shards with an exact token budget")
-    p.add_argument("recipe")
+    p = sub.add_parser("train", help="FSDP2 training on packed shards with an exact token budget",
+                       description="torchrun with N local workers over a build's shards; checkpoints, "
+                                   "metrics.jsonl and the exported model (RUN/final).",
+                       epilog=example("mlan train recipes/tiny-llava.yaml --shards out/tiny-llava "
+                                      "--out runs/tiny-llava --nproc 2"))
+    p.add_argument("recipe", help="the recipe the shards were built from (its train section is used)")
     p.add_argument("--shards", required=True, help="a `mlan build` output directory")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final/)")
     p.add_argument("--nproc", type=int, default=1, help="local processes (torchrun --nproc-per-node)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from mlan import progress
 from mlan.ablate import export_complete
 from mlan.atomic_write import write_text_atomic
 from mlan.continual.data import generate_continual_tiny
@@ -42,9 +43,10 @@ def task_dir(out: Path, k: int, name: str) -> Path:
     return out / f"task-{k + 1}-{name}"
 
 
-def _mlan(args: list[str], log: Log) -> None:
-    """One `mlan` command in a subprocess (its output streams through); failure names the command."""
-    log("$ mlan " + " ".join(args))
+def _mlan(args: list[str], log: Log, step: str = "") -> None:
+    """One `mlan` command in a subprocess (its output streams through); failure names the command; `step`
+    names the sequence's step in the announcement (`[task-2-colours] train …`)."""
+    log(f"[{step}] {args[0]} …  $ mlan {' '.join(args)}" if step else "$ mlan " + " ".join(args))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
     rc = subprocess.call([sys.executable, "-m", "mlan.cli", *args], env=env)
     if rc != 0:
@@ -117,10 +119,10 @@ def run_task(spec: ContinualSpec, k: int, out: Path, start: str | None, recipes:
         build, run = d / "build", d / "run"
         if not (build / "manifest.json").is_file():
             args = ["build", str(recipe_file), "--out", str(build), "--cache", str(out / "cache")]
-            _mlan(args + (["--workers", str(spec.workers)] if spec.workers else []), log)
+            _mlan(args + (["--workers", str(spec.workers)] if spec.workers else []), log, d.name)
         if not export_complete(run / "final"):
             _mlan(["train", str(recipe_file), "--shards", str(build), "--out", str(run), "--nproc", str(spec.nproc),
-                   "--resume"], log)
+                   "--resume"], log, d.name)
         model = str(run / "final")
     return model, _evaluate(model, recipe, d / "eval.json", log)
 
@@ -128,7 +130,7 @@ def run_task(spec: ContinualSpec, k: int, out: Path, start: str | None, recipes:
 def run_continual(recipe_path: str | Path, out: str | Path, overrides: Sequence[str] = (),
                   log: Log | None = None) -> dict:
     """The whole sequence; finished tasks are read back, not redone. Returns forgetting.json's content."""
-    log = log or (lambda msg: print(f"[mlan continual] {msg}", file=sys.stderr, flush=True))
+    log = log or (lambda msg: progress.say(f"[mlan continual] {msg}"))
     out = Path(out).resolve()
     spec = load_continual(recipe_path, list(overrides), out)
     recipes = check_tasks(spec)

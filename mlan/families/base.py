@@ -67,8 +67,10 @@ class Family(ABC):
 
     @property
     def template(self) -> str:
-        """The template a recipe gets when `model.template` is unset."""
-        return self.model.template or self.default_template
+        """`model.template`, else the tokenizer's default (mlan.templates.default_template)."""
+        from mlan.templates import default_template  # lazy: as the tokenizer above
+
+        return self.model.template or default_template(self.tokenizer, self.default_template)
 
     @cached_property
     def image_token(self) -> str | None:

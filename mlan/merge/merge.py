@@ -22,16 +22,8 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
+from mlan import progress as mlan_progress
 from mlan.atomic_write import atomic_open
 from mlan.families.name_map import NameMap, NameMapError, map_names
 from mlan.merge.select import CutState, MagnitudeCut, find_cut, keep_count
@@ -224,11 +216,16 @@ class _Merger:
         by_file: dict[Path, list[TensorEntry]] = {}
         for entry in self.plan.vlm.values():
             by_file.setdefault(entry.file, []).append(entry)
-        with _progress(self.progress) as bar:
-            task = bar.add_task("merge", total=sum(e.nbytes for e in self.plan.vlm.values()))
+        with mlan_progress.task("merge", total=len(self.plan.vlm), unit="tensors", enabled=self.progress) as bar:
+            written = [0]
+
+            def advance(nbytes: int) -> None:
+                written[0] += nbytes
+                bar.advance(1, MiB=round(written[0] / 2**20, 1))
+
             for file, entries in by_file.items():
                 self.merge_file(out_dir, report, file, entries, global_state if scope_cut is not None else None,
-                                lambda n: bar.update(task, advance=n))
+                                advance)
 
     def merge_file(self, out_dir: Path, report: MergeReport, file: Path, entries: list[TensorEntry],
                    state: CutState | None, advance: Callable[[int], None]) -> None:
@@ -245,12 +242,6 @@ class _Merger:
                 else:
                     report.selected_entries += self.write_item(out, item, state)
                 advance(entry.nbytes)
-
-
-def _progress(enabled: bool) -> Progress:
-    """Bytes merged so far (rich, as every mlan progress bar); silent when disabled."""
-    return Progress(TextColumn("merge"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), disable=not enabled)
 
 
 def _copy_side_files(vlm_dir: Path, out_dir: Path) -> None:

@@ -19,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from mlan import progress as mlan_progress
 from mlan.atomic_write import write_text_atomic
 from mlan.child_process import start_descendant_reaper
 from mlan.mixture import cache as tcache
+from mlan.mixture import plan_warnings
 from mlan.mixture.cache_key import combine_fingerprints
 from mlan.mixture.pack import Packing, pack, row_bound
 from mlan.mixture.plan import Plan, PlanError, SourceDocs, check_modalities, make_plan
-from mlan.mixture.report import compute_stats, console, reason_kind, render_report
+from mlan.mixture.report import compute_stats, reason_kind, render_report
 from mlan.mixture.shards import MANIFEST, fs_of, write_manifest
 from mlan.mixture.tokenize import SourceCache, _family_config, tokenize_sources
 from mlan.mixture.write import PROGRESS_DIR, BuildError, shard_bounds, write_shards
@@ -94,6 +96,7 @@ def build(
         fs.rm(f"{root}/{MANIFEST}")  # the old manifest no longer describes what is on disk
     out_url = fs.unstrip_protocol(root)
     family_config = _family_config(recipe)
+    plan_warnings.say(plan_warnings.recipe_warnings(recipe))  # before Ray: probable mistakes, one line each
 
     clock = [("start", time.perf_counter())]
     started = _start_ray(workers, address)
@@ -108,6 +111,7 @@ def build(
         clock.append(("tokenize", time.perf_counter()))
         fingerprint = combine_fingerprints([c.fingerprint for c in caches])
         sel = select(recipe, caches, out, out_url)
+        plan_warnings.say(plan_warnings.plan_warnings(recipe, sel.plan, sel.summaries))
         # pack, then a seeded row order so rows are not sorted by length
         packing = pack(sel.plan.n_tokens, sel.planned["n_images"], seq_len=mix.seq_len,
                        max_images=mix.max_images_per_row, buffer_tokens=mix.pack_buffer_tokens)
@@ -126,13 +130,13 @@ def build(
         clock.append(("write", time.perf_counter()))
         stats = _report(recipe, out_url, sel, packing, shard_infos, fingerprint, family_config, bounds.size - 1)
         if progress:
-            console().print(
+            mlan_progress.say(
                 f"built {packing.n_rows} rows in {bounds.size - 1} shards → {out}: {stats['tokens']['total']:,} "
                 f"tokens, text ratio {stats['ratio_achieved']:.4f} (target {mix.ratio.text}), packing "
                 f"{stats['packing_efficiency']:.4f} ({packing.n_rows} rows, bound {stats['row_bound']})"
             )
             clock.append(("report", time.perf_counter()))
-            console().print("time: " + ", ".join(f"{name} {t - clock[i][1]:.1f}s"
+            mlan_progress.say("time: " + ", ".join(f"{name} {t - clock[i][1]:.1f}s"
                                                  for i, (name, t) in enumerate(clock[1:])))
         return stats
     finally:

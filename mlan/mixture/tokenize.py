@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import ray
 from ray.util import ActorPool
 
+from mlan import progress as mlan_progress
 from mlan.families.registry import get_family
 from mlan.mixture import cache as tcache
 from mlan.mixture.cache_key import source_cache_keys
 from mlan.mixture.pre_resize import pre_resize
-from mlan.mixture.report import console, progress_bar
 from mlan.mixture.shards import join_url
 from mlan.mixture.write import BuildError, PartTables, write_shard
 from mlan.recipe import Recipe
@@ -109,7 +109,6 @@ def tokenize_sources(
     the driver's resolved geometry (computed here when not given): part of every cache key, and what each
     actor must resolve too.
     """
-    say = console()
     family_config = family_config if family_config is not None else _family_config(recipe)
     caches: list[SourceCache] = []
     todo: list[int] = []
@@ -119,7 +118,7 @@ def tokenize_sources(
         caches.append(SourceCache(url, fp, done["parts"] if done else 0, done is not None))
         if done is not None:
             if progress:
-                say.print(f"cache hit: source {src.name!r} ({fp}, {done['accepted']} documents)")
+                mlan_progress.say(f"cache hit: source {src.name!r} ({fp}, {done['accepted']} documents)")
         else:
             todo.append(i)
     if not todo:
@@ -133,8 +132,7 @@ def tokenize_sources(
     index_of = {recipe.sources[i].name: i for i in todo}
     t0 = time.perf_counter()
     n_docs = n_tokens = 0
-    with progress_bar(progress) as bar:
-        task = bar.add_task("tokenize", total=None, rate="")
+    with mlan_progress.task("tokenize", total=None, unit="documents", enabled=progress) as bar:
 
         def collect() -> None:
             nonlocal n_docs, n_tokens
@@ -143,16 +141,16 @@ def tokenize_sources(
             n_docs += summary["read"]
             n_tokens += summary["tokens"]
             dt = max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=summary["read"], rate=f"{n_docs / dt:,.0f} docs/s · {n_tokens / dt:,.0f} tok/s")
+            bar.advance(summary["read"], tokens_per_s=round(n_tokens / dt))
 
         for i in todo:
             src, c = recipe.sources[i], caches[i]
             if progress:
-                say.print(f"tokenizing source {src.name!r} → cache {c.fingerprint}")
+                mlan_progress.say(f"tokenizing source {src.name!r} → cache {c.fingerprint}")
             for part, batch in _record_batches(src):
                 c.n_parts = part + 1
                 if tcache.read_part_summary(c.url, part) is not None:  # written by an earlier, killed run
-                    bar.update(task, advance=len(batch))
+                    bar.advance(len(batch))
                     continue
                 if not pool.has_free():  # back-pressure: the driver never reads far ahead of the actors
                     collect()

@@ -17,10 +17,10 @@ import numpy as np
 import ray
 from ray.util import ActorPool
 
+from mlan import progress as mlan_progress
 from mlan.atomic_write import write_text_atomic
 from mlan.mixture import cache as tcache
 from mlan.mixture.pack import Packing
-from mlan.mixture.report import progress_bar
 from mlan.mixture.shards import (
     PackedRow,
     fs_of,
@@ -181,8 +181,7 @@ def write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_ro
     fs, root = fs_of(out_url)
     infos: list[dict | None] = [None] * (bounds.size - 1)
     jobs: list = []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("write shards", total=len(infos), rate="")
+    with mlan_progress.task("write shards", total=len(infos), unit="shards", enabled=progress) as bar:
         for k in range(len(infos)):
             rows = _shard_rows(packing, bounds, k, doc_source, doc_part, doc_row)
             h = hashlib.sha256(f"{fingerprint}:{seq_len}:{k}".encode())
@@ -192,7 +191,7 @@ def write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_ro
             done = finished_shard(fs, root, k, sidecar["plan"])
             if done is not None:
                 infos[k] = done
-                bar.update(task, advance=1)
+                bar.advance(1)
                 continue
             jobs.append((out_url, k, rows, cache_urls, sidecar, seq_len))
         own = []
@@ -200,12 +199,13 @@ def write_shards(out_url, packing: Packing, bounds, doc_source, doc_part, doc_ro
             own = [ray.remote(num_cpus=1)(ShardWriter).remote() for _ in range(max(1, min(workers, len(jobs))))]
         pool = ActorPool(list(actors or own) * 2)
         index_of = {shard_name(job[1]): job[1] for job in jobs}
-        t0, tokens = time.perf_counter(), 0
+        t0, tokens, rows = time.perf_counter(), 0, 0
         for info in pool.map_unordered(lambda actor, job: actor.write_shard.remote(*job), jobs):
             infos[index_of[info["name"]]] = info
             tokens += info["tokens"]
+            rows += info["rows"]
             dt = max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=1, rate=f"{tokens / dt:,.0f} tok/s")
+            bar.advance(1, rows_written=rows, tokens_per_s=round(tokens / dt))
     for a in own:
         ray.kill(a)
     return infos  # type: ignore[return-value]

@@ -1,4 +1,4 @@
-"""Per-step metrics: `RUN/metrics.jsonl` (one JSON line per optimizer step), a rich progress bar, trackers.
+"""Per-step metrics: `RUN/metrics.jsonl` (one JSON line per optimizer step), progress (mlan.progress), trackers.
 
 Keys: step, tokens (cumulative sequence tokens), tokens_text, tokens_image_text, loss, lr, grad_norm,
 tokens_per_s, peak_memory_gib, data_wait_fraction, and mfu where the accelerator's peak is known. Only rank 0
@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
 
+from mlan import progress
 from mlan.train.trackers import Tracker
 
 # dense bf16 peak FLOP/s per GPU (no sparsity), by device-name substring; the first match wins (H100 NVL and
@@ -109,25 +108,15 @@ class MetricsLog:
 
 
 class Progress:
-    """A rich bar over the token budget (tokens/s, loss, lr); silent on ranks other than 0."""
+    """Rank 0's progress over the token budget (`mlan.progress`: a bar on a terminal, plain or JSON lines in a
+    log) with the loss and learning rate; silent on other ranks."""
 
     def __init__(self, budget: int, done: int, enabled: bool):
-        self._bar = None
-        if not enabled:
-            return
-        self._bar = RichProgress(
-            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-        )
-        self._task = self._bar.add_task("train", total=budget, completed=done, info="")
-        self._bar.start()
+        self._task = progress.Task("train", budget, "tokens", progress.LogSettings.from_env(), sys.stderr,
+                                   done=done, enabled=enabled)
 
     def update(self, tokens: int, record: dict[str, Any]) -> None:
-        if self._bar is None:
-            return
-        info = f"{record['tokens_per_s']:,.0f} tok/s  loss {record['loss']:.4f}  lr {record['lr']:.2e}"
-        self._bar.update(self._task, completed=tokens, info=info)
+        self._task.update(tokens, loss=float(record["loss"]), lr=float(record["lr"]))
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        self._task.close()

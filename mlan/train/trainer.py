@@ -9,7 +9,6 @@ Worker entry point: `python -m mlan.commands.train_worker` under torchrun.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from mlan import progress
 from mlan.data.loader import ShardError
 from mlan.data.loader import make_loader as make_rank_loader
 from mlan.errors import MlanError, TrainError
@@ -243,9 +243,9 @@ def announce(run: Run) -> None:
     """Rank 0's one line on what is about to train."""
     if run.env.is_main:
         summary = modeling.trainable_summary(run.model)
-        print(f"mlan train: {run.recipe.model.family} ({run.recipe.model.config}), world {run.env.world_size}, "
-              f"{run.precision}, budget {run.budget} tokens, trainable {summary['trainable']:,}/"
-              f"{summary['total']:,} params", file=sys.stderr)
+        progress.say(f"mlan train: {run.recipe.model.family} ({run.recipe.model.config}), world "
+                     f"{run.env.world_size}, {run.precision}, budget {run.budget} tokens, trainable "
+                     f"{summary['trainable']:,}/{summary['total']:,} params")
 
 
 def open_metrics(run: Run, resume: bool) -> MetricsLog | None:
@@ -345,7 +345,7 @@ def train(recipe_path: str, shards: str, out: str, resume: bool = False, overrid
     if resume and latest is not None:
         ckpt.load_checkpoint(latest, run.checkpoint_state())
         if env.is_main:
-            print(f"resumed from {latest} at step {run.state.step}, {run.state.tokens} tokens", file=sys.stderr)
+            progress.say(f"resumed from {latest} at step {run.state.step}, {run.state.tokens} tokens")
     announce(run)
     run_steps(run, open_metrics(run, resume))
     if run.state.tokens != budget:

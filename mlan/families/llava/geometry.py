@@ -18,7 +18,8 @@ LLAVA_IMAGE_SIZE, LLAVA_PATCH = 336, 14
 def _read_geometry(model: ModelSpec) -> tuple[int, int, int | None, int | None]:
     """(image size, patch, image tokens or None, vocab or None) from the tiny sizes or the local model config."""
     if model.config == "tiny":
-        return tiny.TINY_LLAVA_IMAGE_SIZE, tiny.TINY_LLAVA_PATCH, tiny.TINY_LLAVA_IMAGE_TOKENS, tiny.TINY_LLAVA_VOCAB
+        # the vocabulary: the tokenizer's (None here: LlavaFamily.vocab_size counts the tokenizer)
+        return tiny.TINY_LLAVA_IMAGE_SIZE, tiny.TINY_LLAVA_PATCH, tiny.TINY_LLAVA_IMAGE_TOKENS, None
     size, patch, tokens, vocab = LLAVA_IMAGE_SIZE, LLAVA_PATCH, None, None
     cfg = load_local_config(model.config)
     vision = getattr(cfg, "vision_config", None)

@@ -29,7 +29,9 @@ from mlan.weights import check_model_dir
 
 def build_tiny(fc: Mapping[str, Any]) -> nn.Module:
     """A tiny LLaVA with image geometry taken from the build's family_config."""
-    cfg = tiny.tiny_llava_config()
+    image_token = int(fc.get("image_token_id") or tiny.IMAGE_TOKEN_ID)
+    vocab = max(int(fc.get("vocab_size") or tiny.TINY_LLAVA_VOCAB), image_token + 1)  # the tokenizer's
+    cfg = tiny.tiny_llava_config(vocab_size=vocab, image_token_id=image_token)
     size = int(fc.get("image_size") or cfg.vision_config.image_size)
     patch = int(fc.get("patch_size") or cfg.vision_config.patch_size)
     n_img = int(fc.get("image_tokens") or (size // patch) ** 2)
@@ -40,9 +42,6 @@ def build_tiny(fc: Mapping[str, Any]) -> nn.Module:
     cfg.vision_config.image_size = size
     cfg.vision_config.patch_size = patch
     cfg.image_seq_length = n_img
-    image_token = int(fc.get("image_token_id", tiny.IMAGE_TOKEN_ID))
-    cfg.image_token_index = image_token
-    cfg.text_config.vocab_size = max(int(fc.get("vocab_size") or 0), image_token + 1, tiny.LLAMA3_VOCAB)
     return LlavaForConditionalGeneration(cfg)
 
 

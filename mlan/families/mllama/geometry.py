@@ -51,7 +51,7 @@ def mllama_geometry(model: ModelSpec) -> VisionGeometry:
     size, patch, tiles, vocab = MLLAMA_TILE, MLLAMA_PATCH, MLLAMA_MAX_TILES, None
     if model.config == "tiny":
         size, patch = tiny.TINY_MLLAMA_TILE, tiny.TINY_MLLAMA_PATCH
-        tiles, vocab = tiny.TINY_MLLAMA_MAX_TILES, tiny.LLAMA3_VOCAB
+        tiles = tiny.TINY_MLLAMA_MAX_TILES  # the vocabulary: the tokenizer's (MllamaFamily.vocab_size)
     else:
         cfg = load_local_config(model.config)
         if cfg is not None:

@@ -15,7 +15,8 @@ from mlan.families import tiny
 
 def build_tiny(fc: Mapping[str, Any]) -> nn.Module:
     """A tiny Mllama with the tile side, patch and tile count of the build's family_config."""
-    cfg = tiny.tiny_mllama_config()
+    cfg = tiny.tiny_mllama_config(vocab_size=int(fc.get("vocab_size") or tiny.LLAMA3_VOCAB),
+                                  image_token_id=int(fc.get("image_token_id") or tiny.IMAGE_TOKEN_ID))
     cfg.vision_config.image_size = int(fc.get("tile_size") or cfg.vision_config.image_size)
     if fc.get("patch_size"):
         cfg.vision_config.patch_size = int(fc["patch_size"])
