@@ -127,6 +127,8 @@ class MixtureSpec(_Strict):
     # images refused from their header before any decode (docs/build.md): the defaults admit every real photo
     max_image_pixels: int = Field(120_000_000, ge=1)
     max_image_aspect: float = Field(20.0, ge=1.0)
+    # a conversation with more text than this (UTF-8 bytes) is rejected before it is tokenized (docs/sources.md)
+    max_record_bytes: int = Field(1 << 20, ge=1)
 
 
 class ShardSpec(_Strict):

@@ -72,6 +72,8 @@ def resolve_path(path: str, ctx: ImageContext, field: str) -> ImageRef:
     """A path written in a record → an `ImageRef` to an existing file inside the image root."""
     if ctx.rewrite:
         path = _rewrite(path, ctx.rewrite, ctx, field)
+    if "\0" in path:  # no file system has such a name; os.path would raise ValueError
+        raise RecordError(ctx.file, ctx.index, f"image path {path!r} contains a NUL character", field)
     path = path.removeprefix("file://")
     if path.startswith(("http://", "https://")):
         raise RecordError(ctx.file, ctx.index, f"remote image URL {path!r} is not fetched at build time; "
