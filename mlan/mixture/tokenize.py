@@ -15,7 +15,7 @@ from ray.util import ActorPool
 from mlan.families.registry import get_family
 from mlan.mixture import cache as tcache
 from mlan.mixture.cache_key import source_cache_keys
-from mlan.mixture.pre_resize import pre_resize
+from mlan.mixture.pre_resize import pre_resize, store_8bit
 from mlan.mixture.report import console, progress_bar
 from mlan.mixture.shards import join_url
 from mlan.mixture.write import BuildError, PartTables, write_shard
@@ -82,7 +82,7 @@ class TokenizeWorker:
                 dropped.append(tcache.rejected_entry(source_name, why, index, "render", kind="dropped"))
                 continue
             try:
-                doc = pre_resize(out, self.renderer) if self.pre_resize and out.images else out
+                doc = pre_resize(out, self.renderer) if self.pre_resize and out.images else store_8bit(out)
             except Exception as err:  # noqa: BLE001 - decoded once already by the probe; still one record's
                 why = RecordError(file_of[index], index, f"cannot resize the images: {_one_line(err)}", "image")
                 rejected.append(tcache.rejected_entry(source_name, why, index, "render"))
