@@ -113,6 +113,7 @@ def source_cache_keys(recipe: Recipe, family_config: dict) -> list[str]:
         "model": recipe.model.model_dump(mode="json"),
         "seq_len": mix.seq_len,
         "overlong": mix.overlong,
+        "max_record_bytes": mix.max_record_bytes,  # which records are refused before tokenizing
         "pre_resize": recipe.shards.pre_resize,
         "family_config": family_config,
         "images": {"decode": IMAGE_DECODE, "max_pixels": mix.max_image_pixels, "max_aspect": mix.max_image_aspect},
