@@ -33,9 +33,12 @@ KEYS = ["instruction", "input", "output", "system", "history", "conversations", 
         "loss_weight", "chosen", "function", "parameters", "path", "bytes"]
 ROLES = ["user", "assistant", "system", "tool", "human", "gpt", "prompter", "function_call", "observation", "x"]
 
+# text, sometimes with a lone surrogate in it (JSON's "\ud800" decodes to one; Hypothesis never draws them)
+any_text = st.text(max_size=30) | st.builds(lambda a, c, b: a + chr(c) + b, st.text(max_size=10),
+                                            st.integers(0xD800, 0xDFFF), st.text(max_size=10))
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
            | st.floats(allow_nan=True, allow_infinity=True)
-           | st.text(max_size=30) | st.sampled_from(ROLES + ["<image>", "\x00", "\ud800", "data:image/png;base64,xx"]))
+           | any_text | st.sampled_from(ROLES + ["<image>", "\x00", "\ud800", "data:image/png;base64,xx"]))
 json_values = st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=4)
@@ -47,6 +50,9 @@ turn = st.fixed_dictionaries({}, optional={k: json_values | st.sampled_from(ROLE
                                            ("role", "content", "from", "value", "text", "tool_calls", "loss_weight")})
 records = st.one_of(
     json_values,
+    st.fixed_dictionaries({"instruction": any_text, "output": any_text, "input": any_text}),
+    st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(ROLES), "content": any_text}), min_size=1, max_size=4)}),
     st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6),
     st.fixed_dictionaries({"instruction": json_values, "output": json_values},
                           optional={"input": json_values, "images": json_values, "history": json_values}),
@@ -178,6 +184,12 @@ def _set(raw: dict, dotted: str, value) -> None:
 @FUZZ
 @given(mutations=st.lists(st.tuples(st.sampled_from(PATHS), json_values), min_size=1, max_size=4))
 def test_mutated_recipes_load_or_fail_in_one_line(mutations):
+    """Loaded, then planned and packed over a small document table: a value the recipe admits must not
+    fail later with anything but a PlanError (negative seeds, inf weights, tiny pack buffers, huge budgets)."""
+    import numpy as np
+
+    from mlan.mixture.pack import pack
+    from mlan.mixture.plan import SourceDocs, make_plan
     from mlan.recipe import load_recipe
 
     raw = json.loads(json.dumps(BASE))
@@ -188,15 +200,34 @@ def test_mutated_recipes_load_or_fail_in_one_line(mutations):
         recipe = Path(folder) / "r.yaml"
         recipe.write_text(yaml.safe_dump(raw, allow_unicode=False))
         try:
-            load_recipe(recipe)
+            loaded = load_recipe(recipe)
         except MlanError as err:
             assert str(err)
+            return
+    mix = loaded.mixture
+    lengths = np.arange(1, 41, dtype=np.int64) * max(1, mix.seq_len // 40)
+    docs = [SourceDocs(name=s.name, modality=s.modality, weight=s.weight,
+                       upsample=s.upsample if s.upsample is not None else mix.upsample,
+                       n_tokens=lengths, has_images=np.arange(40) % 2 == 0 if s.modality == "image_text" else None)
+            for s in loaded.sources]
+    try:
+        plan = make_plan(docs, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
+                         ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
+                         max_upsample=mix.max_upsample)
+    except MlanError as err:
+        assert str(err)
+        return
+    pack(plan.n_tokens, None, seq_len=mix.seq_len, max_images=mix.max_images_per_row,
+         buffer_tokens=mix.pack_buffer_tokens)
 
 
 @pytest.mark.timeout(120)
 @FUZZ
 @given(text=st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
-       overrides=st.lists(st.text(max_size=30), max_size=2))
+       overrides=st.lists(st.text(max_size=30) | st.builds(
+           lambda k, v: f"{k}={v}", st.sampled_from(PATHS),
+           st.sampled_from(["*x", "&a [*a]", "[", "{a: 1", "!!python/object:os.system ls", "- a", "'", "1e999",
+                            ".nan", "-5", "null", "{}"]) | st.text(max_size=12)), max_size=2))
 def test_any_recipe_text_and_override_loads_or_fails_in_one_line(text, overrides):
     from mlan.recipe import load_recipe
 
