@@ -160,3 +160,17 @@ def test_source_that_yields_nothing_is_one_line_exit_2(local_ray, tmp_path, caps
     assert "source 'broken'" in err and "unreadable file" in err and "only.jsonl.gz" in err
     listed = _listed(tmp_path)
     assert [(r["source"], r["index"]) for r in listed] == [("broken", None)]
+
+
+def test_render_applies_the_record_size_limit(tmp_path, capsys):
+    """`mlan render` refuses what the build refuses, before the tokenizer (no Ray)."""
+    from mlan.cli import main
+
+    recs = [_alpaca(0), {"instruction": "x" * 300, "input": "", "output": "y"}]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    recipe = _recipe(tmp_path, [{"name": "s", "path": str(tmp_path / "s.jsonl"), "format": "alpaca",
+                                 "modality": "text"}], max_record_bytes=200)
+    assert main(["render", str(recipe), "--source", "s", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1  # record 0
+    assert "record 1: 301 bytes of text, more than mixture.max_record_bytes = 200" in captured.err
