@@ -174,3 +174,23 @@ def test_render_applies_the_record_size_limit(tmp_path, capsys):
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 1  # record 0
     assert "record 1: 301 bytes of text, more than mixture.max_record_bytes = 200" in captured.err
+
+
+def test_damaged_parquet_row_group_keeps_the_groups_before_it(tmp_path):
+    """A Parquet file with an intact footer and a damaged third row group: its first 200 rows are kept."""
+    from mlan.recipe import SourceSpec
+    from mlan.sources.readers import iter_source
+    from mlan.sources.records import RecordError
+
+    rows = [{**_alpaca(i), "instruction": f"Say the number {i}. " + "pad " * 20} for i in range(400)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "whole.parquet", row_group_size=100)
+    chunk = pq.ParquetFile(tmp_path / "whole.parquet").metadata.row_group(2).column(0)
+    data = bytearray((tmp_path / "whole.parquet").read_bytes())
+    start = chunk.data_page_offset
+    data[start + 40: start + chunk.total_compressed_size - 10] = b"\xab" * (chunk.total_compressed_size - 50)
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    spec = SourceSpec(name="s", path=str(tmp_path / "bad.parquet"), format="alpaca", modality="text")
+    out = [record for _, _, record in iter_source(spec)]
+    assert out[:200] == rows[:200]
+    (err,) = out[200:]
+    assert isinstance(err, RecordError) and err.index is None and "after 200 records" in err.reason

@@ -223,12 +223,16 @@ def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
 
 
 def _read_parquet(file: str) -> Iterator[tuple[int, Any]]:
+    """Rows, one row group at a time: a damaged row group ends the read after the groups before it (a
+    whole-file iterator reads ahead and would lose those too)."""
     with _open(file) as f:
         k = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH):
-            for row in batch.to_pylist():
-                yield k, row
-                k += 1
+        parquet = pq.ParquetFile(f)
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(batch_size=_BATCH, row_groups=[group]):
+                for row in batch.to_pylist():
+                    yield k, row
+                    k += 1
 
 
 def _read_file(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
