@@ -176,8 +176,13 @@ def _json_lines(file: str, lines: Iterator[bytes], raw: bool = False) -> Iterato
         k += 1
 
 
-def _checked(file: str, values: list) -> Iterator[tuple[int, Any]]:
-    """The elements of a parsed JSON array, each checked as a record (depth, surrogates)."""
+def _checked(file: str, values: list, text: bytes) -> Iterator[tuple[int, Any]]:
+    """The elements of a parsed JSON array (or one object), each checked as a record when the file's
+    text holds a surrogate escape; otherwise as they are (it parsed, so it is under Python's depth limit,
+    and walking a 665K-record array would cost the driver seconds)."""
+    if not _SURROGATE_ESCAPE.search(text):
+        yield from enumerate(values)
+        return
     for k, value in enumerate(values):
         try:
             check_json_value(value, file, k)
@@ -193,15 +198,16 @@ def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM is not content
         f.seek(0)
         if head.startswith(b"["):
+            text = f.read()
             try:
-                data = json.load(f)
+                data = json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 yield 0, RecordError(file, None, f"malformed JSON array: {err}")
                 return
             except RecursionError:
-                yield 0, RecordError(file, None, f"JSON array nested deeper than {MAX_JSON_DEPTH} levels")
+                yield 0, RecordError(file, None, "JSON array nested too deeply to parse")
                 return
-            yield from _checked(file, data if isinstance(data, list) else [data])
+            yield from _checked(file, data if isinstance(data, list) else [data], text)
             return
         first = f.readline()
         f.seek(0)
@@ -213,12 +219,14 @@ def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
         except RecursionError:  # a line too deep: JSON lines, and that line is refused when parsed
             one_per_line = True
         if not one_per_line:  # perhaps one pretty-printed object
+            text = f.read()
             try:
-                data = json.load(f)
-                yield from _checked(file, data if isinstance(data, list) else [data])
-                return
+                data = json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 f.seek(0)
+            else:
+                yield from _checked(file, data if isinstance(data, list) else [data], text)
+                return
         yield from _json_lines(file, f, raw)
 
 
