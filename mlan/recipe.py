@@ -326,6 +326,8 @@ def expand_env(value: str) -> str:
 
 
 def _resolve(value: str | None, base: Path, always_local: bool = False) -> str | None:
+    if value is not None and "\0" in value:  # no file system has such a name; os.path raises ValueError
+        raise RecipeError(f"path {value!r} contains a NUL character")
     if value is not None:
         value = expand_env(value)
     if value is None or "://" in value or not (always_local or _looks_local(value, base)):
@@ -418,7 +420,10 @@ def parse_recipe(raw: dict, base_dir: str | Path = ".", source: str = "<recipe>"
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: invalid recipe: the top level must be a mapping, got {type(raw).__name__}")
     base = Path(base_dir).resolve()
-    raw = _resolve_paths(dict(raw), base)
+    try:
+        raw = _resolve_paths(dict(raw), base)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: invalid recipe: {err}") from None
     raw["base_dir"] = str(base)
     try:
         return Recipe.model_validate(raw)

@@ -106,7 +106,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES) + ["out-is-a-file", "binary-recipe", "read-only-out",
-                                                    "eval-batch-size-0"])
+                                                    "eval-batch-size-0", "nul-in-source-path"])
 def test_user_errors_are_one_line_exit_2(case, tmp_path, capsys):
     recipe = _write_recipe(tmp_path)
     out = tmp_path / "out"
@@ -127,6 +127,9 @@ def test_user_errors_are_one_line_exit_2(case, tmp_path, capsys):
             pytest.skip("running as root (chmod does not stop root) and /sys is writable")
         out = ro
         needle = str(ro.parent)
+    elif case == "nul-in-source-path":  # found by hand after the fuzz: os.path raised ValueError
+        recipe.write_text(recipe.read_text().replace("path: ", 'path: "\\0', 1).replace(", format", '", format', 1))
+        needle = "contains a NUL character"
     elif case == "eval-batch-size-0":
         argv = ["eval", str(tmp_path), "--tasks", "x.jsonl", "--batch-size", "0"]
         needle = "--batch-size"
