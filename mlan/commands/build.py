@@ -41,8 +41,10 @@ def build_command(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out}: is a file, not a folder (name a new or existing folder)")
     try:
         build_locked(recipe, out, workers=args.workers, address=args.address, cache_dir=args.cache)
-    except OSError as err:  # also a Ray task's error that is an OSError (Ray keeps the type)
-        if err.errno not in _DISK_ERRNOS:
+    except OSError as err:  # also a Ray task's error that is an OSError (Ray keeps the type; `cause` is it)
+        cause = getattr(err, "cause", None)
+        cause = cause if isinstance(cause, OSError) else err
+        if cause.errno not in _DISK_ERRNOS:
             raise
-        raise UserError(f"--out {out}: cannot write ({err.strerror or err}: {err.filename or out})") from None
+        raise UserError(f"--out {out}: cannot write ({cause.strerror or cause}: {cause.filename or out})") from None
     return 0
