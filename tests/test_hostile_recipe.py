@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -106,8 +107,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES) + ["out-is-a-file", "binary-recipe", "read-only-out",
-                                                    "eval-batch-size-0", "nul-in-source-path"])
-def test_user_errors_are_one_line_exit_2(case, tmp_path, capsys):
+                                                    "eval-batch-size-0", "nul-in-source-path",
+                                                    pytest.param("full-disk-out", marks=pytest.mark.slow)])
+def test_user_errors_are_one_line_exit_2(case, tmp_path, capsys, request):
     recipe = _write_recipe(tmp_path)
     out = tmp_path / "out"
     extra: list[str] = []
@@ -130,6 +132,19 @@ def test_user_errors_are_one_line_exit_2(case, tmp_path, capsys):
     elif case == "nul-in-source-path":  # found by hand after the fuzz: os.path raised ValueError
         recipe.write_text(recipe.read_text().replace("path: ", 'path: "\\0', 1).replace(", format", '", format', 1))
         needle = "contains a NUL character"
+    elif case == "full-disk-out":  # a real full disk: a 12 KiB tmpfs (needs root's mount; skipped without)
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(disk)],
+                                                capture_output=True, check=False).returncode != 0:
+            pytest.skip("cannot mount a small tmpfs here (not root, or no mount permission)")
+        request.addfinalizer(lambda: subprocess.run(["umount", str(disk)], check=False))
+        (tmp_path / "s.jsonl").write_text("".join(json.dumps({"instruction": f"Say {i} " + "w " * 50, "input": "",
+                                                              "output": f"{i} " * 30}) + "\n" for i in range(200)))
+        recipe.write_text(recipe.read_text().replace("examples: 10", "examples: 200"))
+        out = disk / "out"
+        extra = ["--workers", "1"]
+        needle = "No space left on device"
     elif case == "eval-batch-size-0":
         argv = ["eval", str(tmp_path), "--tasks", "x.jsonl", "--batch-size", "0"]
         needle = "--batch-size"
