@@ -55,6 +55,7 @@ def _stored_images(out: Path) -> list[bytes]:
     return found
 
 
+@pytest.mark.slow  # ~25 s: two real builds over one cache
 def test_changed_or_truncated_images_miss_the_cache_without_an_images_root(local_ray, tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -106,7 +106,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + ["out-is-a-file", "binary-recipe", "read-only-out",
+@pytest.mark.parametrize("case", [c if c != "huge-budget" else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(CASES)] + ["out-is-a-file", "binary-recipe", "read-only-out",
                                                     "eval-batch-size-0", "nul-in-source-path",
                                                     pytest.param("full-disk-out", marks=pytest.mark.slow)])
 def test_user_errors_are_one_line_exit_2(case, tmp_path, capsys, request):

@@ -62,6 +62,7 @@ def _complete_lines(truncated_gz: bytes) -> int:
     return text.count(b"\n")
 
 
+@pytest.mark.slow  # ~25 s: a 10 MB record and four damaged files through a real build
 def test_bad_records_and_damaged_files_are_listed_and_the_rest_is_built(local_ray, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
