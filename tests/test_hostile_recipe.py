@@ -174,3 +174,14 @@ def test_budget_far_beyond_the_sources_names_the_upsampling(tmp_path):
     assert "1,000 tokens" in msg and "10,000,000,000×" in msg and "mixture.max_upsample" in msg
     plan = make_plan([docs], budget_tokens=50_000, ratio_text=1.0)  # 50× is allowed by default
     assert plan.tokens == 50_000
+
+
+def test_continual_recipes_refuse_alias_bombs_too(tmp_path):
+    from mlan.continual.spec import load_continual
+    from mlan.errors import MlanError
+
+    (tmp_path / "bomb.yaml").write_text(BOMB)
+    t = time.perf_counter()
+    with pytest.raises(MlanError, match="aliases expand to"):
+        load_continual(tmp_path / "bomb.yaml")
+    assert time.perf_counter() - t < 1
