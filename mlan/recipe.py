@@ -23,7 +23,58 @@ class RecipeError(MlanError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # allow_inf_nan=False: `weight: inf` or `.nan` is refused here, not deep in the planner (#22)
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+
+
+# YAML aliases a recipe may expand to: an alias bomb (nine levels of nine aliases) composes in
+# microseconds but expands to 10^9 nodes in whatever walks it next (validation, paths, dumps)
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes `node` stands for once every alias is expanded (memoized: linear in the document)."""
+    known = memo.get(id(node))
+    if known is not None:
+        return known
+    memo[id(node)] = 1  # a recursive alias (`&a [*a]`) counts once instead of looping
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_nodes(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_nodes(k, memo) + _expanded_nodes(v, memo) for k, v in node.value)
+    else:
+        total = 1
+    memo[id(node)] = total
+    return total
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Safe YAML → Python, refusing a document whose aliases expand past MAX_YAML_NODES (one line)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        expanded = _expanded_nodes(node, {})
+        if expanded > MAX_YAML_NODES:
+            raise RecipeError(f"{where}: YAML aliases expand to {expanded:,} nodes, more than {MAX_YAML_NODES:,} "
+                              "(an alias bomb?); write the values out or use fewer aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: Path) -> Any:
+    """A recipe file's YAML: text (a binary file is one line, not a UnicodeDecodeError) with bounded aliases."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not a text file (byte {err.start} is not UTF-8); a recipe is YAML text") from None
+    try:
+        return parse_yaml(text, str(path))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------- model
@@ -69,7 +120,7 @@ class TemplateSpec(_Strict):
     system: str | None = None
     image: str | None = None  # image path template, e.g. images/{directory}/dev-{identifier}-0.png
     engine: Literal["format", "jinja"] = "format"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class SourceSpec(_Strict):
@@ -115,18 +166,33 @@ class RatioSpec(_Strict):
     by: Literal["tokens", "examples"] = "tokens"
 
 
+PACK_BUFFER_ROWS = 64  # the same as mlan.mixture.pack.MIN_BUFFER_ROWS (this module stays numpy-free)
+
+
 class MixtureSpec(_Strict):
     budget: BudgetSpec = BudgetSpec(tokens=2_000_000)
     ratio: RatioSpec = RatioSpec()
     seq_len: int = Field(4096, ge=16)
     max_images_per_row: int = Field(8, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0)  # numpy seeds are non-negative
     upsample: bool = True
     overlong: Literal["truncate", "drop"] = "truncate"  # documents longer than seq_len
     pack_buffer_tokens: int | None = Field(None, ge=1)  # None: pack the whole plan at once
     # images refused from their header before any decode (docs/build.md): the defaults admit every real photo
     max_image_pixels: int = Field(120_000_000, ge=1)
     max_image_aspect: float = Field(20.0, ge=1.0)
+    # a conversation with more text than this (UTF-8 bytes) is rejected before it is tokenized (docs/sources.md)
+    max_record_bytes: int = Field(1 << 20, ge=1)
+    # the most times a budget may repeat a source's documents (docs/build.md): checked before the plan is made
+    max_upsample: float = Field(1000.0, ge=1.0)
+
+    @model_validator(mode="after")
+    def _pack_buffer_holds_rows(self) -> MixtureSpec:
+        """The packer needs a buffer of at least PACK_BUFFER_ROWS rows (mlan.mixture.pack.MIN_BUFFER_ROWS)."""
+        if self.pack_buffer_tokens is not None and self.pack_buffer_tokens < PACK_BUFFER_ROWS * self.seq_len:
+            raise ValueError(f"mixture.pack_buffer_tokens = {self.pack_buffer_tokens} is under {PACK_BUFFER_ROWS} "
+                             f"× seq_len = {PACK_BUFFER_ROWS * self.seq_len}")
+        return self
 
 
 class ShardSpec(_Strict):
@@ -260,6 +326,8 @@ def expand_env(value: str) -> str:
 
 
 def _resolve(value: str | None, base: Path, always_local: bool = False) -> str | None:
+    if value is not None and "\0" in value:  # no file system has such a name; os.path raises ValueError
+        raise RecipeError(f"path {value!r} contains a NUL character")
     if value is not None:
         value = expand_env(value)
     if value is None or "://" in value or not (always_local or _looks_local(value, base)):
@@ -298,7 +366,10 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise RecipeError(f"--set {assignment!r}: expected dotted.key=value")
     dotted, _, text = assignment.partition("=")
-    value = yaml.safe_load(text) if text != "" else ""
+    try:
+        value = parse_yaml(text, f"--set {assignment}") if text != "" else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"--set {assignment}: not a YAML value: {' '.join(str(err).split())}") from None
     keys = dotted.strip().split(".")
     node: Any = raw
     for i, key in enumerate(keys):
@@ -349,7 +420,10 @@ def parse_recipe(raw: dict, base_dir: str | Path = ".", source: str = "<recipe>"
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: invalid recipe: the top level must be a mapping, got {type(raw).__name__}")
     base = Path(base_dir).resolve()
-    raw = _resolve_paths(dict(raw), base)
+    try:
+        raw = _resolve_paths(dict(raw), base)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: invalid recipe: {err}") from None
     raw["base_dir"] = str(base)
     try:
         return Recipe.model_validate(raw)
@@ -361,11 +435,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    raw = raw or {}
+    raw = read_yaml(path) or {}
     for assignment in overrides:
         apply_override(raw, assignment)
     return parse_recipe(raw, path.parent, str(path))

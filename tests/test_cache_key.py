@@ -47,13 +47,14 @@ DOCUMENT_KNOBS = [
     "shards.pre_resize=true",  # image options
     "mixture.max_image_pixels=1000",
     "mixture.max_image_aspect=3",
+    "mixture.max_record_bytes=100",
 ]
 # per-source options: change the documents of that source only
 SOURCE_KNOBS = ["limit=1", "split=test", "end_markers=[]"]
 MIXING_KNOBS = ["sources.chat.weight=3", "sources.chat.upsample=false", "mixture.upsample=false",
                 "mixture.budget.tokens=999", "mixture.ratio.text=0.5", "mixture.ratio.by=examples",
-                "mixture.seed=7", "mixture.max_images_per_row=2", "mixture.pack_buffer_tokens=5000",
-                "shards.target_tokens=1000", "train.lr=0.1"]
+                "mixture.seed=7", "mixture.max_images_per_row=2", "mixture.pack_buffer_tokens=300000",
+                "shards.target_tokens=1000", "train.lr=0.1", "mixture.max_upsample=5"]
 
 
 def _png(color: tuple[int, int, int]) -> bytes:

@@ -9,7 +9,19 @@ from __future__ import annotations
 import argparse
 
 from mlan import __version__
-from mlan.commands import ablate, build, compare, continual, demo, evaluate, merge, render, shards, study, train
+from mlan.commands import (
+    ablate,
+    build,
+    compare,
+    continual,
+    demo,
+    evaluate,
+    merge,
+    render,
+    shards,
+    study,
+    train,
+)
 from mlan.commands.options import HelpFormatter, add_output_options
 
 # each registers its sub-commands in this order: the order `mlan --help` prints them

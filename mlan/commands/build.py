@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 from pathlib import Path
 
-from mlan.commands.options import add_set, example
+from mlan.commands.options import add_set, example, positive_int
+from mlan.errors import UserError
+
+# what a full, read-only or forbidden output disk raises: the user's to fix, one line (exit 2)
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=example("mlan build recipes/tiny-llava.yaml --out out/tiny-llava"))
     p.add_argument("recipe", help="an mlan recipe (README.md, Recipes)")
     p.add_argument("--out", default=None, help="output directory or fsspec URL (default: ./out/<recipe name>)")
-    p.add_argument("--workers", type=int, default=None, help="Ray tokenizer actors (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="Ray tokenizer actors (default: all cores)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (default: start a local Ray)")
     p.add_argument("--cache", default=None, help="tokenized-cache directory (default: ~/.cache/mlan/tokenized)")
     add_set(p)
@@ -33,6 +38,16 @@ def build_command(args: argparse.Namespace) -> int:
     from mlan.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    build_locked(recipe, args.out or default_out(args.recipe), workers=args.workers, address=args.address,
-                 cache_dir=args.cache)
+    out = args.out or default_out(args.recipe)
+    local = None if "://" in out and not out.startswith("file://") else Path(out.removeprefix("file://"))
+    if local is not None and local.exists() and not local.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder (name a new or existing folder)")
+    try:
+        build_locked(recipe, out, workers=args.workers, address=args.address, cache_dir=args.cache)
+    except OSError as err:  # also a Ray task's error that is an OSError (Ray keeps the type; `cause` is it)
+        cause = getattr(err, "cause", None)
+        cause = cause if isinstance(cause, OSError) else err
+        if cause.errno not in _DISK_ERRNOS:
+            raise
+        raise UserError(f"--out {out}: cannot write ({cause.strerror or cause}: {cause.filename or out})") from None
     return 0

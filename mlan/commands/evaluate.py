@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mlan.commands.options import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on language and vision tasks",
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="results JSON file (default: none, the table only)")
     p.add_argument("--reference", default=None,
                    help="results JSON of a reference model (forgetting Δ; default: none)")
-    p.add_argument("--batch-size", type=int, default=8, help="items per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="items per forward pass")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for generative tasks")
     p.add_argument("--images", default=None, help="image root for image tasks (default: the task file's folder)")

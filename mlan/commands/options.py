@@ -48,3 +48,14 @@ def add_output_options(p: argparse.ArgumentParser, top_level: bool) -> None:
                         "(default: text)")
     p.add_argument("-v", "--verbose", action="store_true", default=default(False),
                    help="show other libraries' progress bars, banners and warnings too (default: off)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (`--workers 0`, `--batch-size -1` are usage errors, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (at least 1)")
+    return value

@@ -49,7 +49,7 @@ def render_command(args: argparse.Namespace) -> int:
     check_source_paths([spec])  # a missing path or a folder without data files: one line, exit 2
     set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))  # as the build
     renderer = Renderer(recipe.model, recipe.mixture.seq_len, recipe.mixture.overlong)
-    counts, first_failure = _render_source(spec, renderer, args.limit, args.json)
+    counts, first_failure = _render_source(spec, renderer, args.limit, args.json, recipe.mixture.max_record_bytes)
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"{counts['documents']} documents ({counts['truncated']} truncated), {counts['errors']} errors, "
         f"{counts['dropped']} dropped; {counts['tokens']} tokens, {counts['loss_tokens']} trained",
@@ -62,7 +62,7 @@ def render_command(args: argparse.Namespace) -> int:
 
 
 def _render_source(spec: SourceSpec, renderer: Renderer, limit: int | None,
-                   as_json: bool) -> tuple[Counter, str]:
+                   as_json: bool, max_record_bytes: int) -> tuple[Counter, str]:
     """Print each document as it renders, each rejected or dropped record as a line on stderr; returns the
     counts and the first failure."""
     from rich.console import Console  # lazy (start-up): as in render_command
@@ -84,6 +84,9 @@ def _render_source(spec: SourceSpec, renderer: Renderer, limit: int | None,
             print(f"error: {item}", file=sys.stderr)
             continue
         try:
+            if (n := item.text_bytes()) > max_record_bytes:  # as the build: refused before the tokenizer
+                raise RecordError(item.meta.get("file", ""), item.meta.get("index"),
+                                  f"{n:,} bytes of text, more than mixture.max_record_bytes = {max_record_bytes:,}")
             doc = renderer.render(item)
         except RecordError as e:
             counts["errors"] += 1

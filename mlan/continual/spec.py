@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mlan.errors import MlanError
-from mlan.recipe import Recipe, RecipeError, _resolve_paths, apply_override, parse_recipe
+from mlan.recipe import Recipe, RecipeError, _resolve_paths, apply_override, parse_recipe, read_yaml
 
 Method = Literal["naive", "lora", "soft_targets", "msgm"]
 # the paper's Soft Targets α; LoRA's defaults (mlan.recipe.LoraSpec) are its r = hidden/2, rsLoRA, α 8, dropout 0.05
@@ -90,7 +90,7 @@ def load_continual(path: str | Path, overrides: list[str] | tuple[str, ...] = ()
     if not path.is_file():
         raise ContinualError(f"{path}: continual recipe not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path) or {}  # bounded aliases; a binary file is one line
     except yaml.YAMLError as err:
         raise ContinualError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(raw, dict):

@@ -156,7 +156,7 @@ def select(recipe: Recipe, caches: list[SourceCache], out: str, out_url: str) ->
     try:
         plan = make_plan(
             sources, budget_tokens=mix.budget.tokens, budget_examples=mix.budget.examples,
-            ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed,
+            ratio_text=mix.ratio.text, ratio_by=mix.ratio.by, seed=mix.seed, max_upsample=mix.max_upsample,
         )
     except PlanError as err:
         raise PlanError(str(err) + _unusable_hint(summaries, rejected, f"{out}/rejected.jsonl")) from None

@@ -2,7 +2,7 @@
 re-tokenizes and anything else (weights, ratio, budget, seed, shard size) reuses the cache.
 
 What shapes a document: the source (its spec less the mixing knobs, its file bytes, its image folder's
-listing), the model spec and its resolved geometry, seq_len and the overlong policy, the image options
+listing: path, size, mtime and ctime of every file, whether the folder is `images:` or the source's own), the model spec and its resolved geometry, seq_len and the overlong policy, the image options
 (decode policy, pixel and aspect limits, pre-resizing), the tokenizer's files, and the code that renders.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import fsspec
 
 from mlan.recipe import Recipe, SourceSpec
+from mlan.sources.images import image_root
 
 CACHE_VERSION = "1"
 # how images are checked and measured (full decode, EXIF orientation applied to sizes and tiles): in every key
@@ -72,7 +73,10 @@ def _hash_path(path: str, h: hashlib._Hash, with_bytes: bool) -> bool:
     if fs.isdir(p):
         for name, info in sorted(fs.find(p, detail=True).items()):
             rel = name[len(p.rstrip("/")) + 1 :]
-            h.update(f"{rel}\0{info.get('size')}\0{info.get('mtime', info.get('LastModified', ''))}\n".encode())
+            # ctime (`created` on a local disk): changed by every write, and no tool can set it back, so an
+            # image rewritten with its old size and mtime (`touch -r`) still misses
+            stamp = f"{info.get('mtime', info.get('LastModified', ''))}\0{info.get('created', '')}"
+            h.update(f"{rel}\0{info.get('size')}\0{stamp}\n".encode())
             if with_bytes and info.get("size", 0) <= (64 << 20) and rel.endswith((".json", ".jsonl", ".parquet", ".arrow", ".csv", ".txt")):
                 with fs.open(name, "rb") as f:
                     while block := f.read(1 << 22):
@@ -90,9 +94,10 @@ def _source_key(shared: dict, source: SourceSpec) -> str:
     h.update(b"content\0")
     if not _hash_path(source.path, h, with_bytes=True):
         h.update(f"hub:{source.path}:{source.subset}:{source.split}".encode())
-    if source.images:
+    root = source.images or (image_root(source) if source.modality == "image_text" else None)
+    if root:  # whatever the root: an explicit `images:` or the source file's own folder (#22)
         h.update(b"images\0")
-        _hash_path(source.images, h, with_bytes=False)
+        _hash_path(root, h, with_bytes=False)
     return h.hexdigest()[:24]
 
 
@@ -108,6 +113,7 @@ def source_cache_keys(recipe: Recipe, family_config: dict) -> list[str]:
         "model": recipe.model.model_dump(mode="json"),
         "seq_len": mix.seq_len,
         "overlong": mix.overlong,
+        "max_record_bytes": mix.max_record_bytes,  # which records are refused before tokenizing
         "pre_resize": recipe.shards.pre_resize,
         "family_config": family_config,
         "images": {"decode": IMAGE_DECODE, "max_pixels": mix.max_image_pixels, "max_aspect": mix.max_image_aspect},

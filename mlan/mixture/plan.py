@@ -18,6 +18,7 @@ import numpy as np
 from mlan.recipe import RecipeError
 
 MODALITIES = ("text", "image_text")
+DEFAULT_MAX_UPSAMPLE = 1000.0  # mixture.max_upsample's default
 
 
 class PlanError(RecipeError):
@@ -110,7 +111,13 @@ def _rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def _select(src: SourceDocs, target: float, by: str, seed: int) -> tuple[np.ndarray, int, int]:
+# planned documents a build may hold (with repeats): 24 bytes each in the plan, more in packing; far beyond
+# any real mixture (a 10^11-token build of 400-token documents), and refused before anything is allocated
+MAX_PLANNED_DOCS = 1 << 28
+
+
+def _select(src: SourceDocs, target: float, by: str, seed: int,
+            max_upsample: float = DEFAULT_MAX_UPSAMPLE) -> tuple[np.ndarray, int, int]:
     """Documents of one source meeting `target` tokens or examples: repeats + a seeded remainder."""
     n = int(src.n_tokens.shape[0])
     total = int(src.n_tokens.sum())
@@ -125,6 +132,7 @@ def _select(src: SourceDocs, target: float, by: str, seed: int) -> tuple[np.ndar
             "and upsampling is off (set upsample: true on the source or mixture.upsample=true, "
             "lower mixture.budget, or add data)"
         )
+    _check_supply(src.name, available, target, by, n, max_upsample)
     perm = _rng(seed, src.name).permutation(n)
     if by == "examples":
         want = round(target)
@@ -140,6 +148,21 @@ def _select(src: SourceDocs, target: float, by: str, seed: int) -> tuple[np.ndar
             k -= 1  # the nearer of the two prefix sums around the remainder
     chosen = np.concatenate([np.tile(np.arange(n, dtype=np.int64), repeats), np.sort(perm[:k]).astype(np.int64)])
     return chosen, repeats, k
+
+
+def _check_supply(name: str, available: int, target: float, by: str, n_docs: int, max_upsample: float) -> None:
+    """Refuse a share that needs more upsampling than `max_upsample`, or more planned documents than
+    MAX_PLANNED_DOCS, before any array of that size exists (a 1e13-token budget asked for hundreds of GiB)."""
+    factor = target / available
+    docs = factor * n_docs
+    if factor > max_upsample or docs > MAX_PLANNED_DOCS:
+        raise PlanError(
+            f"source {name!r} has {available:,} {by} but its share of the budget is {target:,.0f} {by}: "
+            f"{factor:,.0f}× upsampling ({docs:,.0f} planned documents), more than mixture.max_upsample = "
+            f"{max_upsample:,g}" + (f" or the {MAX_PLANNED_DOCS:,} documents a plan may hold"
+                                    if docs > MAX_PLANNED_DOCS else "")
+            + " (lower mixture.budget, add data, or raise mixture.max_upsample)"
+        )
 
 
 def _modality_targets(
@@ -175,8 +198,12 @@ def make_plan(
     ratio_text: float = 0.75,
     ratio_by: str = "tokens",
     seed: int = 42,
+    max_upsample: float = DEFAULT_MAX_UPSAMPLE,
 ) -> Plan:
-    """Select and order documents; deterministic in (sources, budget, ratio, weights, seed)."""
+    """Select and order documents; deterministic in (sources, budget, ratio, weights, seed).
+
+    A source whose share needs more than `max_upsample` passes over it is a PlanError, before allocation.
+    """
     if (budget_tokens is None) == (budget_examples is None):
         raise PlanError("give exactly one of budget_tokens or budget_examples")
     budget_unit = "tokens" if budget_tokens is not None else "examples"
@@ -204,7 +231,7 @@ def make_plan(
         achieved = 0.0
         for p, cum in zip(group, cum_targets):
             target = cum - achieved  # this source's share plus the error so far
-            chosen, repeats, k = _select(p.docs, target, unit, seed)
+            chosen, repeats, k = _select(p.docs, target, unit, seed, max_upsample)
             got = float(p.docs.n_tokens[chosen].sum()) if unit == "tokens" else float(chosen.size)
             achieved += got
             picks[p.uid] = (chosen, _summary(p, target, chosen, repeats, k))

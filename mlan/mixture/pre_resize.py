@@ -9,7 +9,7 @@ import io
 from PIL import Image
 
 from mlan.render import Document, Renderer
-from mlan.sources.images import open_oriented
+from mlan.sources.images import open_oriented, stored_8bit
 
 
 def pre_resize(doc: Document, renderer: Renderer) -> Document:
@@ -29,4 +29,15 @@ def pre_resize(doc: Document, renderer: Renderer) -> Document:
         exts.append("png")
         sizes.append(im.size)
     doc.images, doc.image_exts, doc.image_sizes = images, exts, sizes
+    return doc
+
+
+def store_8bit(doc: Document) -> Document:
+    """High-depth images (16-bit PNG, float or 32-bit TIFF) stored as 8-bit PNGs, scaled linearly: a reader
+    that converts the original to RGB clips it at 255 (a 16-bit PNG reads back almost all white)."""
+    for i, data in enumerate(doc.images):
+        converted = stored_8bit(data)
+        if converted is not None:
+            doc.images[i] = converted
+            doc.image_exts[i] = "png"
     return doc

@@ -16,7 +16,7 @@ from mlan import progress as mlan_progress
 from mlan.families.registry import get_family
 from mlan.mixture import cache as tcache
 from mlan.mixture.cache_key import source_cache_keys
-from mlan.mixture.pre_resize import pre_resize
+from mlan.mixture.pre_resize import pre_resize, store_8bit
 from mlan.mixture.shards import join_url
 from mlan.mixture.write import BuildError, PartTables, write_shard
 from mlan.recipe import Recipe
@@ -46,7 +46,10 @@ class TokenizeWorker:
         self.pre_resize = self.recipe.shards.pre_resize
 
     def process(self, source_name: str, cache_url: str, part: int, items: list) -> dict:
+        """One batch of records → one cache part. No record can make this raise: whatever fails for one
+        record (decode, nesting, size, conversion, tokenizer, image) is that record's rejected.jsonl entry."""
         spec = self.recipe.source(source_name)
+        max_bytes = self.recipe.mixture.max_record_bytes
         rejected, dropped, convs, conv_index = [], [], [], []
         file_of = {index: file for file, index, _ in items}
         for file, index, record in items:
@@ -55,14 +58,22 @@ class TokenizeWorker:
                     raise record
                 if isinstance(record, RawLine):  # JSON lines are parsed here, on the workers
                     record = record.parse(file, index)
-                for conv in to_conversations(spec, index, record, file):  # several for `tree_paths: all`
+                found = to_conversations(spec, index, record, file)  # several for `tree_paths: all`
+                for conv in found:  # before the tokenizer: a 10 MB record costs it seconds (or a panic)
+                    if (n := conv.text_bytes()) > max_bytes:
+                        raise RecordError(file, index, f"{n:,} bytes of text, more than mixture.max_record_bytes "
+                                          f"= {max_bytes:,}")
+                for conv in found:
                     convs.append(conv)
                     conv_index.append(index)
             except RecordError as err:
                 rejected.append(tcache.rejected_entry(source_name, err, None if err is record else index, "read"))
+            except Exception as err:  # noqa: BLE001 - a record is data: nothing in it may stop the build
+                why = RecordError(file, index, f"cannot read the record: {_one_line(err)}")
+                rejected.append(tcache.rejected_entry(source_name, why, index, "read"))
         docs, indices, files = [], [], []
         truncated = 0
-        for index, out in zip(conv_index, self.renderer.render_batch(convs)):
+        for index, out in zip(conv_index, self._render(convs)):
             if isinstance(out, RecordError):
                 rejected.append(tcache.rejected_entry(source_name, out, index, "render"))
                 continue
@@ -70,7 +81,12 @@ class TokenizeWorker:
                 why = RecordError(file_of[index], index, f"dropped for length (mixture.overlong: drop): {out.reason}")
                 dropped.append(tcache.rejected_entry(source_name, why, index, "render", kind="dropped"))
                 continue
-            doc = pre_resize(out, self.renderer) if self.pre_resize and out.images else out
+            try:
+                doc = pre_resize(out, self.renderer) if self.pre_resize and out.images else store_8bit(out)
+            except Exception as err:  # noqa: BLE001 - decoded once already by the probe; still one record's
+                why = RecordError(file_of[index], index, f"cannot resize the images: {_one_line(err)}", "image")
+                rejected.append(tcache.rejected_entry(source_name, why, index, "render"))
+                continue
             truncated += int(doc.truncated)
             docs.append(doc)
             indices.append(index)
@@ -84,11 +100,41 @@ class TokenizeWorker:
         meta = tcache.write_part(cache_url, part, docs, indices, summary, files)
         return {**summary.to_json(), "source": source_name, "meta": meta}
 
+    def _render(self, convs: list) -> list:
+        """`render_batch`, one tokenizer call for the batch; when that call fails (a tokenizer error or a
+        Rust panic, which is a BaseException), each conversation again alone, so that only the ones that
+        fail are rejected, each with its reason."""
+        try:
+            return self.renderer.render_batch(convs)
+        except BaseException as err:  # re-raised unless _is_record_failure
+            if not _is_record_failure(err):
+                raise
+        out: list = []
+        for conv in convs:
+            try:
+                out += self.renderer.render_batch([conv])
+            except BaseException as err:
+                if not _is_record_failure(err):
+                    raise
+                out.append(RecordError(conv.meta.get("file", ""), conv.meta.get("index"), f"tokenizer failed: {_one_line(err)}"))
+        return out
+
     def write_shard(self, *args) -> dict:
         """Shards are written by the already-warm tokenizer actors when a build tokenized anything."""
         if not hasattr(self, "tables"):
             self.tables = PartTables()
         return write_shard(*args, tables=self.tables)
+
+
+def _is_record_failure(err: BaseException) -> bool:
+    """An error from rendering one record's data: any Exception, and a Rust panic from the tokenizers
+    library (pyo3's PanicException derives from BaseException); never Ctrl-C, SystemExit or a kill."""
+    return isinstance(err, Exception) or type(err).__name__ == "PanicException"
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:300]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 @dataclass

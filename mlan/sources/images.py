@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import fsspec
+import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageOps
 
@@ -72,6 +73,8 @@ def resolve_path(path: str, ctx: ImageContext, field: str) -> ImageRef:
     """A path written in a record → an `ImageRef` to an existing file inside the image root."""
     if ctx.rewrite:
         path = _rewrite(path, ctx.rewrite, ctx, field)
+    if "\0" in path:  # no file system has such a name; os.path would raise ValueError
+        raise RecordError(ctx.file, ctx.index, f"image path {path!r} contains a NUL character", field)
     path = path.removeprefix("file://")
     if path.startswith(("http://", "https://")):
         raise RecordError(ctx.file, ctx.index, f"remote image URL {path!r} is not fetched at build time; "
@@ -174,8 +177,37 @@ def image_limits() -> ImageLimits:
     return _limits[0]
 
 
+# PIL modes of more than 8 bits per sample: `convert("RGB")` clips them at 255 (a 16-bit PNG comes out
+# almost all white), so they are scaled to 8 bits first (to_8bit)
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(img: Any) -> Any:
+    """A high-depth single-channel image → mode `L`, scaled linearly (anything else: unchanged).
+
+    16-bit integers: 0..65535 → 0..255. 32-bit integers: as 16-bit when they fit in 0..65535 (a 16-bit PNG
+    opens as `I`), else their own min..max. Floats: 0..1 → 0..255 when they lie in [0, 1] (the usual
+    convention), else their own min..max; NaN is 0.
+    """
+    if img.mode not in HIGH_DEPTH_MODES:
+        return img
+    values = np.asarray(img).astype(np.float64)
+    if values.size == 0:
+        return img.convert("L")
+    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(values.min()), float(values.max())
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        scaled = values * (255.0 / 65535.0)
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return PILImage.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
 def open_oriented(data: bytes):
-    """Encoded bytes → a fully decoded RGB PIL image, EXIF orientation applied, JPEGs drafted.
+    """Encoded bytes → a fully decoded RGB PIL image, EXIF orientation applied, JPEGs drafted, high-depth
+    images scaled to 8 bits (to_8bit).
 
     The one decode used at build time (check, pre_resize) and in the loader, so both see the same pixels.
     """
@@ -186,7 +218,20 @@ def open_oriented(data: bytes):
                 img.draft("RGB", (DRAFT_MIN_SIDE, DRAFT_MIN_SIDE))
             img.load()
             oriented = ImageOps.exif_transpose(img)
-            return oriented.convert("RGB")
+            return to_8bit(oriented).convert("RGB")
+
+
+def stored_8bit(data: bytes) -> bytes | None:
+    """PNG bytes of a high-depth image scaled to 8 bits (the build stores these); None when the image
+    already has 8 bits per sample (stored as it is). Reads the header only for the common case."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+        with PILImage.open(io.BytesIO(data)) as img:
+            if img.mode not in HIGH_DEPTH_MODES:
+                return None
+    buf = io.BytesIO()
+    open_oriented(data).convert("L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _reason(err: BaseException) -> str:

@@ -2,12 +2,15 @@
 
 Local or fsspec `.json` (a JSON array, or JSON lines whatever the extension), `.jsonl`, `.parquet`
 (optionally compressed), folders of them (sorted), saved `datasets` folders and Hugging Face dataset ids
-(streamed). A malformed line is a `RecordError` in the stream; the read goes on.
+(streamed). A malformed line is a `RecordError` in the stream; the read goes on. A file that cannot be read
+(a truncated Parquet file, a damaged or fake `.gz`) is a file-level `RecordError` after the records read
+before the damage: one bad file never stops a build (docs/sources.md, "Bad input").
 """
 from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +28,14 @@ DATA_SUFFIXES = JSON_SUFFIXES + (".parquet",)
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".zstd")
 HF_PREFIX = "hf:"  # `hf:org/name` or `hf:/a/local/folder`: always through datasets.load_dataset
 _BATCH = 1024
+# A record nested deeper than this is refused (no instruction format nests past ~6 levels); Python's JSON
+# parser itself stops near 1,000 levels with a RecursionError, which is refused with the same reason.
+MAX_JSON_DEPTH = 64
+# A JSON line longer than this is refused unparsed (parsing it would hold gigabytes); images inlined as
+# data: URLs fit. Each conversation's text is then held to `mixture.max_record_bytes` (tokenize stage).
+MAX_JSON_LINE_BYTES = 256 << 20
+# `\ud800`-`\udfff` escapes: only legal in pairs; a lone one decodes to a str that cannot be encoded as UTF-8
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class SourceError(MlanError, ValueError):
@@ -41,10 +52,54 @@ class RawLine:
     lineno: int
 
     def parse(self, file: str, index: int) -> Any:
-        try:
-            return json.loads(self.data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RecordError(file, index, f"malformed JSON on line {self.lineno}: {err}") from None
+        return parse_json_line(self.data, file, index, self.lineno)
+
+
+def parse_json_line(data: bytes, file: str, index: int, lineno: int) -> Any:
+    """One JSON line → its value, checked (`check_json_value`); any failure is the record's RecordError."""
+    if len(data) > MAX_JSON_LINE_BYTES:
+        raise RecordError(file, index, f"line {lineno} is {len(data):,} bytes, more than the {MAX_JSON_LINE_BYTES:,} "
+                          "a JSON line may hold; not parsed")
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecordError(file, index, f"malformed JSON on line {lineno}: {err}") from None
+    except RecursionError:
+        raise RecordError(file, index, f"JSON on line {lineno} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    check_json_value(value, file, index, data)
+    return value
+
+
+def check_json_value(value: Any, file: str, index: int | None, data: bytes | None = None) -> None:
+    """Refuse a parsed JSON value nested deeper than MAX_JSON_DEPTH or holding a lone UTF-16 surrogate.
+
+    `data` (the raw text) lets the walk be skipped when it cannot find anything: fewer brackets than the
+    depth limit and no surrogate escape (the common case costs two byte scans at C speed).
+    """
+    if data is not None and data.count(b"[") + data.count(b"{") <= MAX_JSON_DEPTH \
+            and not _SURROGATE_ESCAPE.search(data):
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    bad = item[err.start]
+                    raise RecordError(file, index, f"lone UTF-16 surrogate \\u{ord(bad):04x} in a string "
+                                      "(not valid Unicode text)") from None
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise RecordError(file, index, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((k, depth) for k in item)  # keys are strings too
+            stack.extend((c, depth + 1) for c in item.values())
+        else:
+            stack.extend((c, depth + 1) for c in item)
 
 
 def _data_suffix(path: str) -> str:
@@ -113,13 +168,28 @@ def _json_lines(file: str, lines: Iterator[bytes], raw: bool = False) -> Iterato
             continue
         if raw:
             yield k, RawLine(line, lineno)
-            k += 1
-            continue
-        try:
-            yield k, json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            yield k, RecordError(file, k, f"malformed JSON on line {lineno}: {err}")
+        else:
+            try:
+                yield k, parse_json_line(line, file, k, lineno)
+            except RecordError as err:
+                yield k, err
         k += 1
+
+
+def _checked(file: str, values: list, text: bytes) -> Iterator[tuple[int, Any]]:
+    """The elements of a parsed JSON array (or one object), each checked as a record when the file's
+    text holds a surrogate escape; otherwise as they are (it parsed, so it is under Python's depth limit,
+    and walking a 665K-record array would cost the driver seconds)."""
+    if not _SURROGATE_ESCAPE.search(text):
+        yield from enumerate(values)
+        return
+    for k, value in enumerate(values):
+        try:
+            check_json_value(value, file, k)
+        except RecordError as err:
+            yield k, err
+            continue
+        yield k, value
 
 
 def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
@@ -128,12 +198,16 @@ def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
         head = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()  # a UTF-8 BOM is not content
         f.seek(0)
         if head.startswith(b"["):
+            text = f.read()
             try:
-                data = json.load(f)
+                data = json.loads(text)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 yield 0, RecordError(file, None, f"malformed JSON array: {err}")
                 return
-            yield from enumerate(data if isinstance(data, list) else [data])
+            except RecursionError:
+                yield 0, RecordError(file, None, "JSON array nested too deeply to parse")
+                return
+            yield from _checked(file, data if isinstance(data, list) else [data], text)
             return
         first = f.readline()
         f.seek(0)
@@ -142,23 +216,31 @@ def _read_json(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
             one_per_line = True
         except (json.JSONDecodeError, UnicodeDecodeError):
             one_per_line = False
+        except RecursionError:  # a line too deep: JSON lines, and that line is refused when parsed
+            one_per_line = True
         if not one_per_line:  # perhaps one pretty-printed object
+            text = f.read()
             try:
-                data = json.load(f)
-                yield from enumerate(data if isinstance(data, list) else [data])
-                return
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                data = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 f.seek(0)
+            else:
+                yield from _checked(file, data if isinstance(data, list) else [data], text)
+                return
         yield from _json_lines(file, f, raw)
 
 
 def _read_parquet(file: str) -> Iterator[tuple[int, Any]]:
+    """Rows, one row group at a time: a damaged row group ends the read after the groups before it (a
+    whole-file iterator reads ahead and would lose those too)."""
     with _open(file) as f:
         k = 0
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_BATCH):
-            for row in batch.to_pylist():
-                yield k, row
-                k += 1
+        parquet = pq.ParquetFile(f)
+        for group in range(parquet.num_row_groups):
+            for batch in parquet.iter_batches(batch_size=_BATCH, row_groups=[group]):
+                for row in batch.to_pylist():
+                    yield k, row
+                    k += 1
 
 
 def _read_file(file: str, raw: bool = False) -> Iterator[tuple[int, Any]]:
@@ -199,6 +281,30 @@ def _read_hub(path: str, subset: str | None, split: str) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------- public API
+def _until_damage(file: str, records: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """A file's records up to the first read failure, then that failure as a file-level RecordError.
+
+    A truncated Parquet file, a damaged or fake `.gz`, a file that vanished: the records read before the
+    damage are kept, the rest of the file is listed with its reason, and the next file is read.
+    """
+    n = 0
+    try:
+        for item in records:
+            yield item
+            n += 1
+    except SourceError:
+        raise  # the source itself (a missing split), not one of its files
+    except Exception as err:  # noqa: BLE001 - every reader's and decompressor's own error types
+        where = f"after {n} records" if n else "before any record"
+        yield n, RecordError(file, None, f"unreadable file ({where}): {_file_reason(err)}")
+
+
+def _file_reason(err: BaseException) -> str:
+    """`TypeName: message` on one line; PyArrow and the decompressors say what was wrong, not where."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def iter_source(spec: SourceSpec, raw_lines: bool = False) -> Iterator[tuple[str, int, dict | RecordError | RawLine]]:
     """(file, index, record or RecordError) over the whole source; indices are consecutive across files.
 
@@ -215,7 +321,7 @@ def iter_source(spec: SourceSpec, raw_lines: bool = False) -> Iterator[tuple[str
         streams = iter([(path, enumerate(_read_hub(hub, spec.subset, spec.split)))])
     index = 0
     for file, records in streams:
-        for _, record in records:
+        for _, record in _until_damage(file, records):
             if spec.limit is not None and index >= spec.limit:
                 return
             if isinstance(record, RecordError) and record.index is None:

@@ -137,3 +137,17 @@ class Conversation:
     @property
     def modality(self) -> str:
         return "image_text" if self.images else "text"
+
+    def text_bytes(self) -> int:
+        """UTF-8 bytes of everything the tokenizer will read: message texts, tool calls, tool schemas.
+
+        What `mixture.max_record_bytes` limits (images have their own limits); counted before tokenizing.
+        """
+        n = sum(len(t.encode("utf-8", "surrogatepass")) for t in self.tools)
+        for m in self.messages:
+            for p in m.parts:
+                if isinstance(p, Text):
+                    n += len(p.text.encode("utf-8", "surrogatepass"))
+                elif isinstance(p, ToolCall):
+                    n += len(p.name.encode("utf-8", "surrogatepass")) + len(p.arguments.encode("utf-8", "surrogatepass"))
+        return n

@@ -6,6 +6,7 @@ resolution, tool schemas and the checks every conversation must pass are shared 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from mlan.recipe import SourceSpec
 from mlan.sources.formats.chat import alpaca, messages, prompt_completion, sharegpt
@@ -19,6 +20,8 @@ from mlan.sources.formats.draft import (
 from mlan.sources.formats.oasst import oasst, oasst_conversations
 from mlan.sources.formats.template import from_template
 from mlan.sources.records import Conversation, RecordError
+
+T = TypeVar("T")
 
 FORMATS: dict[str, Callable[[RecordContext], Conversation]] = {
     "alpaca": alpaca,
@@ -35,14 +38,28 @@ def to_conversation(spec: SourceSpec, index: int, record: dict, file: str) -> Co
     """One raw record → a checked Conversation, or a RecordError naming file, index, reason and field."""
     if not isinstance(record, dict):
         raise RecordError(file, index, f"expected a JSON object, got {type(record).__name__}")
-    return FORMATS[spec.format](RecordContext(spec, index, record, file))
+    return _converted(lambda: FORMATS[spec.format](RecordContext(spec, index, record, file)), file, index)
 
 
 def to_conversations(spec: SourceSpec, index: int, record: dict, file: str) -> list[Conversation]:
     """Every conversation a record holds: one, except an OpenAssistant tree read with `tree_paths: all`."""
     if spec.format == "oasst" and isinstance(record, dict):
-        return oasst_conversations(RecordContext(spec, index, record, file))
+        return _converted(lambda: oasst_conversations(RecordContext(spec, index, record, file)), file, index)
     return [to_conversation(spec, index, record, file)]
+
+
+def _converted(convert: Callable[[], T], file: str, index: int) -> T:
+    """`convert()`, with any failure a converter did not foresee turned into the record's RecordError:
+    a record is data, so no value in it may stop a build (hostile inputs, docs/sources.md)."""
+    try:
+        return convert()
+    except RecordError:
+        raise
+    except RecursionError:
+        raise RecordError(file, index, "record nested too deeply to convert") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeError, OverflowError) as err:
+        text = " ".join(str(err).split())[:300]
+        raise RecordError(file, index, f"cannot convert the record: {type(err).__name__}: {text}") from None
 
 __all__ = ["FORMATS", "IMAGE_PLACEHOLDER", "canonical_json", "choose_prompt", "record_id", "to_conversation",
            "to_conversations"]
