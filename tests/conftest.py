@@ -85,17 +85,3 @@ def tiny_real_builds(local_ray, shared_data, tmp_path_factory) -> dict[str, Path
         out[family] = root / family
     return out
 
-
-# ---------------------------------------------------------------- pytest-xdist (`make test`: -n 2 --dist loadfile)
-# `make test` hands whole files to 2 workers in collection order (--no-loadscope-reorder), so a module's fixtures
-# are built once per run. The longest files are queued first: one started last would leave the other worker idle.
-# (--dist loadgroup would keep test_build + test_build_real, and test_loader + test_train, on one worker for their
-# session builds, but pytest-xdist 3.8 cannot group under pytest 9: it renames `item._nodeid`, which pytest 9 no
-# longer reads; with loadfile such a build is made at most once per worker.)
-LONGEST_FIRST = ["test_faults", "test_build", "test_build_real", "test_ablate", "test_continual", "test_loader",
-                 "test_train", "test_pretrained"]
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(str(item.path)).stem, len(rank)))  # stable: file order otherwise
