@@ -30,6 +30,7 @@ import yaml
 from mlan import progress
 from mlan.ablate import _mlan, _sets, export_complete, ratio_tag, write_plot
 from mlan.atomic_write import write_text_atomic
+from mlan.data.labels import IGNORE_INDEX
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting, harmonic_mean
 from mlan.eval.harness import evaluate, load_model
@@ -135,9 +136,9 @@ def heldout_doc_losses(model_dir: str, alpaca: Path, n_docs: int) -> list[tuple[
         ids = torch.tensor([full])
         logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         targets = ids[0, 1:].clone()
-        targets[: len(prompt) - 1] = -100
-        docs.append((float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")),
-                     int((targets != -100).sum())))
+        targets[: len(prompt) - 1] = IGNORE_INDEX
+        docs.append((float(torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")),
+                     int((targets != IGNORE_INDEX).sum())))
     return docs
 
 

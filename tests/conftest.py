@@ -37,3 +37,51 @@ def llama3_tokenizer():
     from mlan.tokenizer import load_tokenizer
 
     return load_tokenizer("llama3")
+
+
+# ---------------------------------------------------------------- built once per session, read by several tests
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session's in-process builds: build() joins an initialized Ray instead of starting
+    (and stopping) its own, which costs seconds each time."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_data_build(local_ray, shared_data, tmp_path_factory):
+    """recipes/shared-data.yaml as shipped (2M tokens), built once with 2 workers: (recipe, ROOT, stats) with the
+    build in ROOT/out and its tokenized cache in ROOT/cache. Readers write only to folders of their own."""
+    from mlan.mixture.build import build
+    from mlan.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("shared-data-build")
+    recipe = load_recipe(REPO / "recipes" / "shared-data.yaml")
+    stats = build(recipe, str(root / "out"), workers=2, cache_dir=str(root / "cache"), progress=False)
+    return recipe, root, stats
+
+
+TINY_REAL_BUILD = ["mixture.budget.tokens=10000", "mixture.seq_len=256", "shards.target_tokens=4000"]
+
+
+@pytest.fixture(scope="session")
+def tiny_real_builds(local_ray, shared_data, tmp_path_factory) -> dict[str, Path]:
+    """recipes/tiny-{llava,mllama}.yaml over the real data, small (10k tokens in rows of 256, ~3 shards each):
+    {family: build folder}. Read by the loader and training tests; runs write beside them, never into them."""
+    from mlan.mixture.build import build
+    from mlan.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("tiny-real")
+    out = {}
+    for family in ("llava", "mllama"):
+        recipe = load_recipe(REPO / "recipes" / f"tiny-{family}.yaml", TINY_REAL_BUILD)
+        build(recipe, str(root / family), workers=1, cache_dir=str(root / "cache"), progress=False)
+        out[family] = root / family
+    return out
+

@@ -37,16 +37,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module's in-process builds (build() reuses an initialized Ray)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def ray_head():
     """A real Ray cluster (`ray start --head` on loopback) for subprocess builds with --address.
@@ -156,14 +146,9 @@ def small_recipe(tmp: Path, shared: Path, name: str = "small.yaml", target_token
 
 # ---------------------------------------------------------------- the shared-data build
 @pytest.fixture(scope="module")
-def shared_build(local_ray, shared_data, repo_root, tmp_path_factory):
-    from mlan.mixture.build import build
-    from mlan.recipe import load_recipe
-
-    tmp = tmp_path_factory.mktemp("shared")
-    recipe = load_recipe(repo_root / "recipes/shared-data.yaml")
-    stats = build(recipe, str(tmp / "out"), workers=2, cache_dir=str(tmp / "cache"), progress=False)
-    return recipe, tmp, stats
+def shared_build(shared_data_build):
+    """recipes/shared-data.yaml as shipped (tests/conftest.py builds it once per session)."""
+    return shared_data_build
 
 
 @pytest.mark.timeout(400)

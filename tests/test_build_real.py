@@ -22,16 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module's in-process builds (build() reuses an initialized Ray)."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def loader_rows(out: Path) -> int:
     """Every row of a build read through the training loader (its own row checks); the rows read."""
     from mlan.data.loader import make_loader
@@ -342,7 +332,7 @@ def tar_rows_and_bound(out: Path) -> tuple[int, int, int]:
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "recipes").glob("*.yaml")
                                           if not p.stem.startswith("continual-")))  # continual: own schema
-def test_every_shipped_recipe_builds_rows_the_loader_accepts(local_ray, name, tmp_path):
+def test_every_shipped_recipe_builds_rows_the_loader_accepts(local_ray, name, tmp_path, request):
     """Each shipped recipe whose data is present: built as shipped, every row read through the loader (none
     rejected), `mlan verify` reading every row finds nothing, the manifest's geometry is the tars' and the
     family's, and packing is within 1% of the row bound (3% for the demo's 128-token rows)."""
@@ -360,8 +350,12 @@ def test_every_shipped_recipe_builds_rows_the_loader_accepts(local_ray, name, tm
     why = _local_data(recipe)
     if why:
         pytest.skip(why)
-    out = tmp_path / "out"
-    stats = build(recipe, str(out), workers=2, cache_dir=str(tmp_path / "cache"), progress=False)
+    if name == "shared-data":  # the same build test_build.py reads: built once per session (tests/conftest.py)
+        _, root, stats = request.getfixturevalue("shared_data_build")
+        out = root / "out"
+    else:
+        out = tmp_path / "out"
+        stats = build(recipe, str(out), workers=2, cache_dir=str(tmp_path / "cache"), progress=False)
     manifest = json.loads((out / "manifest.json").read_text())
     fc = get_family(recipe.model).family_config()
     assert manifest["family_config"] == fc

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 from PIL import Image
 
 from mlan.families.registry import get_family
@@ -156,13 +155,6 @@ def load_recipe_model(family: str):
 
 
 # ---------------------------------------------------------------- the real tokenize stage
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def _tokenize(recipe_dir: Path, cache: Path, *overrides: str) -> list[SourceCache]:
     recipe = _recipe(recipe_dir, *overrides)
     return tokenize_sources(recipe, str(cache), workers=1, progress=False)

@@ -146,16 +146,9 @@ def test_undecodable_image_names_shard_and_key(tmp_path):
 
 # ---------------------------------------------------------------- on a real `mlan build`
 @pytest.fixture(scope="module")
-def real_build(tmp_path_factory, shared_data, repo_root) -> Path:
-    """recipes/tiny-mllama.yaml built by the real `mlan build` (smaller budget and rows, for test time)."""
-    from mlan.cli import main
-
-    out = tmp_path_factory.mktemp("tiny-mllama")
-    rc = main(["build", str(repo_root / "recipes" / "tiny-mllama.yaml"), "--out", str(out), "--workers", "2",
-               "--cache", str(tmp_path_factory.mktemp("cache")),
-               "--set", "mixture.budget.tokens=30000", "--set", "mixture.seq_len=256"])
-    assert rc == 0
-    return out
+def real_build(tiny_real_builds) -> Path:
+    """recipes/tiny-mllama.yaml built over the real data (10k tokens in rows of 256; tests/conftest.py)."""
+    return tiny_real_builds["mllama"]
 
 
 @pytest.mark.slow

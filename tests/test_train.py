@@ -262,22 +262,10 @@ def test_lora_changes_only_adapters_and_projector_then_merges(llava_build):
 
 
 # ---------------------------------------------------------------- real builds of ../shared/data
-REAL_BUILD = ["mixture.budget.tokens=10000", "mixture.seq_len=256", "shards.target_tokens=4000"]
-
-
 @pytest.fixture(scope="module")
-def real_builds(shared_data, repo_root, tmp_path_factory) -> dict[str, Path]:
-    """One small real build per family (the recipes' sources, a 10k-token budget in rows of 256)."""
-    from mlan.mixture.build import build
-    from mlan.recipe import load_recipe
-
-    root = tmp_path_factory.mktemp("real")
-    out = {}
-    for family in ("llava", "mllama"):
-        recipe = load_recipe(repo_root / "recipes" / f"tiny-{family}.yaml", REAL_BUILD)
-        build(recipe, str(root / family), workers=1, cache_dir=str(root / "cache"), progress=False)
-        out[family] = root / family
-    return out
+def real_builds(tiny_real_builds) -> dict[str, Path]:
+    """One small real build per family (the recipes' sources, 10k tokens in rows of 256; tests/conftest.py)."""
+    return tiny_real_builds
 
 
 def _same_logits_after_export(run: Path, recipe_path: Path, overrides: list[str], build_dir: Path) -> None:

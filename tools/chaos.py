@@ -58,15 +58,15 @@ class Target:
     wall: float = 0.0
 
 
-def chaos_recipe(work: Path) -> Path:
-    """recipes/tiny-llava.yaml with absolute source paths and at most SOURCE_LIMIT records per source."""
+def chaos_recipe(work: Path, source_limit: int = SOURCE_LIMIT) -> Path:
+    """recipes/tiny-llava.yaml with absolute source paths and at most `source_limit` records per source."""
     raw = yaml.safe_load((REPO / "recipes" / "tiny-llava.yaml").read_text())
     os.environ["MLAN_SHARED_DATA"] = str(DATA)  # the recipe's ${MLAN_SHARED_DATA:-…} paths → DATA
     for src in raw["sources"]:
         for key in ("path", "images"):
             if src.get(key):
                 src[key] = expand_env(src[key])
-        src["limit"] = SOURCE_LIMIT
+        src["limit"] = source_limit
     path = work / "chaos.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working folder (default: a temporary one, removed after)")
     p.add_argument("--only", choices=["build", "train"], default=None)
+    p.add_argument("--source-limit", type=int, default=SOURCE_LIMIT,
+                   help=f"records read per source (default {SOURCE_LIMIT}; fewer: shorter tokenizing)")
     args = p.parse_args(argv)
     if not (DATA / "README.md").is_file():
         print(f"chaos: the real data folder {DATA} is missing (set MLAN_SHARED_DATA)", file=sys.stderr)
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlan-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    recipe = chaos_recipe(work)
+    recipe = chaos_recipe(work, args.source_limit)
     targets: list[Target] = []
     ref_build = None
     if args.only in (None, "build"):

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from mlan.data.images import decode_image
+from mlan.data.labels import IGNORE_INDEX
 from mlan.families.registry import family_names, family_plugin
 from mlan.mixture.shards import PackedRow
 
-IGNORE = -100
 PAD_TO = ("longest", "seq_len")
 
 
@@ -72,10 +72,10 @@ def document_position_ids(docs: Sequence[int]) -> np.ndarray:
 
 def row_labels(ids: np.ndarray, loss: np.ndarray, docs: Sequence[int], image_token_id: int) -> np.ndarray:
     """Token ids where the loss mask is set, −100 elsewhere, on image tokens and on every document's first token."""
-    labels = np.where(np.asarray(loss) > 0, np.asarray(ids, dtype=np.int64), IGNORE)
-    labels[np.asarray(ids) == image_token_id] = IGNORE
+    labels = np.where(np.asarray(loss) > 0, np.asarray(ids, dtype=np.int64), IGNORE_INDEX)
+    labels[np.asarray(ids) == image_token_id] = IGNORE_INDEX
     starts = np.cumsum(docs) - np.asarray(docs)
-    labels[starts[np.asarray(docs) > 0]] = IGNORE
+    labels[starts[np.asarray(docs) > 0]] = IGNORE_INDEX
     return labels
 
 
@@ -127,7 +127,7 @@ class FamilyCollator:
             raise ValueError(f"row of {longest} tokens does not fit pad_to seq_len={length}")
         b = len(rows)
         input_ids = np.full((b, length), fc.pad_token_id, dtype=np.int64)
-        labels = np.full((b, length), IGNORE, dtype=np.int64)
+        labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((b, length), dtype=np.int64)
         by_modality = {"text": 0, "image_text": 0}
         n_tokens = 0
@@ -153,7 +153,7 @@ class FamilyCollator:
         batch.update(family_plugin(fc.family).runtime().batch_images(fc, rows, decoded, length, self.always_images))
         batch["meta"] = {
             "n_tokens": n_tokens,
-            "n_loss_tokens": int((labels != IGNORE).sum()),
+            "n_loss_tokens": int((labels != IGNORE_INDEX).sum()),
             "tokens_by_modality": by_modality,
             "keys": [r.key for r, fill in zip(rows, filler) if not fill],
             "n_images": sum(len(r.images) for r, fill in zip(rows, filler) if not fill),

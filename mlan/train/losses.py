@@ -1,6 +1,6 @@
 """Token losses over packed rows: cross-entropy and Soft Targets, summed so the trainer can normalize globally.
 
-Both return the *sum* over loss tokens (labels != -100) of a micro-batch; the trainer divides by the
+Both return the *sum* over loss tokens (labels != IGNORE_INDEX) of a micro-batch; the trainer divides by the
 all-reduced loss-token count of the whole step, so neither grad accumulation nor world size changes the loss.
 Only the real vocabulary takes part: logits beyond `real_vocab` (an added image-token row, Mllama's padded
 embedding rows) are sliced off, so they get no probability mass and no gradient.
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from mlan.data.labels import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "count_loss_tokens", "shift_labels", "target_loss_sum"]
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:

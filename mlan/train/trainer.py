@@ -95,49 +95,73 @@ class Stepper:
 
     def step(self, micro: list[dict[str, Any]], tokens_before: int, budget: int, lr: float | None,
              schedule: TokenSchedule) -> StepResult:
+        """One optimizer step: cut to the budget, schedule, forward + loss and backward per micro-batch,
+        clip, step; returns the step's figures summed over ranks."""
         metas = [b.pop("meta") for b in micro]
+        step_tokens, text_only = self._cut_to_budget(micro, metas, budget - tokens_before)
+        self._set_lr(schedule.for_step(tokens_before, step_tokens) if lr is None else lr)
+        global_loss_tokens, text, img = self._all_reduce([
+            sum(count_loss_tokens(b["labels"]) for b in micro),
+            sum(int(m["tokens_by_modality"].get("text", 0)) for m in metas),
+            sum(int(m["tokens_by_modality"].get("image_text", 0)) for m in metas)])
+        denom = max(global_loss_tokens, 1.0)  # the step's global loss-token count, known before any backward
+        loss_sum = 0.0
+        for b in micro:
+            loss = self._forward_loss(b)
+            self._backward(loss, denom)
+            loss_sum += float(loss.detach())
+            del loss
+        grad_norm = self._clip()
+        self._optimizer_step()
+        (global_loss_sum,) = self._all_reduce([loss_sum])
+        return StepResult(tokens=step_tokens, tokens_text=int(text), tokens_image_text=int(img),
+                          loss=global_loss_sum / denom, loss_tokens=int(global_loss_tokens),
+                          grad_norm=grad_norm, text_only_microbatches=text_only)
+
+    def _cut_to_budget(self, micro: list[dict[str, Any]], metas: list[dict[str, Any]],
+                       left: int) -> tuple[int, int]:
+        """Every rank's token and image counts; on the last step, micro-batches truncated (in place, `metas`
+        updated) so the step consumes exactly the `left` tokens. Returns (step tokens, text-only
+        micro-batches: those Mllama runs on a dummy image so every rank runs the same modules)."""
         table = self.all_gather_counts([int(m["n_tokens"]) for m in metas] + [int(m.get("n_images", 0)) for m in metas])
         counts, images = table[:, :len(metas)], table[:, len(metas):]
-        # micro-batches without any real image (Mllama runs them on a dummy image: same modules on every rank)
         text_only = int((images == 0).sum())
         step_tokens = int(counts.sum())
-        if step_tokens > budget - tokens_before:  # the last step: consume exactly what is left
-            allot = deal_budget(counts, budget - tokens_before)
+        if step_tokens > left:
+            allot = deal_budget(counts, left)
             for j, (b, m) in enumerate(zip(micro, metas)):
                 if int(allot[self.env.rank, j]) < int(m["n_tokens"]):
                     metas[j] = truncate_batch(b, m, int(allot[self.env.rank, j]), self.image_token_id)
             step_tokens = int(allot.sum())
-        lr = schedule.for_step(tokens_before, step_tokens) if lr is None else lr
+        return step_tokens, text_only
+
+    def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        local_loss_tokens = sum(count_loss_tokens(b["labels"]) for b in micro)
-        local_text = sum(int(m["tokens_by_modality"].get("text", 0)) for m in metas)
-        local_img = sum(int(m["tokens_by_modality"].get("image_text", 0)) for m in metas)
-        global_loss_tokens, text, img = self._all_reduce([local_loss_tokens, local_text, local_img])
-        denom = max(global_loss_tokens, 1.0)
-        loss_sum = 0.0
-        for b in micro:
-            dummy = same_modules_inputs(b, self.family_config)
-            b = to_device(b, self.env.device)
-            targets = shift_labels(b.pop("labels"))
-            keep = targets != IGNORE_INDEX  # the lm_head runs only where a loss is taken
-            if dummy is not None:
-                dummy = dummy.to(self.env.device)
-                keep = keep | dummy
-            logits = self.model(**b, use_cache=False, logits_to_keep=keep).logits
-            loss = target_loss_sum(logits, targets[keep], self.real_vocab, self.spec.soft_targets or 0.0)
-            if dummy is not None:  # keep the vision tower and projector in every rank's backward
-                loss = loss + 0.0 * logits.reshape(-1, logits.shape[-1])[dummy[keep]].float().sum()
-            (loss / denom).backward()
-            loss_sum += float(loss.detach())
-            del logits, loss
-        grad_norm = self._clip()
+
+    def _forward_loss(self, b: dict[str, Any]) -> torch.Tensor:
+        """One micro-batch's summed token loss; the lm_head runs only where a loss is taken."""
+        dummy = same_modules_inputs(b, self.family_config)
+        b = to_device(b, self.env.device)
+        targets = shift_labels(b.pop("labels"))
+        keep = targets != IGNORE_INDEX
+        if dummy is not None:
+            dummy = dummy.to(self.env.device)
+            keep = keep | dummy
+        logits = self.model(**b, use_cache=False, logits_to_keep=keep).logits
+        loss = target_loss_sum(logits, targets[keep], self.real_vocab, self.spec.soft_targets or 0.0)
+        if dummy is not None:  # keep the vision tower and projector in every rank's backward
+            loss = loss + 0.0 * logits.reshape(-1, logits.shape[-1])[dummy[keep]].float().sum()
+        return loss
+
+    @staticmethod
+    def _backward(loss: torch.Tensor, denom: float) -> None:
+        """Gradients of loss / (the step's global loss tokens): FSDP's sum over ranks is the step's mean."""
+        (loss / denom).backward()
+
+    def _optimizer_step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (global_loss_sum,) = self._all_reduce([loss_sum])
-        return StepResult(tokens=step_tokens, tokens_text=int(text), tokens_image_text=int(img),
-                          loss=global_loss_sum / denom, loss_tokens=int(global_loss_tokens), grad_norm=grad_norm,
-                          text_only_microbatches=text_only)
 
     def _clip(self) -> float:
         max_norm = self.spec.grad_clip if self.spec.grad_clip is not None else math.inf
