@@ -296,7 +296,7 @@ def _protocol_item(protocol: str, style: str, parsed: Parsed, passage: str, item
                 response_prefix=PAPER_PREFIX)
 
 
-def _read_ids(path: str | Path) -> dict[str | None, set[str]]:
+def read_ids(path: str | Path) -> dict[str | None, set[str]]:
     """`--items FILE`: ids one per line, or an items.jsonl ({"task", "id"} per line) → {task or None: ids}."""
     p = Path(path)
     if not p.is_file():
@@ -359,7 +359,7 @@ def load_task(
     """Read a benchmark file; format, kind and group are inferred unless given.
 
     `protocol` (default lm-eval) decides how a language multiple-choice file is scored; `items` (a file or
-    the mapping `_read_ids` returns) keeps only the listed ids; `limit` then keeps the first N. A task with
+    the mapping `read_ids` returns) keeps only the listed ids; `limit` then keeps the first N. A task with
     no item to score is a UserError (n = 0 is never 0 %).
     """
     path = Path(path)
@@ -377,7 +377,7 @@ def load_task(
     if fmt not in FORMATS:
         raise UserError(f"{path}: unknown task format {fmt!r}; known formats: {', '.join(FORMATS)}")
     name = name or path.stem
-    item_ids = _read_ids(items) if isinstance(items, (str, Path)) else items
+    item_ids = read_ids(items) if isinstance(items, (str, Path)) else items
     chosen = _select(records, name, path, limit, item_ids)
     if not chosen:
         raise UserError(f"{path}: task {name!r} has no item to score (n = 0)")
