@@ -34,17 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def eval_command(args: argparse.Namespace) -> int:
     """Print the table; write the results JSON and its per-item file when --out is given."""
-    from mlan.eval.harness import evaluate, format_table, write_results  # lazy (start-up): pulls torch, 2.3 s
-
     from mlan.errors import UserError
+    from mlan.eval.harness import evaluate, format_table, write_results  # lazy (start-up): pulls torch, 2.3 s
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
-    kwargs = dict(batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                  images=args.images, reference=args.reference, image_pattern=args.image_pattern,
-                  protocol=args.protocol, chat_template=args.chat_template, items=args.items)
+    kwargs = {"batch_size": args.batch_size, "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                  "images": args.images, "reference": args.reference, "image_pattern": args.image_pattern,
+                  "protocol": args.protocol, "chat_template": args.chat_template, "items": args.items}
     if args.nproc > 1:
         from mlan.eval.distributed import evaluate_distributed
 
