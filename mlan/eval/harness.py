@@ -291,6 +291,11 @@ def evaluate(model_path: str, tasks: list, batch_size: int = 8, limit: int | Non
     scored = evaluate_tasks(lm, loaded_tasks, batch_size, max_new_tokens, keep_records, chat_template=chat_template,
                             progress=progress)
     results = {"model": str(model_path), "protocol": protocol, "chat_template": chat_template, **scored}
+    return with_reference(results, reference)
+
+
+def with_reference(results: dict, reference: str | None) -> dict:
+    """The results plus "forgetting" against a reference results file (when one is given)."""
     if reference:
         ref_path = Path(reference)
         if not ref_path.is_file():

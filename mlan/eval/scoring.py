@@ -157,7 +157,7 @@ def _score_cached(lm: Loaded, batch: list[_Group], pad: int) -> list[list[float]
     for r, p in enumerate(prefixes):
         ids[r, : len(p)] = torch.tensor(p)
         mask[r, : len(p)] = 1
-    cache = lm.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
+    cache = lm.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
     owner = [r for r, g in enumerate(batch) for _ in g.continuations]
     suffixes = [[g.context[-1], *c[:-1]] for g in batch for c in g.continuations]
     targets = [c for g in batch for c in g.continuations]
@@ -171,7 +171,7 @@ def _score_cached(lm: Loaded, batch: list[_Group], pad: int) -> list[list[float]
     lengths = torch.tensor([len(prefixes[o]) for o in owner])
     positions = lengths[:, None] + torch.arange(swidth)[None, :]
     logits = lm.model(input_ids=sids, attention_mask=torch.cat([mask[owner], smask], dim=1), position_ids=positions,
-                      past_key_values=cache, use_cache=True).logits
+                      cache=cache, use_cache=True).logits
     flat = _sum_logprobs(logits, [(r, 0, t) for r, t in enumerate(targets)])
     out, k = [], 0
     for g in batch:
