@@ -45,7 +45,7 @@ def eval_command(args: argparse.Namespace) -> int:
                   "images": args.images, "reference": args.reference, "image_pattern": args.image_pattern,
                   "protocol": args.protocol, "chat_template": args.chat_template, "items": args.items}
     if args.nproc > 1:
-        from mlan.eval.distributed import evaluate_distributed  # noqa: PLC0415 - only with --nproc
+        from mlan.eval.distributed import evaluate_distributed
 
         results = evaluate_distributed(args.model, args.tasks, nproc=args.nproc, **kwargs)
     else:
