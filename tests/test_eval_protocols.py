@@ -254,3 +254,24 @@ def test_smollm2_equals_lm_evaluation_harness_on_every_task(shared_data, generic
     except UserError as err:
         pytest.skip(f"SmolLM2-135M-Instruct is not available offline: {err}")
     _assert_equal_to_lm_eval(model, _lm_eval_tasks(shared_data, generic_file, 20), tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_files_of_one(tiny_llama_dir, shared_data, tmp_path) -> None:
+    ev = shared_data / "eval"
+    files = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}.json"
+        assert main(["eval", str(tiny_llama_dir), "--tasks", str(ev / "arc-easy_test.json"),
+                     str(ev / "winogrande_test.json"), "--limit", "5", "--batch-size", "2", "--nproc", str(nproc),
+                     "--out", str(out)]) == 0
+        files[nproc] = (json.loads(out.read_text()), [json.loads(x) for x in items_path(out).read_text().splitlines()])
+    (one, one_items), (two, two_items) = files[1], files[2]
+    assert len(one_items) == 10
+    strip = lambda r: {k: v for k, v in r.items() if k != "loglik"}
+    assert [strip(r) for r in two_items] == [strip(r) for r in one_items]
+    for a, b in zip(one_items, two_items):
+        assert b["loglik"] == pytest.approx(a["loglik"], abs=1e-4)
+    for name, t in one["tasks"].items():
+        assert {**t, "items_file": "-"} == {**two["tasks"][name], "items_file": "-"}
+    assert one["groups"] == two["groups"]
