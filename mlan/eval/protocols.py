@@ -102,7 +102,7 @@ def prompt_style(name: str, path: str, parsed: Parsed) -> str:
             if style == "winogrande" and ("_" not in parsed.question or len(parsed.options) != 2):
                 break
             return style
-    if parsed.labels and [x.lower() for x in parsed.labels] == ["true", "false"]:
+    if parsed.labels and sorted(x.lower() for x in parsed.labels) == ["false", "true"]:
         return "boolq"
     return "cloze"
 
