@@ -217,13 +217,15 @@ def _lm_eval_tasks(shared_data: Path, generic_file: Path, n: int) -> dict:
     return out
 
 
-def _assert_equal_to_lm_eval(model_dir: str, tasks: dict, folder: Path) -> None:
+def _assert_equal_to_lm_eval(model_dir: str, tasks: dict, folder: Path, chat_template: bool = False) -> None:
     pytest.importorskip("lm_eval", reason="lm-evaluation-harness (the dev extra's lm-eval==0.4.13) is not installed")
     import lmeval_reference
 
-    want = lmeval_reference.run(model_dir, {k: (s, d) for k, (_, s, d) in tasks.items()}, folder)
+    want = lmeval_reference.run(model_dir, {k: (s, d) for k, (_, s, d) in tasks.items()}, folder,
+                                apply_chat_template=chat_template)
     lm = load_model(model_dir)
-    res = evaluate_tasks(lm, [t for t, _, _ in tasks.values()], batch_size=3, keep_records=True)
+    res = evaluate_tasks(lm, [t for t, _, _ in tasks.values()], batch_size=3, keep_records=True,
+                         chat_template=chat_template)
     for name, (task, _, _) in tasks.items():
         got = res["tasks"][name]["records"]
         assert len(got) == len(want[name]) == len(task.items)
@@ -244,6 +246,14 @@ def _assert_equal_to_lm_eval(model_dir: str, tasks: dict, folder: Path) -> None:
 def test_tiny_llama_equals_lm_evaluation_harness_on_every_task(tiny_llama_dir, shared_data, generic_file,
                                                                 tmp_path) -> None:
     _assert_equal_to_lm_eval(str(tiny_llama_dir), _lm_eval_tasks(shared_data, generic_file, 4), tmp_path)
+
+
+@pytest.mark.slow
+def test_chat_template_equals_lm_evaluation_harness_apply_chat_template(tiny_llama_dir, shared_data, generic_file,
+                                                                        tmp_path) -> None:
+    tasks = _lm_eval_tasks(shared_data, generic_file, 3)
+    _assert_equal_to_lm_eval(str(tiny_llama_dir), {k: tasks[k] for k in ("arc-easy_test", "winogrande_test")},
+                             tmp_path, chat_template=True)
 
 
 @pytest.mark.slow
