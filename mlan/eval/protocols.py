@@ -5,6 +5,7 @@
   `Question: {question}\\nAnswer:`, OpenBookQA `{question_stem}`, PIQA `Question: {goal}\\nAnswer:`, BoolQ
   `{passage}\\nQuestion: {question}?\\nAnswer:` with options `no` / `yes`, WinoGrande partial scoring (one context
   per option: the sentence up to the blank with the option filled in; the scored continuation is the rest).
+  BoolQ and WinoGrande report `acc` only, as lm-eval's own task YAMLs do.
 - `mlan-paper`: MLAN's generative protocol: the question, `Choose the best option from below:` and lettered
   options in the chat template, the assistant turn opened with `The best answer is "`, greedy, exact match.
 - `labels`: the LLM-Adapters rendering as it is (options listed in the prompt, the model picks `answerK`).
@@ -46,7 +47,7 @@ class Cloze:
     """An item as lm-evaluation-harness scores it: one (context, continuation) request per option.
 
     `option_texts` are lm-eval's `doc_to_choice` strings (acc_norm divides by their length); `norm` is False
-    for WinoGrande's partial scoring, which reports `acc` only.
+    where lm-eval's task reports `acc` only (WinoGrande's partial scoring, BoolQ).
     """
 
     requests: tuple[tuple[str, str], ...]
@@ -120,6 +121,7 @@ def cloze(style: str, parsed: Parsed, passage: str = "") -> Cloze:
     elif style == "boolq":  # LLM-Adapters appended the "?" that lm-eval's prompt adds: drop it
         question = parsed.question.removesuffix("?")
         context = f"{passage}\nQuestion: {question}?\nAnswer:"
+        return Cloze(tuple((context, " " + o) for o in opts), opts, parsed.gold, norm=False)  # lm-eval: acc only
     else:  # arc, piqa and the generic cloze prompt
         context = f"Question: {parsed.question}\nAnswer:"
     return Cloze(tuple((context, " " + o) for o in opts), opts, parsed.gold)
