@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import re
 
+from mlan.eval.protocols import paper_answer
+
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 _DIRECT = re.compile(r"the (?:direct |correct |final )?answer is\s*:?\s*(.+)", re.IGNORECASE | re.DOTALL)
 
@@ -69,6 +71,8 @@ def extract_answer(text: str, gold: str, extractor: str = "auto", choices: tuple
     """
     if extractor == "gsm8k":
         return extract_gsm8k(text)
+    if extractor == "paper":  # mlan-paper: the generation continues `The best answer is "`
+        return paper_answer(text, choices)
     m = _DIRECT.search(text)
     span = m.group(1) if m else text
     span = span.strip().split("\n")[0] if m else span.strip()

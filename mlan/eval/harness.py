@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,13 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
-from mlan.eval.scoring import ModelInputs, score_choice, score_generate
-from mlan.eval.tasks import Task, load_task, parse_task_arg
+from mlan.eval.protocols import chat_cloze
+from mlan.eval.scoring import ModelInputs, score_choice, score_cloze, score_generate
+from mlan.eval.stats import chance_level, majority_rate, wilson_ci
+from mlan.eval.tasks import Task, load_task, parse_task_arg, read_ids
 from mlan.families.base import EvalGeometry
 from mlan.families.registry import family_for_model_type, family_plugin
 from mlan.pretrained import resolve_model_path
@@ -101,59 +106,196 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_tokens: int = 64,
-                   keep_records: bool = False) -> dict:
-    """Score loaded tasks; returns the results dict (see `evaluate`)."""
-    results: dict[str, Any] = {"tasks": {}}
+# (task name, items done so far, items in the task): the one progress hook (a TTY bar by default)
+ProgressCallback = Callable[[str, int, int], None]
+
+
+@contextmanager
+def _terminal_progress() -> Iterator[ProgressCallback]:
+    """A rich bar per task on a TTY; nothing otherwise."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=None, transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty()) as bar:
+        ids: dict[str, Any] = {}
+
+        def update(name: str, done: int, total: int) -> None:
+            if name not in ids:
+                ids[name] = bar.add_task(f"eval {name}", total=total)
+            bar.update(ids[name], completed=done)
+
+        yield update
+
+
+def _pct(correct: int, n: int) -> dict:
+    return {"value": 100.0 * correct / n, "ci95": list(wilson_ci(correct, n))}
+
+
+def task_entry(task: Task, records: list[dict]) -> dict:
+    """A task's score in the contract (design.md "A score"): n, accuracy, Wilson ci95, chance, majority,
+    protocol and metric, and for lm-eval `acc` / `acc_norm` with their intervals. n = 0 is a UserError."""
+    n = len(records)
+    if n == 0:
+        raise UserError(f"{task.path}: task {task.name!r} has no item to score (n = 0)")
+    correct = sum(bool(r["correct"]) for r in records)
+    entry: dict[str, Any] = {
+        "n": n, "accuracy": 100.0 * correct / n, "ci95": list(wilson_ci(correct, n)),
+        # a random pick among the options; free generation (no options) has no chance level
+        "chance": chance_level([len(it.choices) for it in task.items]) if all(it.choices for it in task.items)
+        else 0.0,
+        "majority": majority_rate([str(r["gold"]) for r in records]),
+        "protocol": task.protocol, "metric": "acc" if task.kind == "choice" else "exact_match",
+        "group": task.group, "kind": task.kind, "format": task.format, "path": task.path,
+    }
+    if task.protocol == "lm-eval":
+        entry["acc"] = _pct(correct, n)
+        if all("correct_norm" in r for r in records):
+            entry["acc_norm"] = _pct(sum(bool(r["correct_norm"]) for r in records), n)
+        entry["prompt"] = task.style
+    if task.skipped:
+        entry["skipped"] = len(task.skipped)  # records that do not parse into question and options
+    return entry
+
+
+def _pooled(results: dict, group: str, records: dict[str, list[dict]]) -> dict | None:
+    """A group's items pooled over its tasks: total n, accuracy over all items and its interval."""
+    names = [name for name, t in results["tasks"].items() if t["group"] == group]
+    if not names:
+        return None
+    n = sum(results["tasks"][k]["n"] for k in names)
+    correct = sum(bool(r["correct"]) for k in names for r in records[k])
+    return {"n": n, "accuracy": 100.0 * correct / n, "ci95": list(wilson_ci(correct, n)), "tasks": names}
+
+
+def _chat_rendered(lm: Loaded, task: Task) -> Task:
+    """lm-eval's `--apply_chat_template`: each context becomes a user turn of the tokenizer's chat template."""
+    if getattr(lm.tokenizer, "chat_template", None) is None:
+        raise UserError(f"{lm.tokenizer.name_or_path}: --chat-template, but the tokenizer has no chat template")
+
+    def render(text: str) -> str:
+        return lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+
+    items = [replace(it, cloze=chat_cloze(it.cloze, render)) if it.cloze else it for it in task.items]
+    return replace(task, items=items)
+
+
+def score_task(lm: Loaded, task: Task, batch_size: int = 8, max_new_tokens: int = 64,
+               progress: Callable[[int], object] = lambda n: None, chat_template: bool = False) -> list[dict]:
+    """The per-item records (the items.jsonl lines) of one task, scored by its protocol."""
+    if task.group == "vision" and lm.family is None:
+        raise UserError(f"{task.path}: image task, but the model is a text-only causal LM")
+    if task.protocol == "lm-eval":
+        return score_cloze(lm, _chat_rendered(lm, task) if chat_template else task, batch_size, progress)
+    if task.kind == "choice":
+        return score_choice(lm, task, batch_size, progress, model_inputs(lm))[1]
+    new_tokens = task.max_new_tokens or max_new_tokens
+    return score_generate(lm, task, batch_size, new_tokens, progress, model_inputs(lm))[1]
+
+
+def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_tokens: int = 64,
+                   keep_records: bool = False, *, chat_template: bool = False,
+                   progress: ProgressCallback | None = None, score: Callable[..., list[dict]] | None = None) -> dict:
+    """Score loaded tasks; returns the results dict (see `evaluate`). `score` replaces `score_task` (the
+    distributed runner scores its share of the items and gathers them)."""
+    results: dict[str, Any] = {"tasks": {}}
+    records: dict[str, list[dict]] = {}
+    score = score or score_task
+    with nullcontext(progress) if progress else _terminal_progress() as report:
         for task in tasks:
-            if task.group == "vision" and lm.family is None:
-                raise UserError(f"{task.path}: image task, but the model is a text-only causal LM")
-            tid = bar.add_task(f"eval {task.name}", total=len(task.items))
-            step = lambda n, tid=tid: bar.advance(tid, n)
-            if task.kind == "choice":
-                acc, records = score_choice(lm, task, batch_size, step, model_inputs(lm))
-            else:
-                acc, records = score_generate(lm, task, batch_size, max_new_tokens, step, model_inputs(lm))
-            entry = {"accuracy": acc, "n": len(task.items), "group": task.group, "kind": task.kind,
-                     "format": task.format, "path": task.path}
+            done = [0]
+
+            def step(k: int, name: str = task.name, total: int = len(task.items), done: list = done) -> None:
+                done[0] += k
+                report(name, done[0], total)
+
+            recs = score(lm, task, batch_size, max_new_tokens, step, chat_template)
+            records[task.name] = recs
+            entry = task_entry(task, recs)
             if keep_records:
-                entry["records"] = records
+                entry["records"] = recs
             results["tasks"][task.name] = entry
+    results["groups"] = {}
     for group in ("language", "vision"):
         accs = [t["accuracy"] for t in results["tasks"].values() if t["group"] == group]
         results[f"{group}_avg"] = _mean(accs)
+        pooled = _pooled(results, group, records)
+        if pooled:
+            results["groups"][group] = pooled
     return results
 
 
-def _as_task(spec: Any, limit: int | None, images: str | None, image_pattern: str | None = None) -> Task:
+def items_path(path: str | Path) -> Path:
+    """FILE.json → FILE.items.jsonl (the per-item file beside the results)."""
+    p = Path(path)
+    return p.with_name((p.name.removesuffix(".json")) + ".items.jsonl")
+
+
+def write_results(results: dict, path: str | Path) -> None:
+    """FILE.json (the results without records) and FILE.items.jsonl (one line per item, task then item order).
+
+    Every task must carry its records (evaluate(..., keep_records=True)): the per-item file is the contract."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    clean = {**results, "tasks": {}}
+    for name, t in results["tasks"].items():
+        if "records" not in t:
+            raise ValueError(f"task {name!r} has no records: evaluate with keep_records=True")
+        lines += [json.dumps(r) for r in t["records"]]
+        clean["tasks"][name] = {**{k: v for k, v in t.items() if k != "records"},
+                                "items_file": items_path(path).name}
+    write_text_atomic(items_path(path), "".join(line + "\n" for line in lines))
+    write_text_atomic(path, json.dumps(clean, indent=2) + "\n")
+
+
+def _as_task(spec: Any, limit: int | None, images: str | None, image_pattern: str | None = None,
+             protocol: str = "lm-eval", items: dict | None = None) -> Task:
     if isinstance(spec, Task):
         return spec
     if isinstance(spec, (str, Path)):
         name, path = parse_task_arg(str(spec))
-        return load_task(path, name, images=images, limit=limit, image_pattern=image_pattern)
+        return load_task(path, name, images=images, limit=limit, image_pattern=image_pattern, protocol=protocol,
+                         items=items)
     # an EvalTaskSpec (recipe) or a dict with its keys
     get = (lambda k: getattr(spec, k, None)) if not isinstance(spec, dict) else spec.get
     return load_task(get("path"), get("name"), kind=get("kind"), format=get("format"), group=get("group"),
                      images=get("images") or images, limit=limit if limit is not None else get("limit"),
-                     image_pattern=get("image_pattern") or image_pattern)
+                     image_pattern=get("image_pattern") or image_pattern, protocol=get("protocol") or protocol,
+                     items=items)
+
+
+def load_tasks(tasks: list, limit: int | None = None, images: str | None = None, image_pattern: str | None = None,
+               protocol: str = "lm-eval", items: str | Path | None = None) -> list[Task]:
+    """Every task read (and checked) before any model is loaded; names must be unique."""
+    ids = read_ids(items) if items is not None else None
+    loaded_tasks = [_as_task(t, limit, images, image_pattern, protocol, ids) for t in tasks]
+    names = [t.name for t in loaded_tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"task names must be unique; got {names} (use NAME=PATH)")
+    return loaded_tasks
 
 
 def evaluate(model_path: str, tasks: list, batch_size: int = 8, limit: int | None = None,
              max_new_tokens: int = 64, images: str | None = None, reference: str | None = None,
-             keep_records: bool = False, image_pattern: str | None = None) -> dict:
+             keep_records: bool = False, image_pattern: str | None = None, *, protocol: str = "lm-eval",
+             chat_template: bool = False, items: str | Path | None = None,
+             progress: ProgressCallback | None = None) -> dict:
     """Evaluate a model directory on task files / NAME=PATH strings / recipe task specs.
 
-    Returns {"model", "tasks": {name: {accuracy (%), n, group, kind, format, path}}, "language_avg",
-    "vision_avg"} plus "forgetting" ({omega, reference_omega, delta} per group) when `reference` is a results file.
+    Returns the score contract (docs/eval.md): {"model", "protocol", "chat_template", "tasks": {name: {n,
+    accuracy (%), ci95, chance, majority, protocol, metric, group, kind, format, path, [acc, acc_norm],
+    [records]}}, "language_avg", "vision_avg", "groups"} plus "forgetting" ({omega, reference_omega, delta} per
+    group) when `reference` is a results file.
     """
-    loaded_tasks = [_as_task(t, limit, images, image_pattern) for t in tasks]  # check every file before loading the model
-    names = [t.name for t in loaded_tasks]
-    if len(set(names)) != len(names):
-        raise UserError(f"task names must be unique; got {names} (use NAME=PATH)")
+    loaded_tasks = load_tasks(tasks, limit, images, image_pattern, protocol, items)
     lm = load_model(str(model_path))
-    results = {"model": str(model_path), **evaluate_tasks(lm, loaded_tasks, batch_size, max_new_tokens, keep_records)}
+    scored = evaluate_tasks(lm, loaded_tasks, batch_size, max_new_tokens, keep_records, chat_template=chat_template,
+                            progress=progress)
+    results = {"model": str(model_path), "protocol": protocol, "chat_template": chat_template, **scored}
+    return with_reference(results, reference)
+
+
+def with_reference(results: dict, reference: str | None) -> dict:
+    """The results plus "forgetting" against a reference results file (when one is given)."""
     if reference:
         ref_path = Path(reference)
         if not ref_path.is_file():
@@ -166,14 +308,23 @@ def evaluate(model_path: str, tasks: list, batch_size: int = 8, limit: int | Non
     return results
 
 
+def _with_ci(value: float, ci: list[float]) -> str:
+    return f"{value:6.2f} [{ci[0]:5.1f}, {ci[1]:5.1f}]"
+
+
 def format_table(results: dict) -> str:
-    """A small plain-text table of the results for the terminal."""
-    lines = [f"{'task':<28} {'group':<9} {'kind':<9} {'n':>6} {'acc %':>7}"]
+    """A plain-text table for the terminal: every score with its n, its 95 % interval and the chance level."""
+    lines = [(f"{'task':<24} {'protocol':<13} {'n':>6} {'acc % [95% CI]':>22} {'acc_norm % [95% CI]':>22} "
+             f"{'chance':>7} {'major.':>7}")]
     for name, t in results["tasks"].items():
-        lines.append(f"{name:<28} {t['group']:<9} {t['kind']:<9} {t['n']:>6} {t['accuracy']:>7.2f}")
-    for group in ("language", "vision"):
-        if results.get(f"{group}_avg") is not None:
-            lines.append(f"{group + '_avg':<55} {results[group + '_avg']:>7.2f}")
+        norm = _with_ci(t["acc_norm"]["value"], t["acc_norm"]["ci95"]) if "acc_norm" in t else "-"
+        lines.append(f"{name:<24} {t.get('protocol', '?'):<13} {t['n']:>6} {_with_ci(t['accuracy'], t['ci95']):>22} "
+                     f"{norm:>22} {t['chance']:>7.2f} {t['majority']:>7.2f}")
+        if t.get("skipped"):
+            lines.append(f"  ({t['skipped']} records of {name} do not parse into question and options: not scored)")
+    for group, g in results.get("groups", {}).items():
+        lines.append(f"{group + ' (pooled)':<38} {g['n']:>6} {_with_ci(g['accuracy'], g['ci95']):>22}"
+                     f"   mean of task accuracies {results[group + '_avg']:.2f}")
     fg = results.get("forgetting")
     if fg:
         for group, d in fg["groups"].items():

@@ -21,11 +21,22 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from mlan.errors import UserError
+from mlan.eval.protocols import (
+    PAPER_MAX_NEW_TOKENS,
+    PAPER_PREFIX,
+    PROTOCOLS,
+    Cloze,
+    Parsed,
+    cloze,
+    paper_prompt,
+    parse_adapters,
+    prompt_style,
+)
 from mlan.sources.images import ImageContext, resolve_path
 from mlan.sources.records import RecordError
 
@@ -35,12 +46,19 @@ Group = Literal["language", "vision"]
 
 @dataclass(frozen=True)
 class Item:
-    """One question: the user message, the options (choice tasks) and the gold answer."""
+    """One question: the user message, the options (choice tasks) and the gold answer.
+
+    `cloze` holds lm-eval's (context, continuation) requests when the item is scored by the lm-eval
+    protocol; `response_prefix` opens the assistant turn of a generative protocol (mlan-paper).
+    """
 
     prompt: str
     answer: str
     choices: tuple[str, ...] = ()
     image: str | None = None  # a local image path, resolved
+    id: str = ""
+    cloze: Cloze | None = None
+    response_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,10 @@ class Task:
     group: Group
     items: list[Item] = field(default_factory=list)
     extractor: str = "auto"  # see mlan.eval.answers.extract_answer
+    protocol: str = "labels"  # how this task is scored: lm-eval | mlan-paper | labels | generate | vision-choice
+    style: str | None = None  # the lm-eval prompt (arc, openbookqa, piqa, boolq, winogrande, cloze)
+    skipped: tuple[str, ...] = ()  # ids of records that do not parse into question and options
+    max_new_tokens: int | None = None  # a protocol's own generation length (mlan-paper: 20)
 
 
 _LETTERS = "ABCDEFGHIJ"
@@ -235,6 +257,89 @@ def _item(fmt: str, rec: dict, path: Path, i: int, images: str | None, pattern: 
 
 FORMATS = ("llm_adapters", "gsm8k", "nlvr", "hf_mc", "boolq_hf", "mc", "qa")
 _CHOICE_FORMATS = {"llm_adapters", "nlvr", "hf_mc", "boolq_hf", "mc"}
+_LANGUAGE_CHOICE_FORMATS = {"llm_adapters", "hf_mc", "boolq_hf", "mc"}  # scored by the run's protocol
+_ID_KEYS = ("id", "idx", "identifier", "qid", "uid")
+
+
+def record_id(rec: dict, index: int) -> str:
+    """A stable item id: the record's own id field when it has one, else its 0-based index in the file."""
+    for key in _ID_KEYS:
+        value = rec.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+    return str(index)
+
+
+def _parse(fmt: str, rec: dict, path: Path, i: int) -> tuple[Parsed, str] | None:
+    """Question, option texts and gold of a language choice record (+ BoolQ's passage); None: no parse."""
+    if fmt == "llm_adapters":
+        instruction, answer = rec.get("instruction"), rec.get("answer")
+        if not isinstance(instruction, str) or not isinstance(answer, (str, bool)):
+            return None
+        return (p, "") if (p := parse_adapters(instruction, str(answer).lower()
+                                              if isinstance(answer, bool) else answer)) else None
+    item = _item(fmt, rec, path, i, None)
+    if fmt == "boolq_hf":
+        return Parsed(rec["question"], ("no", "yes"), int(bool(rec["answer"])), ("false", "true")), rec["passage"]
+    question = rec.get("question") or rec.get("question_stem")
+    labels = tuple(_LETTERS[: len(item.choices)])
+    return Parsed(question, item.choices, item.choices.index(item.answer), labels), ""
+
+
+def _protocol_item(protocol: str, style: str, parsed: Parsed, passage: str, item_id: str) -> Item:
+    """An item scored by the lm-eval or mlan-paper protocol (see mlan.eval.protocols)."""
+    gold = parsed.options[parsed.gold]
+    if protocol == "lm-eval":
+        request = cloze(style, parsed, passage)
+        return Item(prompt=request.requests[0][0], answer=gold, choices=parsed.options, id=item_id, cloze=request)
+    return Item(prompt=paper_prompt(parsed), answer=gold, choices=parsed.options, id=item_id,
+                response_prefix=PAPER_PREFIX)
+
+
+def read_ids(path: str | Path) -> dict[str | None, set[str]]:
+    """`--items FILE`: ids one per line, or an items.jsonl ({"task", "id"} per line) → {task or None: ids}."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: items file not found")
+    out: dict[str | None, set[str]] = {}
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: line {n}: not valid JSON: {err.msg}") from None
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise UserError(f"{path}: line {n}: an items line needs an 'id'")
+            out.setdefault(rec.get("task"), set()).add(str(rec["id"]))
+        else:
+            out.setdefault(None, set()).add(line)
+    if not out:
+        raise UserError(f"{path}: items file lists no ids")
+    return out
+
+
+def _select(records: list[dict], name: str, path: Path, limit: int | None,
+            item_ids: dict[str | None, set[str]] | None) -> list[tuple[int, dict]]:
+    """The records to score: those whose ids `--items` lists (all when None), then the first `limit`."""
+    chosen = list(enumerate(records))
+    if item_ids is not None:
+        wanted = item_ids.get(name, item_ids.get(None))
+        if wanted is None:
+            raise UserError(f"{path}: the items file lists no ids for task {name!r}")
+        have = {record_id(rec, i) for i, rec in chosen}
+        missing = sorted(wanted - have)
+        if missing:
+            raise UserError(f"{path}: task {name!r} has no item with id {missing[0]!r} "
+                            f"({len(missing)} listed ids missing)")
+        chosen = [(i, rec) for i, rec in chosen if record_id(rec, i) in wanted]
+    if limit is not None:
+        if limit < 0:
+            raise UserError(f"--limit must be >= 0, got {limit}")
+        chosen = chosen[:limit]
+    return chosen
 
 
 def load_task(
@@ -247,9 +352,20 @@ def load_task(
     images: str | None = None,
     limit: int | None = None,
     image_pattern: str | None = None,
+    protocol: str | None = None,
+    items: str | Path | dict | None = None,
+    style: str | None = None,
 ) -> Task:
-    """Read a benchmark file; format, kind and group are inferred unless given."""
+    """Read a benchmark file; format, kind and group are inferred unless given.
+
+    `protocol` (default lm-eval) decides how a language multiple-choice file is scored; `items` (a file or
+    the mapping `read_ids` returns) keeps only the listed ids; `limit` then keeps the first N. A task with
+    no item to score is a UserError (n = 0 is never 0 %).
+    """
     path = Path(path)
+    protocol = protocol or "lm-eval"
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     if not path.is_file():
         raise UserError(f"{path}: task file not found")
     records = _read_records(path)
@@ -260,16 +376,44 @@ def load_task(
         )
     if fmt not in FORMATS:
         raise UserError(f"{path}: unknown task format {fmt!r}; known formats: {', '.join(FORMATS)}")
-    if limit is not None:
-        records = records[:limit]
-    items = [_item(fmt, rec, path, i, images, image_pattern) for i, rec in enumerate(records)]
+    name = name or path.stem
+    item_ids = read_ids(items) if isinstance(items, (str, Path)) else items
+    chosen = _select(records, name, path, limit, item_ids)
+    if not chosen:
+        raise UserError(f"{path}: task {name!r} has no item to score (n = 0)")
+    has_image = bool(image_pattern) or fmt == "nlvr" or any(rec.get("image") for _, rec in chosen)
+    by_protocol = protocol != "labels" and fmt in _LANGUAGE_CHOICE_FORMATS and not has_image and kind != "generate"
+    skipped: list[str] = []
+    task_style = None
+    if by_protocol:
+        loaded = []
+        for i, rec in chosen:
+            parsed = _parse(fmt, rec, path, i)
+            if parsed is None:
+                skipped.append(record_id(rec, i))
+                continue
+            this_style = style or prompt_style(name, str(path), parsed[0])
+            task_style = task_style or this_style
+            if this_style == "winogrande" and ("_" not in parsed[0].question or len(parsed[0].options) != 2):
+                skipped.append(record_id(rec, i))
+                continue
+            loaded.append(_protocol_item(protocol, this_style, *parsed, record_id(rec, i)))
+        if not loaded:
+            raise UserError(f"{path}: task {name!r}: none of its {len(chosen)} records parses into a question and "
+                            f"options (n = 0)")
+        kind = "choice" if protocol == "lm-eval" else "generate"
+        return Task(name=name, path=str(path), format=fmt, kind=kind, group=group or "language", items=loaded,
+                    extractor="paper" if protocol == "mlan-paper" else "auto", protocol=protocol, style=task_style,
+                    skipped=tuple(skipped), max_new_tokens=PAPER_MAX_NEW_TOKENS if protocol == "mlan-paper" else None)
+    loaded = [replace(_item(fmt, rec, path, i, images, image_pattern), id=record_id(rec, i)) for i, rec in chosen]
     kind = kind or ("choice" if fmt in _CHOICE_FORMATS else "generate")
-    if kind == "choice" and any(not it.choices for it in items):
+    if kind == "choice" and any(not it.choices for it in loaded):
         raise UserError(f"{path}: kind 'choice' needs options, but format {fmt!r} has none")
-    group = group or ("vision" if any(it.image for it in items) else "language")
+    group = group or ("vision" if any(it.image for it in loaded) else "language")
     extractor = "gsm8k" if fmt == "gsm8k" else "auto"
-    return Task(name=name or path.stem, path=str(path), format=fmt, kind=kind, group=group, items=items,
-                extractor=extractor)
+    task_protocol = ("vision-choice" if group == "vision" else "labels") if kind == "choice" else "generate"
+    return Task(name=name, path=str(path), format=fmt, kind=kind, group=group, items=loaded,
+                extractor=extractor, protocol=task_protocol)
 
 
 def parse_task_arg(arg: str) -> tuple[str | None, str]:
