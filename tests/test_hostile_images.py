@@ -20,15 +20,6 @@ from PIL import Image
 pytestmark = [pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def _build(folder: Path, names: list[str], out: Path, cache: Path) -> dict:
     """Build one image_text source (pics.jsonl in `folder`, one image per record, no `images:` root)."""
     from mlan.mixture.build import build

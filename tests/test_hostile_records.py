@@ -20,16 +20,6 @@ import yaml
 pytestmark = [pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module's in-process builds (build() reuses an initialized Ray)."""
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def _alpaca(i: int) -> dict:
     return {"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"}
 

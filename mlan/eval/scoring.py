@@ -18,6 +18,7 @@ from mlan.eval.answers import extract_answer, is_correct
 from mlan.eval.prompts import prompt_ids
 from mlan.eval.protocols import Cloze
 from mlan.eval.tasks import Item, Task
+from mlan.families.registry import family_plugin
 
 if TYPE_CHECKING:
     from mlan.eval.harness import Loaded
@@ -203,9 +204,10 @@ def cloze_loglikelihoods(lm: Loaded, items: list[Cloze], batch_size: int = 8,
                 progress(1)
 
     cached, single = [], []
+    on_cache = lm.family is None or family_plugin(lm.family).scores_on_context_cache
     for g in groups:
         fits = len(g.context) + max(len(c) for c in g.continuations) <= max_length + 1
-        (cached if len(g.context) > 1 and fits and lm.family != "mllama" else single).append(g)
+        (cached if len(g.context) > 1 and fits and on_cache else single).append(g)
     cached.sort(key=lambda g: -(len(g.context) + max(len(c) for c in g.continuations)))
     for start in range(0, len(cached), batch_size):
         batch = cached[start : start + batch_size]

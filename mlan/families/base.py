@@ -174,6 +174,9 @@ class FamilyPlugin(ABC):
     model_type: ClassVar[str]  # the Hugging Face `config.model_type` of this family's checkpoints
     runtime_module: ClassVar[str]  # imported on first `runtime()`: keeps torch out of rendering
     composes_from_parts: ClassVar[bool] = False  # can build a model from `model.llm` + `model.vision_tower`
+    # eval may score an item's options on its context's KV cache; False where the cache path cannot carry the
+    # family's image inputs (Mllama's cross-attention states), so each option gets one full forward
+    scores_on_context_cache: ClassVar[bool] = True
 
     @abstractmethod
     def geometry(self, model: ModelSpec) -> VisionGeometry:

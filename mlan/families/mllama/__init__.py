@@ -18,6 +18,7 @@ class MllamaPlugin(FamilyPlugin):
     name = "mllama"
     model_type = "mllama"
     runtime_module = "mlan.families.mllama.runtime"
+    scores_on_context_cache = False
 
     def geometry(self, model: ModelSpec) -> VisionGeometry:
         return mllama_geometry(model)
