@@ -343,7 +343,8 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
         for key in ("tokenizer", "config", "llm", "vision_tower"):
             if isinstance(model.get(key), str) and model[key] not in ("llama3", "tiny"):
                 model[key] = _resolve(model[key], base)
-    for src in raw.get("sources") or []:
+    sources = raw.get("sources")
+    for src in sources if isinstance(sources, list) else []:  # another type is pydantic's to report
         if isinstance(src, dict):
             if isinstance(src.get("path"), str):
                 src["path"] = _resolve(src["path"], base)
@@ -353,7 +354,8 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     if isinstance(ev, dict):
         if isinstance(ev.get("reference"), str):
             ev["reference"] = _resolve(ev["reference"], base)
-        for task in ev.get("tasks") or []:
+        tasks = ev.get("tasks")
+        for task in tasks if isinstance(tasks, list) else []:
             if isinstance(task, dict):
                 for key in ("path", "images"):
                     if isinstance(task.get(key), str):
