@@ -139,3 +139,24 @@ def test_language_model_of_llava_and_mllama_gives_the_vlms_text_logits() -> None
         ids = torch.tensor([[1, 50, 60, 70]])
         with torch.no_grad():
             torch.testing.assert_close(lm(input_ids=ids).logits, vlm(input_ids=ids).logits)
+
+
+@pytest.mark.slow  # one harness run and one mlan scoring of 3 items (≈ 10 s)
+def test_mlan_eval_runs_lm_eval_tasks_beside_its_own(models, task_yaml, shared_data, tmp_path, capsys) -> None:
+    """`mlan eval --tasks lm-eval:YAML FILE`: the harness's task and mlan's own in one results file and one
+    per-item file, pooled in the language group."""
+    from mlan.cli import main
+
+    llama_dir, _ = models
+    out = tmp_path / "eval.json"
+    arc = shared_data / "eval" / "arc-easy_test.json"
+    assert main(["eval", str(llama_dir), "--tasks", f"lm-eval:{task_yaml}", f"arc={arc}", "--limit", "3",
+                 "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results["tasks"]) == {"tiny_qa", "arc"}
+    assert results["tasks"]["tiny_qa"]["protocol"] == "lm-eval" and results["tasks"]["tiny_qa"]["n"] == 3
+    lines = [json.loads(line) for line in out.with_name("eval.items.jsonl").read_text().splitlines()]
+    assert sorted({r["task"] for r in lines}) == ["arc", "tiny_qa"] and len(lines) == 6
+    pooled = results["groups"]["language"]
+    assert pooled["n"] == 6 and pooled["accuracy"] == pytest.approx(100 * sum(r["correct"] for r in lines) / 6)
+    assert "tiny_qa" in capsys.readouterr().out  # the table lists it

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=example("mlan eval runs/tiny-llava/final --tasks ../shared/data/eval/boolq_test.json "
                                       "--limit 50 --out runs/tiny-llava/eval.json"))
     p.add_argument("model", help="model directory (save_pretrained) or hub id")
-    p.add_argument("--tasks", nargs="+", required=True, help="task files, or NAME=PATH pairs")
+    p.add_argument("--tasks", nargs="+", required=True, help="task files, NAME=PATH pairs, or lm-eval:NAME (an lm-evaluation-harness task or task YAML, run "
+                   "by the harness itself; needs the lm-eval extra)")
     p.add_argument("--out", default=None, help="results JSON file; the per-item file FILE.items.jsonl is written "
                    "beside it (default: none, the table only)")
     p.add_argument("--protocol", default="lm-eval", choices=["lm-eval", "mlan-paper", "labels"], help=PROTOCOL_HELP)
@@ -52,6 +53,10 @@ def eval_command(args: argparse.Namespace) -> int:
                   "protocol": args.protocol, "chat_template": args.chat_template, "items": args.items}
     if args.nproc > 1:
         from mlan.eval.distributed import evaluate_distributed
+        from mlan.eval.harness import is_lm_eval_task
+
+        if any(is_lm_eval_task(t) for t in args.tasks):
+            raise UserError("--nproc: lm-eval:NAME tasks run in lm-evaluation-harness's own process; use --nproc 1")
 
         results = evaluate_distributed(args.model, args.tasks, nproc=args.nproc, **kwargs)
     else:

@@ -7,9 +7,8 @@ them (mlan.eval.prompts); answers are extracted in mlan.eval.answers. Accuracies
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -17,9 +16,9 @@ from typing import Any
 
 import torch
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from mlan import progress
 from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
@@ -106,21 +105,24 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+LM_EVAL_PREFIX = "lm-eval:"
+
 # (task name, items done so far, items in the task): the one progress hook (a TTY bar by default)
 ProgressCallback = Callable[[str, int, int], None]
 
 
 @contextmanager
-def _terminal_progress() -> Iterator[ProgressCallback]:
-    """A rich bar per task on a TTY; nothing otherwise."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=None, transient=not sys.stderr.isatty(), disable=not sys.stderr.isatty()) as bar:
-        ids: dict[str, Any] = {}
+def _logged_progress() -> Iterator[ProgressCallback]:
+    """mlan.progress per task: a bar on a terminal; in a log, a line every 30 s / 10 % with items/s and ETA."""
+    with ExitStack() as stack:
+        bars: dict[str, progress.Task] = {}
 
         def update(name: str, done: int, total: int) -> None:
-            if name not in ids:
-                ids[name] = bar.add_task(f"eval {name}", total=total)
-            bar.update(ids[name], completed=done)
+            if name not in bars:
+                bars[name] = stack.enter_context(progress.task(f"eval {name}", total=total, unit="items"))
+            bars[name].update(done)
+            if done >= total:
+                bars[name].close()  # the task's last line now, not when the whole run ends
 
         yield update
 
@@ -199,7 +201,7 @@ def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_t
     results: dict[str, Any] = {"tasks": {}}
     records: dict[str, list[dict]] = {}
     score = score or score_task
-    with nullcontext(progress) if progress else _terminal_progress() as report:
+    with nullcontext(progress) if progress else _logged_progress() as report:
         for task in tasks:
             done = [0]
 
@@ -213,6 +215,11 @@ def evaluate_tasks(lm: Loaded, tasks: list[Task], batch_size: int = 8, max_new_t
             if keep_records:
                 entry["records"] = recs
             results["tasks"][task.name] = entry
+    return summarize_groups(results, records)
+
+
+def summarize_groups(results: dict, records: dict[str, list[dict]]) -> dict:
+    """Each group's mean task accuracy (`language_avg`, `vision_avg`) and its items pooled (`groups`)."""
     results["groups"] = {}
     for group in ("language", "vision"):
         accs = [t["accuracy"] for t in results["tasks"].values() if t["group"] == group]
@@ -286,12 +293,41 @@ def evaluate(model_path: str, tasks: list, batch_size: int = 8, limit: int | Non
     [records]}}, "language_avg", "vision_avg", "groups"} plus "forgetting" ({omega, reference_omega, delta} per
     group) when `reference` is a results file.
     """
-    loaded_tasks = load_tasks(tasks, limit, images, image_pattern, protocol, items)
-    lm = load_model(str(model_path))
-    scored = evaluate_tasks(lm, loaded_tasks, batch_size, max_new_tokens, keep_records, chat_template=chat_template,
-                            progress=progress)
+    bridged = [str(t) for t in tasks if is_lm_eval_task(t)]
+    loaded_tasks = load_tasks([t for t in tasks if not is_lm_eval_task(t)], limit, images, image_pattern, protocol,
+                              items)
+    if loaded_tasks:
+        lm = load_model(str(model_path))
+        scored = evaluate_tasks(lm, loaded_tasks, batch_size, max_new_tokens, keep_records or bool(bridged),
+                                chat_template=chat_template, progress=progress)
+    else:
+        scored = {"tasks": {}}
+    if bridged:  # pooled with mlan's own tasks: every task's records are needed until the groups are summed
+        scored = _with_lm_eval_tasks(scored, str(model_path), bridged, limit, batch_size)
+        if not keep_records:
+            for entry in scored["tasks"].values():
+                entry.pop("records", None)
     results = {"model": str(model_path), "protocol": protocol, "chat_template": chat_template, **scored}
     return with_reference(results, reference)
+
+
+def is_lm_eval_task(spec: Any) -> bool:
+    """`lm-eval:NAME` (a registered lm-evaluation-harness task or a task YAML): run by the harness itself."""
+    return isinstance(spec, (str, Path)) and str(spec).startswith(LM_EVAL_PREFIX)
+
+
+def _with_lm_eval_tasks(scored: dict, model_path: str, specs: list[str], limit: int | None,
+                        batch_size: int) -> dict:
+    """lm-evaluation-harness's own tasks scored beside mlan's (which carry their records), in the score contract."""
+    from mlan.eval.lm_eval_bridge import run_lm_eval_task  # lazy: lm-eval is an optional extra
+
+    for spec in specs:
+        entry, recs = run_lm_eval_task(model_path, spec.removeprefix(LM_EVAL_PREFIX), limit, batch_size)
+        name = entry["lm_eval"]["task"]
+        if name in scored["tasks"]:
+            raise UserError(f"{spec}: task name {name!r} is already taken by another task")
+        scored["tasks"][name] = {**entry, "records": recs}
+    return summarize_groups(scored, {name: t["records"] for name, t in scored["tasks"].items()})
 
 
 def with_reference(results: dict, reference: str | None) -> dict:
