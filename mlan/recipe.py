@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from mlan.errors import MlanError
@@ -256,6 +264,18 @@ class EvalTaskSpec(_Strict):
     images: str | None = None
     image_pattern: str | None = None  # image path over record fields + {split}; see mlan.eval.tasks
     limit: int | None = Field(None, ge=1)
+    # the training source (a `template` source of this recipe) whose rendering is each item's prompt
+    source: str | None = None
+    _source_spec: SourceSpec | None = PrivateAttr(None)  # set by Recipe's check of `source`
+
+    @property
+    def source_spec(self) -> SourceSpec | None:
+        """The named training source, resolved by the recipe; a name nobody resolved is an error, not a silent
+        fallback to the format's own prompt."""
+        if self.source is not None and self._source_spec is None:
+            raise RecipeError(f"eval task {self.name!r}: source {self.source!r} is resolved only inside a recipe "
+                              "(its sources)")
+        return self._source_spec
 
 
 class EvalSpec(_Strict):
@@ -284,6 +304,25 @@ class Recipe(_Strict):
         if dupes:
             raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)}")
         return sources
+
+    @model_validator(mode="after")
+    def _eval_sources(self) -> Recipe:
+        """An eval task's `source` names a `template` source of this recipe; the task keeps its spec."""
+        by_name = {s.name: s for s in self.sources}
+        for i, task in enumerate(self.eval.tasks):
+            if task.source is None:
+                continue
+            spec = by_name.get(task.source)
+            where = f"eval.tasks.{i}.source = {task.source!r}"
+            if spec is None:  # values go in the context: a brace in a name is no placeholder
+                raise PydanticCustomError("recipe_key", "{where}: no source of that name (sources: {known})",
+                                          {"where": where, "known": ", ".join(by_name) or "none"})
+            if spec.format != "template":
+                raise PydanticCustomError("recipe_key", "{where}: source has format {format}; an eval task's "
+                                          "prompt comes only from a `template` source",
+                                          {"where": where, "format": repr(spec.format)})
+            task._source_spec = spec
+        return self
 
     def source(self, name: str) -> SourceSpec:
         for s in self.sources:
@@ -405,6 +444,9 @@ def _format_error(err: ValidationError, source: str) -> str:
         bad = e.get("input")
         if e["type"] == "extra_forbidden":
             parts.append(f"{path}: unknown key (value {bad!r})")
+            continue
+        if e["type"] == "recipe_key":  # a check across sections: the message names its own key path
+            parts.append(e["msg"])
             continue
         msg = e["msg"].removeprefix("Value error, ")
         allowed = ""

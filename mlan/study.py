@@ -97,12 +97,14 @@ def prepare(out: Path, recipe_src: Path) -> Path:
     if shared is None:
         raise UserError(f"{recipe_src}: the study needs an `nlvr` source (its images feed the held-out vision task)")
     nlvr_eval = data / "nlvr_eval.jsonl"
-    if not nlvr_eval.is_file():
+    # the NLVR fields stay in each row: the eval task renders its prompt with the training source (`source: nlvr`);
+    # a file written before that lacks them and is written again
+    if not nlvr_eval.is_file() or '"sentence"' not in nlvr_eval.read_text().partition("\n")[0]:
         records = [json.loads(line) for line in (shared / "dev.json").read_text().splitlines() if line.strip()]
         rows = []
         for r in records[NLVR_HELD_OUT_FROM:]:
             image = shared / "images" / str(r["directory"]) / f"dev-{r['identifier']}-0.png"
-            rows.append({"question": f"Is the following statement true or false for this picture?\n\"{r['sentence']}\"",
+            rows.append({**r, "question": f"Is the following statement true or false for this picture?\n\"{r['sentence']}\"",
                          "choices": ["true", "false"], "answer": str(r["label"]).lower(), "image": str(image)})
         write_text_atomic(nlvr_eval, "".join(json.dumps(r) + "\n" for r in rows))
     # paths written relative to the shipped recipe become absolute; `data/...` stays relative to OUT

@@ -262,12 +262,12 @@ def _as_task(spec: Any, limit: int | None, images: str | None, image_pattern: st
         name, path = parse_task_arg(str(spec))
         return load_task(path, name, images=images, limit=limit, image_pattern=image_pattern, protocol=protocol,
                          items=items)
-    # an EvalTaskSpec (recipe) or a dict with its keys
+    # an EvalTaskSpec (recipe) or a dict with its keys; `source_spec`: the recipe's training source of `source`
     get = (lambda k: getattr(spec, k, None)) if not isinstance(spec, dict) else spec.get
     return load_task(get("path"), get("name"), kind=get("kind"), format=get("format"), group=get("group"),
                      images=get("images") or images, limit=limit if limit is not None else get("limit"),
                      image_pattern=get("image_pattern") or image_pattern, protocol=get("protocol") or protocol,
-                     items=items)
+                     items=items, source=get("source_spec"))
 
 
 def load_tasks(tasks: list, limit: int | None = None, images: str | None = None, image_pattern: str | None = None,

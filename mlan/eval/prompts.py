@@ -5,19 +5,28 @@ a score measures what training taught. An exported model folder does not name it
 choice is made the way a recipe's can succeed: `llama3` (every family's default) when the tokenizer has the
 Llama-3 header tokens, else the tokenizer's own chat_template (recipes with `template: tokenizer`, e.g.
 SmolLM2's ChatML), else a bare BOS + text for a base model without any chat format.
+
+A recipe's eval task that names its training source (`source: nlvr`, a `template` source) gets the prompt the
+build renders for that record: `training_conversation` converts the eval record with the source itself (the
+paraphrase its seed picks for the record, its system prompt, its image placement) and `conversation_ids` cuts
+that conversation's ids where the trained answer starts.
 """
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlan.errors import UserError
 from mlan.piece_encoding import PieceEncoder, lay_out
+from mlan.recipe import SourceSpec
+from mlan.sources.formats import to_conversations
 from mlan.sources.records import Conversation, Image, ImageRef, Message, RecordError, Text
-from mlan.templates import Piece, Template, get_template
+from mlan.templates import Piece, Template, check_conversation, get_template
 
 if TYPE_CHECKING:
     from mlan.eval.harness import Loaded
+    from mlan.eval.tasks import Item
 
 _ANSWER = Message("assistant", (Text("answer"),))  # stands for the answer: only what comes before it is kept
 _IMAGE = Image(ImageRef(data=b""))  # a slot; templates never read the image
@@ -68,6 +77,21 @@ class PromptRenderer:
             raise UserError(f"{self.tokenizer.name_or_path}: cannot render an eval prompt: {err}") from None
         return lay_out(pieces, self.encoder.encode([pieces])[0], image_run).ids
 
+    def conversation_ids(self, conv: Conversation) -> list[int]:
+        """A training conversation's ids up to its first trained token: the prompt the build trained after."""
+        if conv.images and self.image_token_id is None:
+            raise UserError(f"{self.tokenizer.name_or_path}: a text-only model cannot be evaluated on image tasks")
+        if self.template is None:
+            raise UserError(f"{self.tokenizer.name_or_path}: the tokenizer has no chat format, so it cannot take "
+                            f"the prompt of training source {conv.source!r}")
+        try:
+            check_conversation(conv)
+            pieces = before_answer(self.template.pieces(conv))
+        except (ValueError, RecordError) as err:
+            raise UserError(f"{self.tokenizer.name_or_path}: cannot render an eval prompt: {err}") from None
+        image_run = [self.image_token_id] * self.image_tokens if conv.images else []
+        return lay_out(pieces, self.encoder.encode([pieces])[0], image_run).ids
+
 
 @lru_cache(maxsize=8)
 def prompt_renderer(tokenizer, image_token_id: int | None, image_tokens: int) -> PromptRenderer:
@@ -78,3 +102,42 @@ def prompt_renderer(tokenizer, image_token_id: int | None, image_tokens: int) ->
 def prompt_ids(lm: Loaded, text: str, n_images: int = 0) -> list[int]:
     """The user turn and the assistant header, tokenized as the build renders a document for this model."""
     return prompt_renderer(lm.tokenizer, lm.image_token_id, lm.image_tokens).ids(text, n_images)
+
+
+def item_prompt_ids(lm: Loaded, item: Item) -> list[int]:
+    """An item's prompt ids: its training source's rendering when the task names one, else its user text."""
+    if item.conversation is not None:
+        return prompt_renderer(lm.tokenizer, lm.image_token_id, lm.image_tokens).conversation_ids(item.conversation)
+    return prompt_ids(lm, item.prompt, 1 if item.image else 0)
+
+
+def _literal(template_text: str, engine: str) -> str:
+    """`template_text` as a template of `engine` that renders to itself."""
+    if engine == "jinja":
+        return "{% raw %}" + template_text + "{% endraw %}"
+    return template_text.replace("{", "{{").replace("}", "}}")
+
+
+def training_conversation(source: SourceSpec, record: dict, index: int, file: str,
+                          image: str | None) -> Conversation:
+    """The conversation the build makes of an eval record with its training source (the seed's paraphrase).
+
+    The paraphrase, system prompt and image placement are the source's; only the image file is the eval item's
+    own (`image`, already resolved), so a record whose training image path does not exist still renders.
+    """
+    if source.format != "template" or source.template is None:
+        raise UserError(f"source {source.name!r} has format {source.format!r}; an eval task's `source` must be "
+                        "a `template` source")
+    if image is not None:
+        template = source.template.model_copy(update={"image": _literal(image, source.template.engine)})
+        source = source.model_copy(update={"template": template, "images": str(Path(image).parent),
+                                           "image_path": None})
+    try:
+        conv = to_conversations(source, index, record, file)[0]
+    except RecordError as err:
+        raise UserError(f"{err} (eval task rendered by training source {source.name!r})") from None
+    n_images = 1 if image is not None else 0
+    if len(conv.images) != n_images:
+        raise UserError(f"{file}, record {index}: training source {source.name!r} renders {len(conv.images)} "
+                        f"image(s), the eval item has {n_images}")
+    return conv

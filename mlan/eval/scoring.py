@@ -15,7 +15,7 @@ import torch
 
 from mlan.errors import UserError
 from mlan.eval.answers import extract_answer, is_correct
-from mlan.eval.prompts import prompt_ids
+from mlan.eval.prompts import item_prompt_ids
 from mlan.eval.protocols import Cloze
 from mlan.eval.tasks import Item, Task
 from mlan.families.registry import family_plugin
@@ -256,7 +256,7 @@ def score_choice(lm: Loaded, task: Task, batch_size: int, progress: Progress,
     records = []
     correct = 0
     for item in task.items:
-        prompt = prompt_ids(lm, item.prompt, 1 if item.image else 0)
+        prompt = item_prompt_ids(lm, item)
         opts = [_encode_option(lm.tokenizer, c) for c in item.choices]
         lls = choice_loglikelihoods(lm, prompt, opts, item.image, batch_size, inputs)
         pred = item.choices[argmax_first(lls)]
@@ -272,7 +272,7 @@ def score_choice(lm: Loaded, task: Task, batch_size: int, progress: Progress,
 def generate(lm: Loaded, items: list[Item], max_new_tokens: int, inputs: ModelInputs = no_images) -> list[str]:
     """Greedy continuations of a batch of prompts (left padding, KV cache)."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
-    prompts = [prompt_ids(lm, it.prompt, 1 if it.image else 0)
+    prompts = [item_prompt_ids(lm, it)
                + (lm.tokenizer.encode(it.response_prefix, add_special_tokens=False) if it.response_prefix else [])
                for it in items]
     width = max(len(p) for p in prompts)

@@ -16,16 +16,24 @@ An `image_pattern` (task key or `mlan eval --image-pattern`) overrides where any
 string over the record's fields plus {split} (the file's stem), e.g. "images/{directory}/test1-{identifier}-0.png".
 Image paths resolve under the image root (`images`, else the task file's folder) and never outside it,
 with the same containment check as build sources (mlan.sources.images.resolve_path).
+
+A `source` (a recipe task's training source, a `template` SourceSpec) replaces the format's prompt: each item's
+prompt is that record rendered by the source, as the build renders it (mlan.eval.prompts.training_conversation);
+the options, gold and image stay the format's. Such a task is scored on those prompts (labels / vision-choice /
+generate), never by the lm-eval or mlan-paper protocol, which bring prompts of their own.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from mlan import progress
 from mlan.errors import UserError
+from mlan.eval.prompts import training_conversation
 from mlan.eval.protocols import (
     PAPER_MAX_NEW_TOKENS,
     PAPER_PREFIX,
@@ -37,8 +45,9 @@ from mlan.eval.protocols import (
     parse_adapters,
     prompt_style,
 )
+from mlan.recipe import SourceSpec
 from mlan.sources.images import ImageContext, resolve_path
-from mlan.sources.records import RecordError
+from mlan.sources.records import Conversation, RecordError
 
 Kind = Literal["choice", "generate"]
 Group = Literal["language", "vision"]
@@ -49,7 +58,9 @@ class Item:
     """One question: the user message, the options (choice tasks) and the gold answer.
 
     `cloze` holds lm-eval's (context, continuation) requests when the item is scored by the lm-eval
-    protocol; `response_prefix` opens the assistant turn of a generative protocol (mlan-paper).
+    protocol; `response_prefix` opens the assistant turn of a generative protocol (mlan-paper); `conversation`
+    is the record as its training source renders it (the task's `source`): its turns before the answer are
+    the prompt, in place of `prompt`.
     """
 
     prompt: str
@@ -59,6 +70,7 @@ class Item:
     id: str = ""
     cloze: Cloze | None = None
     response_prefix: str = ""
+    conversation: Conversation | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -355,11 +367,13 @@ def load_task(
     protocol: str | None = None,
     items: str | Path | dict | None = None,
     style: str | None = None,
+    source: SourceSpec | None = None,
 ) -> Task:
     """Read a benchmark file; format, kind and group are inferred unless given.
 
     `protocol` (default lm-eval) decides how a language multiple-choice file is scored; `items` (a file or
-    the mapping `read_ids` returns) keeps only the listed ids; `limit` then keeps the first N. A task with
+    the mapping `read_ids` returns) keeps only the listed ids; `limit` then keeps the first N. `source` (the
+    recipe's training source) renders each prompt as the build did (see the module docstring). A task with
     no item to score is a UserError (n = 0 is never 0 %).
     """
     path = Path(path)
@@ -382,7 +396,8 @@ def load_task(
     if not chosen:
         raise UserError(f"{path}: task {name!r} has no item to score (n = 0)")
     has_image = bool(image_pattern) or fmt == "nlvr" or any(rec.get("image") for _, rec in chosen)
-    by_protocol = protocol != "labels" and fmt in _LANGUAGE_CHOICE_FORMATS and not has_image and kind != "generate"
+    by_protocol = (protocol != "labels" and fmt in _LANGUAGE_CHOICE_FORMATS and not has_image and kind != "generate"
+                   and source is None)
     skipped: list[str] = []
     task_style = None
     if by_protocol:
@@ -401,11 +416,15 @@ def load_task(
         if not loaded:
             raise UserError(f"{path}: task {name!r}: none of its {len(chosen)} records parses into a question and "
                             f"options (n = 0)")
+        if skipped:
+            _warn_skipped(path, name, len(skipped), len(chosen))
         kind = "choice" if protocol == "lm-eval" else "generate"
         return Task(name=name, path=str(path), format=fmt, kind=kind, group=group or "language", items=loaded,
                     extractor="paper" if protocol == "mlan-paper" else "auto", protocol=protocol, style=task_style,
                     skipped=tuple(skipped), max_new_tokens=PAPER_MAX_NEW_TOKENS if protocol == "mlan-paper" else None)
     loaded = [replace(_item(fmt, rec, path, i, images, image_pattern), id=record_id(rec, i)) for i, rec in chosen]
+    if source is not None:
+        loaded = [_from_source(item, source, rec, i, path) for item, (i, rec) in zip(loaded, chosen)]
     kind = kind or ("choice" if fmt in _CHOICE_FORMATS else "generate")
     if kind == "choice" and any(not it.choices for it in loaded):
         raise UserError(f"{path}: kind 'choice' needs options, but format {fmt!r} has none")
@@ -414,6 +433,22 @@ def load_task(
     task_protocol = ("vision-choice" if group == "vision" else "labels") if kind == "choice" else "generate"
     return Task(name=name, path=str(path), format=fmt, kind=kind, group=group, items=loaded,
                 extractor=extractor, protocol=task_protocol)
+
+
+def _from_source(item: Item, source: SourceSpec, rec: dict, i: int, path: Path) -> Item:
+    """The item with its training source's conversation: the prompt the build renders for this record."""
+    conv = training_conversation(source, rec, i, str(path), item.image)
+    user = next(m for m in conv.messages if m.role == "user")
+    return replace(item, prompt=user.text.strip(), conversation=conv)
+
+
+def _warn_skipped(path: Path, name: str, n_skipped: int, n_records: int) -> None:
+    """One line before scoring: records whose options the parser could not find are left out, not scored.
+
+    Inside an `mlan eval --nproc` worker (LOCAL_RANK set) the launcher has already said it."""
+    if os.environ.get("LOCAL_RANK") is None:
+        progress.warn(f"{path}: {n_skipped} of {n_records} records of task {name!r} do not parse into a question "
+                      "and options; they are skipped (not scored)")
 
 
 def parse_task_arg(arg: str) -> tuple[str | None, str]:
