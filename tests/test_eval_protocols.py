@@ -103,6 +103,7 @@ def test_unparseable_records_are_skipped_and_none_parsing_is_n0(tmp_path, capsys
     f.write_text(json.dumps([GENERIC[0], {"instruction": "Say something. Answer format: a/b", "answer": "a"}]))
     task = load_task(f)
     assert len(task.items) == 1 and task.skipped == ("1",)
+    assert "odd_test.json: 1 of 2 records" in capsys.readouterr().err  # the skip's one warning line
     none = tmp_path / "none_test.json"
     none.write_text(json.dumps([{"instruction": "Say something.\n\nAnswer format: a/b", "answer": "a"}]))
     with pytest.raises(UserError, match="none of its 1 records parses"):
