@@ -98,11 +98,17 @@ def test_eval_prompt_is_the_training_render_of_the_record(tmp_path, shared_data,
     assert results["tasks"]["nlvr"]["n"] == 4 and results["tasks"]["nlvr"]["group"] == "vision"
 
 
-def test_an_unknown_or_non_template_source_is_a_one_line_recipe_error(tmp_path, shared_data) -> None:
+def test_an_unknown_or_non_template_source_is_a_one_line_recipe_error(tmp_path, shared_data, capsys) -> None:
+    from mlan.cli import main
+
+    bad = _recipe(tmp_path, shared_data, "llama3", task_source="nlvr2")
     with pytest.raises(RecipeError) as err:
-        load_recipe(_recipe(tmp_path, shared_data, "llama3", task_source="nlvr2"))
+        load_recipe(bad)
     assert "eval.tasks.0.source = 'nlvr2': no source of that name (sources: nlvr)" in str(err.value)
-    assert "\n" not in str(err.value)
+    capsys.readouterr()
+    assert main(["render", str(bad), "--source", "nlvr", "--limit", "1"]) == 2  # any command: exit 2, one line
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "eval.tasks.0.source = 'nlvr2'" in lines[0]
     path = _recipe(tmp_path, shared_data, "llama3")
     with pytest.raises(RecipeError, match=r"eval.tasks.0.source = 'nlvr': source has format 'llava'"):
         load_recipe(path, ["sources.nlvr.format=llava", "sources.nlvr.template=null"])
