@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlan.errors import UserError
 from mlan.eval.harness import evaluate, load_model, load_tasks
 from mlan.eval.prompts import item_prompt_ids, prompt_ids
 from mlan.eval.tasks import load_task
 from mlan.families.registry import family_plugin, get_family
-from mlan.recipe import RecipeError, load_recipe
+from mlan.recipe import EvalTaskSpec, RecipeError, load_recipe
 from mlan.render import Renderer
 from mlan.sources import iter_source, to_conversations
 
@@ -119,6 +120,11 @@ def test_the_study_recipe_evaluates_nlvr_with_its_training_source(repo_root) -> 
     nlvr = next(t for t in recipe.eval.tasks if t.name == "nlvr")
     assert nlvr.source_spec == recipe.source("nlvr")
     assert nlvr.model_copy(update={"limit": 3}).source_spec == recipe.source("nlvr")  # the study caps limits so
+    loose = {"name": "nlvr", "path": nlvr.path, "source": "nlvr"}  # a task outside a recipe: no silent fallback
+    with pytest.raises(UserError, match="source 'nlvr' is resolved only inside a recipe"):
+        load_tasks([loose])
+    with pytest.raises(RecipeError, match="source 'nlvr' is resolved only inside a recipe"):
+        load_tasks([EvalTaskSpec(**loose)])
 
 
 def test_unparseable_records_warn_once_with_count_and_file(tmp_path, capsys) -> None:

@@ -263,6 +263,8 @@ def _as_task(spec: Any, limit: int | None, images: str | None, image_pattern: st
         return load_task(path, name, images=images, limit=limit, image_pattern=image_pattern, protocol=protocol,
                          items=items)
     # an EvalTaskSpec (recipe) or a dict with its keys; `source_spec`: the recipe's training source of `source`
+    if isinstance(spec, dict) and spec.get("source") is not None and spec.get("source_spec") is None:
+        raise UserError(f"task {spec.get('name')!r}: source {spec['source']!r} is resolved only inside a recipe")
     get = (lambda k: getattr(spec, k, None)) if not isinstance(spec, dict) else spec.get
     return load_task(get("path"), get("name"), kind=get("kind"), format=get("format"), group=get("group"),
                      images=get("images") or images, limit=limit if limit is not None else get("limit"),
