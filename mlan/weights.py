@@ -17,6 +17,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from mlan.errors import WeightsError
+from mlan.progress import LogSettings
 
 # The safetensors reference implementation refuses headers over 100 MB; so does mlan (before reading them).
 MAX_HEADER_BYTES = 100_000_000
@@ -176,8 +177,9 @@ def load_checked(from_pretrained: Any, path_or_id: str, **kwargs: Any) -> Any:
     check_model_dir(path_or_id)
     kwargs = {"dtype": torch.float32, "use_safetensors": True, **kwargs}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # its multi-line load report would repeat what the one line below says
-    hf_logging.disable_progress_bar()
+    if not LogSettings.from_env().verbose:  # `mlan -v` shows transformers' own report and bar
+        hf_logging.set_verbosity_error()  # its multi-line load report would repeat what the one line below says
+        hf_logging.disable_progress_bar()
     try:
         model, info = from_pretrained(path_or_id, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     finally:

@@ -206,7 +206,8 @@ def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp
     tasks = [f"arc_easy={ev / 'arc-easy_test.json'}", f"arc_challenge={ev / 'arc-challenge_test.json'}",
              f"boolq={ev / 'boolq_test.json'}", f"gsm8k={ev / 'gsm8k_test.jsonl'}"]
     n = 3
-    results = evaluate(BASE, tasks, batch_size=4, limit=n, max_new_tokens=32, keep_records=True)
+    results = evaluate(BASE, tasks, batch_size=4, limit=n, max_new_tokens=32, keep_records=True,
+                       protocol="labels")  # the independent scorer below reads the label prompts
     model = AutoModelForCausalLM.from_pretrained(str(smol_dir), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(smol_dir))
     for name, file in (("arc_easy", "arc-easy_test.json"), ("arc_challenge", "arc-challenge_test.json"),
@@ -216,7 +217,7 @@ def test_mlan_eval_scores_equal_an_independent_scorer(smol_dir, shared_data, tmp
         for rec, got in zip(records, results["tasks"][name]["records"]):
             options = re.search(r"Answer format:\s*([^\n]+)", rec["instruction"]).group(1).split("/")
             lls = _independent_choice(model, tok, rec["instruction"].strip(), [o.strip() for o in options])
-            assert got["loglikelihoods"] == pytest.approx(lls, abs=2e-3)
+            assert got["loglik"] == pytest.approx(lls, abs=2e-3)
             pred = options[max(range(len(lls)), key=lls.__getitem__)].strip()
             assert got["prediction"] == pred
             correct += pred == rec["answer"].strip()
@@ -279,11 +280,11 @@ def test_real_model_builds_trains_exports_and_evaluates(smol_dir, shared_data, t
     assert not torch.equal(embed[:49152], base)  # it trained
 
     arc = shared_data / "eval" / "arc-easy_test.json"
-    results = evaluate(str(final), [f"arc_easy={arc}"], batch_size=2, limit=2, keep_records=True)
+    results = evaluate(str(final), [f"arc_easy={arc}"], batch_size=2, limit=2, keep_records=True, protocol="labels")
     model = LlavaForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(final)
     records = json.loads(arc.read_text())[:2]
     for rec, got in zip(records, results["tasks"]["arc_easy"]["records"]):
         options = [o.strip() for o in re.search(r"Answer format:\s*([^\n]+)", rec["instruction"]).group(1).split("/")]
-        assert got["loglikelihoods"] == pytest.approx(_independent_choice(model, tok, rec["instruction"].strip(),
+        assert got["loglik"] == pytest.approx(_independent_choice(model, tok, rec["instruction"].strip(),
                                                                           options), abs=2e-3)
