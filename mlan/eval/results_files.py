@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
 
 
@@ -21,29 +20,16 @@ def items_path(results_file: Path, results: dict | None = None) -> Path:
 
 
 def save_results(results: dict, path: Path) -> None:
-    """FILE.json without records and FILE.items.jsonl; records of today's harness get the contract's `task`
-    and `id` (the 0-based position) added. Uses the harness's own writer when it has one."""
-    try:
-        from mlan.eval.harness import write_results  # the score contract's writer (eval-protocols)
-    except ImportError:
-        write_results = None
+    """FILE.json without records and FILE.items.jsonl (the harness's writer); records that lack the contract's
+    `task` and `id` get them (the id is the 0-based position)."""
+    from mlan.eval.harness import write_results  # lazy: the harness pulls torch; reading results does not
+
     tasks = {}
     for name, entry in results["tasks"].items():
         records = [{"task": name, "id": str(i), **r} if "id" not in r or "task" not in r else r
                    for i, r in enumerate(entry.get("records", []))]
         tasks[name] = {**entry, "records": records}
-    results = {**results, "tasks": tasks}
-    if write_results is not None:
-        write_results(results, path)
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    lines, clean = [], {**results, "tasks": {}}
-    for name, entry in results["tasks"].items():
-        lines += [json.dumps(r) for r in entry["records"]]
-        clean["tasks"][name] = {**{k: v for k, v in entry.items() if k != "records"},
-                                "items_file": items_path(path).name}
-    write_text_atomic(items_path(path), "".join(line + "\n" for line in lines))
-    write_text_atomic(path, json.dumps(clean, indent=2) + "\n")
+    write_results({**results, "tasks": tasks}, path)
 
 
 def attach_records(results_file: Path, results: dict, required: bool = False) -> bool:
