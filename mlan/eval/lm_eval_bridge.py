@@ -4,7 +4,8 @@ lm-evaluation-harness 0.4.13 itself on an mlan model, its results returned in ml
 mlan's own protocols reproduce lm-eval's prompts for six tasks; everything else (HellaSwag, MMLU, …) is
 reached through the harness, so its prompts, few-shot handling and metrics are the harness's, not a copy.
 The model is loaded by mlan (its safety checks on the folder) and handed to lm-eval's HF backend as a
-module; for a LLaVA or Mllama folder the language model alone (decoder + LM head) is handed over.
+module; for a folder of a registered family (LLaVA, Mllama, …) the language model alone (decoder + LM head, where
+its family says) is handed over.
 """
 from __future__ import annotations
 
@@ -34,18 +35,21 @@ def _lm_eval():
 
 
 def language_model(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """A causal LM as is; a LLaVA / Mllama model's text decoder and LM head as a text-only causal LM sharing
-    the same parameters (no copy); anything else is refused in one line."""
+    """A causal LM as is; a model of a registered family: its text decoder (the family says where) and LM head
+    as a text-only causal LM sharing the same parameters (no copy); anything else is refused in one line."""
     from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from mlan.families.registry import family_for_config
 
     config = getattr(model, "config", None)
     text_config = getattr(config, "text_config", None)
-    if text_config is None:
+    plugin = family_for_config(config) if config is not None else None
+    if plugin is None and text_config is None:
         return model
-    inner = getattr(getattr(model, "model", None), "language_model", None)
-    head = getattr(model, "lm_head", None)
-    if inner is None or head is None:
+    head = model.get_output_embeddings() if plugin is not None else None
+    if plugin is None or text_config is None or head is None:
         raise UserError(f"{path}: a {config.model_type} model whose language model mlan cannot separate for lm-eval")
+    inner = plugin.runtime().language_model(model)
     import transformers
 
     # Mllama's text config is not in AutoModelForCausalLM's map; its causal LM is named after its decoder

@@ -166,6 +166,49 @@ class FamilyRuntime(ABC):
     def eval_inputs(self, ids: Any, images: list[Any], geometry: EvalGeometry) -> dict[str, Any]:
         """Forward kwargs for a batch of prompts `ids` with one PIL image each."""
 
+    # ---- anatomy: where this family keeps its parts, so shared code (freezing, FSDP, attention, lm-eval,
+    # merge) asks the family instead of guessing attribute names. `model` is the transformers model (no peft).
+    @abstractmethod
+    def language_model(self, model: Any) -> Any:
+        """The text decoder (embeddings, decoder layers, final norm; no LM head)."""
+
+    @abstractmethod
+    def decoder_layers(self, model: Any) -> list[Any]:
+        """Every layer of the text decoder in order, cross-attention layers included (FSDP shards each)."""
+
+    @abstractmethod
+    def vision_tower(self, model: Any) -> Any | None:
+        """The image encoder module (None for a model without one)."""
+
+    @abstractmethod
+    def vision_blocks(self, model: Any) -> list[Any]:
+        """The image encoder's transformer blocks in order (FSDP shards each)."""
+
+    @abstractmethod
+    def projector(self, model: Any) -> Any:
+        """The module mapping image features into the language model's space."""
+
+    @abstractmethod
+    def cross_attention_layers(self, model: Any) -> list[Any]:
+        """Text layers that attend to the image (inside `language_model`); empty for in-sequence image tokens."""
+
+    @abstractmethod
+    def real_vocab_size(self, model: Any) -> int:
+        """N for losses: the LM head's rows that are real classes (an added image-token row or padding excluded)."""
+
+    @abstractmethod
+    def merge_name_map(self, vlm_names: Sequence[str], llm_names: Sequence[str]) -> Any:
+        """The `mlan.families.name_map.NameMap` pairing this family's language-tower tensors with a base LLM's."""
+
+
+def rows_below_image_token(model: Any) -> int:
+    """LM-head rows up to the image token id: the image token (and rows added after it) is never a class."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is None:
+        image_token = getattr(model.config, "image_token_index", None)
+    return min(rows, int(image_token)) if image_token is not None else rows
+
 
 class FamilyPlugin(ABC):
     """A registered family: its torch-free hooks, and the module holding its `FamilyRuntime` as `RUNTIME`."""

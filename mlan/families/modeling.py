@@ -17,8 +17,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from mlan.errors import MlanError
-from mlan.families.base import FamilyPlugin, ModelBuildError
-from mlan.families.registry import family_names, family_plugin
+from mlan.families.base import FamilyPlugin, FamilyRuntime, ModelBuildError
+from mlan.families.registry import config_marks, family_for_config, family_names, family_plugin
 from mlan.pretrained import gguf_path, is_pretrained_name
 from mlan.recipe import FreezeSpec, LoraSpec, ModelSpec
 from mlan.weights import check_model_dir
@@ -52,6 +52,8 @@ def build_model(model_spec: ModelSpec, family_config: dict[str, Any] | None = No
         model = runtime.build_tiny(family_config)
     else:
         model = load_pretrained(model_spec.config, plugin)
+    for key, value in config_marks(plugin).items():  # saved with the model: eval and merge find the family
+        setattr(model.config, key, value)
     return runtime.prepare(model)
 
 
@@ -98,22 +100,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _is_cross_attention_layer(layer: nn.Module) -> bool:
-    return "CrossAttention" in type(layer).__name__
+def model_runtime(model: nn.Module) -> FamilyRuntime:
+    """The torch side of the model's family (from its config: `mlan_family`, else `model_type`)."""
+    config = unwrap(model).config
+    plugin = family_for_config(config)
+    if plugin is None:
+        raise ModelBuildError(f"a {config.model_type!r} model is of no registered family "
+                              f"({', '.join(family_names())})")
+    return plugin.runtime()
 
 
 def module_groups(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The freezable parts of a LLaVA or Mllama model, by group name."""
+    """The freezable parts of a model of a registered family, by group name (the family says where they are)."""
     core = unwrap(model)
-    inner = core.model
-    vision = getattr(inner, "vision_tower", None) or getattr(inner, "vision_model", None)
-    lm = inner.language_model
-    cross = [layer for layer in lm.layers if _is_cross_attention_layer(layer)]
+    runtime = model_runtime(core)
+    vision = runtime.vision_tower(core)
     return {
         "vision_tower": [vision] if vision is not None else [],
-        "projector": [inner.multi_modal_projector],
-        "language_model": [lm, core.lm_head],
-        "cross_attention": cross,
+        "projector": [runtime.projector(core)],
+        "language_model": [runtime.language_model(core), core.get_output_embeddings()],
+        "cross_attention": runtime.cross_attention_layers(core),
     }
 
 
@@ -170,13 +176,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- facts the trainer needs
 def real_vocab_size(model: nn.Module) -> int:
-    """N for losses: lm_head rows minus an added image-token row and padded rows (Mllama's extra 8)."""
+    """N for losses: lm_head rows minus an added image-token row and padded rows (the family says which)."""
     core = unwrap(model)
-    rows = core.get_output_embeddings().weight.shape[0]
-    image_token = getattr(core.config, "image_token_id", None)
-    if image_token is None:
-        image_token = getattr(core.config, "image_token_index", None)
-    return min(rows, int(image_token)) if image_token is not None else rows
+    return model_runtime(core).real_vocab_size(core)
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,8 @@ def flops_model(model: nn.Module) -> FlopsModel:
     core = unwrap(model)
     text = core.config.get_text_config()
     lm = module_groups(model)["language_model"][0]
-    params = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
-    params += core.lm_head.weight.numel()
+    params = sum(p.numel() for p in lm.parameters()) - lm.get_input_embeddings().weight.numel()
+    params += core.get_output_embeddings().weight.numel()
     return FlopsModel(params=params, layers=text.num_hidden_layers, hidden=text.hidden_size)
 
 

@@ -25,7 +25,9 @@ import torch
 
 from mlan import progress as mlan_progress
 from mlan.atomic_write import atomic_open
-from mlan.families.name_map import NameMap, NameMapError, map_names
+from mlan.families.base import FamilyRuntime
+from mlan.families.name_map import NameMap, NameMapError
+from mlan.families.registry import FamilyLookupError, family_for_config, family_names
 from mlan.merge.select import CutState, MagnitudeCut, find_cut, keep_count
 from mlan.merge.tensors import (
     DTYPES,
@@ -88,11 +90,32 @@ class MergePlan:
         return sum(item.numel for item in self.items.values())
 
 
+def vlm_family(vlm_dir: Path) -> FamilyRuntime:
+    """The torch side of the VLM checkpoint's family (its config.json's `mlan_family`, else `model_type`):
+    its name map pairs the language tower's tensors with the base LLM's."""
+    path = vlm_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MergeError(f"{path}: the VLM's config cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{path}: not a JSON object")
+    try:
+        plugin = family_for_config(config)
+    except FamilyLookupError as err:
+        raise MergeError(f"{path}: {err}") from None
+    if plugin is None:
+        raise MergeError(f"{path}: model_type {config.get('model_type')!r} is of no registered VLM family "
+                         f"({', '.join(family_names())})")
+    return plugin.runtime()
+
+
 def plan_merge(vlm_dir: Path, llm_dir: Path) -> MergePlan:
     """Pair the two checkpoints' tensors by name and check every pair, before anything is written."""
     vlm, llm = read_checkpoint(vlm_dir), read_checkpoint(llm_dir)
+    runtime = vlm_family(vlm_dir)
     try:
-        names = map_names(list(vlm), list(llm))
+        names = runtime.merge_name_map(list(vlm), list(llm))
     except NameMapError as err:
         raise MergeError(f"{vlm_dir} vs {llm_dir}: {err}") from None
     items = {v: _pair(vlm[v], llm[b]) for v, b in names.pairs.items()}

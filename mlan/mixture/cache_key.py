@@ -27,7 +27,7 @@ MIXING_KNOBS = ("weight", "upsample")  # source fields that choose how often a d
 CODE_PATHS = (
     "render.py", "piece_encoding.py", "templates.py", "tokenizer.py", "sources",
     "families/__init__.py", "families/base.py", "families/local_config.py", "families/registry.py",
-    "families/tiny.py",
+    "families/tiny.py", "families/*/tiny.py",
     "families/*/__init__.py", "families/*/geometry.py",  # each family's torch-free side: registration, accounting
     "mixture/cache.py", "mixture/pre_resize.py",
 )

@@ -280,10 +280,13 @@ def _core(model: nn.Module) -> nn.Module:
 
 
 def language_model(model: nn.Module) -> nn.Module:
-    """The text decoder of a LLaVA / Mllama model (the model itself for a plain causal LM)."""
+    """The text decoder of a model of a registered family (its family says where); a plain causal LM's base
+    model (`base_model`: transformers' name for it, the model itself when it has none)."""
+    from mlan.families.registry import family_for_config  # needed only here
+
     core = _core(model)
-    inner = getattr(core, "model", core)
-    return getattr(inner, "language_model", inner)
+    plugin = family_for_config(core.config)
+    return plugin.runtime().language_model(core) if plugin is not None else core.base_model
 
 
 def set_attention(model: nn.Module, kind: str) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers.utils import ModelOutput
 
-from mlan.families.modeling import unwrap
+from mlan.families.modeling import model_runtime, unwrap
 
 
 @dataclass(frozen=True)
@@ -65,21 +65,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Decoder layers of the language model and encoder blocks of the vision tower (LLaVA and Mllama)."""
-    inner = unwrap(model).model
-    blocks = list(inner.language_model.layers)
-    vision = getattr(inner, "vision_tower", None) or getattr(inner, "vision_model", None)
-    if vision is not None:
-        for path in ("vision_model.encoder.layers", "transformer.layers", "global_transformer.layers",
-                     "encoder.layers"):
-            node = vision
-            for attr in path.split("."):
-                node = getattr(node, attr, None)
-                if node is None:
-                    break
-            if isinstance(node, nn.ModuleList):
-                blocks.extend(node)
-    return blocks
+    """Decoder layers of the language model, then the vision tower's encoder blocks (the family says which)."""
+    core = unwrap(model)
+    runtime = model_runtime(core)
+    return [*runtime.decoder_layers(core), *runtime.vision_blocks(core)]
 
 
 def _loss_and_logits(module: nn.Module, args: tuple, output: Any) -> Any:

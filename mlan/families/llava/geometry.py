@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mlan.families import tiny
 from mlan.families.base import Family, VisionGeometry
+from mlan.families.llava import tiny
 from mlan.families.local_config import load_local_config, vision_config
 
 if TYPE_CHECKING:

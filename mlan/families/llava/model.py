@@ -19,8 +19,8 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from mlan.families import tiny
 from mlan.families.base import ModelBuildError
+from mlan.families.llava import tiny
 from mlan.families.llava.inputs import CLIP_MEAN, CLIP_STD
 from mlan.pretrained import resolve_model_path
 from mlan.recipe import ModelSpec
@@ -52,7 +52,7 @@ def load_pretrained(path_or_id: str) -> nn.Module:
 def vision_model(path_or_id: str, fc: Mapping[str, Any] | None = None) -> nn.Module:
     """The vision half of a CLIP or SigLIP checkpoint (a full dual-encoder checkpoint is fine).
 
-    `tiny` is a small *randomly initialised* CLIP tower (mlan/families/tiny.py) at the build's image size:
+    `tiny` is a small *randomly initialised* CLIP tower (mlan/families/llava/tiny.py) at the build's image size:
     no pretrained CLIP/SigLIP weights are reachable offline, so a real LLM gets a random tower.
     """
     if path_or_id == "tiny":

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from mlan.families.base import EvalGeometry, FamilyRuntime
+from mlan.families.base import EvalGeometry, FamilyRuntime, rows_below_image_token
 from mlan.families.llava import inputs, model
+from mlan.families.name_map import NameMap, map_names
 from mlan.recipe import ModelSpec
 from mlan.weights import load_checked
 
@@ -42,6 +43,36 @@ class LlavaRuntime(FamilyRuntime):
 
     def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
         return inputs.eval_inputs(images, geometry)
+
+    # ---- anatomy (FamilyRuntime): LlavaForConditionalGeneration keeps its parts under `.model`
+    def language_model(self, built: nn.Module) -> nn.Module:
+        return built.model.language_model
+
+    def decoder_layers(self, built: nn.Module) -> list[nn.Module]:
+        return list(self.language_model(built).layers)
+
+    def vision_tower(self, built: nn.Module) -> nn.Module:
+        return built.model.vision_tower
+
+    def vision_blocks(self, built: nn.Module) -> list[nn.Module]:
+        """The encoder layers of a CLIP / SigLIP vision model (`vision_model.encoder.layers`), or of a tower that
+        is itself the encoder (`encoder.layers`)."""
+        tower = self.vision_tower(built)
+        body = getattr(tower, "vision_model", tower)
+        encoder = getattr(body, "encoder", None)
+        return list(encoder.layers) if encoder is not None else []
+
+    def projector(self, built: nn.Module) -> nn.Module:
+        return built.model.multi_modal_projector
+
+    def cross_attention_layers(self, built: nn.Module) -> list[nn.Module]:
+        return []  # image features enter as in-sequence tokens
+
+    def real_vocab_size(self, built: nn.Module) -> int:
+        return rows_below_image_token(built)
+
+    def merge_name_map(self, vlm_names: Sequence[str], llm_names: Sequence[str]) -> NameMap:
+        return map_names(vlm_names, llm_names)
 
 
 RUNTIME = LlavaRuntime()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from mlan.families import tiny
 from mlan.families.base import Family, VisionGeometry
 from mlan.families.local_config import load_local_config, vision_config
+from mlan.families.mllama import tiny
 
 if TYPE_CHECKING:
     from mlan.recipe import ModelSpec

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import MllamaForConditionalGeneration, MllamaProcessor
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from mlan.families import tiny
+from mlan.families.mllama import tiny
 
 
 def build_tiny(fc: Mapping[str, Any]) -> nn.Module:

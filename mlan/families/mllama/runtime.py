@@ -9,9 +9,10 @@ import torch
 from torch import nn
 from transformers import MllamaForConditionalGeneration
 
-from mlan.families.base import EvalGeometry, FamilyRuntime
+from mlan.families.base import EvalGeometry, FamilyRuntime, rows_below_image_token
 from mlan.families.mllama import inputs, model
 from mlan.families.mllama.patch import apply_reference_cross_attention
+from mlan.families.name_map import NameMap, map_names
 from mlan.weights import load_checked
 
 
@@ -41,6 +42,36 @@ class MllamaRuntime(FamilyRuntime):
 
     def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
         return inputs.eval_inputs(ids, images, geometry)
+
+    # ---- anatomy (FamilyRuntime): MllamaForConditionalGeneration keeps its parts under `.model`
+    def language_model(self, built: nn.Module) -> nn.Module:
+        return built.model.language_model
+
+    def decoder_layers(self, built: nn.Module) -> list[nn.Module]:
+        return list(self.language_model(built).layers)
+
+    def vision_tower(self, built: nn.Module) -> nn.Module:
+        return built.model.vision_model
+
+    def vision_blocks(self, built: nn.Module) -> list[nn.Module]:
+        """The local encoder's layers, then the global encoder's (the tiles' order of computation)."""
+        tower = self.vision_tower(built)
+        return [*tower.transformer.layers, *tower.global_transformer.layers]
+
+    def projector(self, built: nn.Module) -> nn.Module:
+        return built.model.multi_modal_projector
+
+    def cross_attention_layers(self, built: nn.Module) -> list[nn.Module]:
+        """The text layers the config names as cross-attention (3, 8, 13, … in the 11B model)."""
+        layers = self.decoder_layers(built)
+        return [layers[i] for i in sorted(built.config.text_config.cross_attention_layers)]
+
+    def real_vocab_size(self, built: nn.Module) -> int:
+        return rows_below_image_token(built)  # the lm_head has no image-token row; the embedding's 8 extra rows
+
+    def merge_name_map(self, vlm_names: Sequence[str], llm_names: Sequence[str]) -> NameMap:
+        """Self-attention layer i is base layer i − (cross-attention layers before i), read from the names."""
+        return map_names(vlm_names, llm_names)
 
 
 RUNTIME = MllamaRuntime()
