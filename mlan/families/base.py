@@ -196,10 +196,6 @@ class FamilyRuntime(ABC):
     def real_vocab_size(self, model: Any) -> int:
         """N for losses: the LM head's rows that are real classes (an added image-token row or padding excluded)."""
 
-    @abstractmethod
-    def merge_name_map(self, vlm_names: Sequence[str], llm_names: Sequence[str]) -> Any:
-        """The `mlan.families.name_map.NameMap` pairing this family's language-tower tensors with a base LLM's."""
-
 
 def rows_below_image_token(model: Any) -> int:
     """LM-head rows up to the image token id: the image token (and rows added after it) is never a class."""
@@ -235,6 +231,11 @@ class FamilyPlugin(ABC):
     def placeholders_per_image(self, image_tokens: int) -> int:
         """In-sequence image tokens per image, given the manifest's `image_tokens` (default: one)."""
         return 1
+
+    def merge_name_map(self, vlm_names: Sequence[str], llm_names: Sequence[str]) -> Any:
+        """The `mlan.families.name_map.NameMap` pairing this family's language-tower tensors (by name) with a
+        base LLM's, for `mlan merge`. Torch-free: a merge streams tensors and loads no model."""
+        raise MlanError(f"family {self.name!r} has no merge name map (mlan merge cannot pair its tensors)")
 
     def runtime(self) -> FamilyRuntime:
         return importlib.import_module(self.runtime_module).RUNTIME

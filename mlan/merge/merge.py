@@ -25,7 +25,7 @@ import torch
 
 from mlan import progress as mlan_progress
 from mlan.atomic_write import atomic_open
-from mlan.families.base import FamilyRuntime
+from mlan.families.base import FamilyPlugin
 from mlan.families.name_map import NameMap, NameMapError
 from mlan.families.registry import FamilyLookupError, family_for_config, family_names
 from mlan.merge.select import CutState, MagnitudeCut, find_cut, keep_count
@@ -90,9 +90,9 @@ class MergePlan:
         return sum(item.numel for item in self.items.values())
 
 
-def vlm_family(vlm_dir: Path) -> FamilyRuntime:
-    """The torch side of the VLM checkpoint's family (its config.json's `mlan_family`, else `model_type`):
-    its name map pairs the language tower's tensors with the base LLM's."""
+def vlm_family(vlm_dir: Path) -> FamilyPlugin:
+    """The VLM checkpoint's family (its config.json's `mlan_family`, else `model_type`): its name map pairs the
+    language tower's tensors with the base LLM's."""
     path = vlm_dir / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -107,15 +107,15 @@ def vlm_family(vlm_dir: Path) -> FamilyRuntime:
     if plugin is None:
         raise MergeError(f"{path}: model_type {config.get('model_type')!r} is of no registered VLM family "
                          f"({', '.join(family_names())})")
-    return plugin.runtime()
+    return plugin
 
 
 def plan_merge(vlm_dir: Path, llm_dir: Path) -> MergePlan:
     """Pair the two checkpoints' tensors by name and check every pair, before anything is written."""
     vlm, llm = read_checkpoint(vlm_dir), read_checkpoint(llm_dir)
-    runtime = vlm_family(vlm_dir)
+    plugin = vlm_family(vlm_dir)
     try:
-        names = runtime.merge_name_map(list(vlm), list(llm))
+        names = plugin.merge_name_map(list(vlm), list(llm))
     except NameMapError as err:
         raise MergeError(f"{vlm_dir} vs {llm_dir}: {err}") from None
     items = {v: _pair(vlm[v], llm[b]) for v, b in names.pairs.items()}

@@ -10,7 +10,6 @@ from transformers import LlavaForConditionalGeneration
 
 from mlan.families.base import EvalGeometry, FamilyRuntime, rows_below_image_token
 from mlan.families.llava import inputs, model
-from mlan.families.name_map import NameMap, map_names
 from mlan.recipe import ModelSpec
 from mlan.weights import load_checked
 
@@ -70,9 +69,6 @@ class LlavaRuntime(FamilyRuntime):
 
     def real_vocab_size(self, built: nn.Module) -> int:
         return rows_below_image_token(built)
-
-    def merge_name_map(self, vlm_names: Sequence[str], llm_names: Sequence[str]) -> NameMap:
-        return map_names(vlm_names, llm_names)
 
 
 RUNTIME = LlavaRuntime()

@@ -12,7 +12,6 @@ from transformers import MllamaForConditionalGeneration
 from mlan.families.base import EvalGeometry, FamilyRuntime, rows_below_image_token
 from mlan.families.mllama import inputs, model
 from mlan.families.mllama.patch import apply_reference_cross_attention
-from mlan.families.name_map import NameMap, map_names
 from mlan.weights import load_checked
 
 
@@ -68,10 +67,6 @@ class MllamaRuntime(FamilyRuntime):
 
     def real_vocab_size(self, built: nn.Module) -> int:
         return rows_below_image_token(built)  # the lm_head has no image-token row; the embedding's 8 extra rows
-
-    def merge_name_map(self, vlm_names: Sequence[str], llm_names: Sequence[str]) -> NameMap:
-        """Self-attention layer i is base layer i − (cross-attention layers before i), read from the names."""
-        return map_names(vlm_names, llm_names)
 
 
 RUNTIME = MllamaRuntime()
