@@ -148,3 +148,8 @@ def test_third_family_builds_trains_exports_and_evaluates_through_the_cli(shared
     assert res.returncode == 0, res.stderr[-3000:]
     tasks = json.loads(results.read_text())["tasks"]
     assert {name: t["n"] for name, t in tasks.items()} == {"arc": 2, "nlvr": 2}
+    # eval finds the family by the export's mlan_family, not by its model_type ("llava"): unplugged, one line
+    unplugged = {k: v for k, v in env.items() if k != "MLAN_FAMILY_MODULES"}
+    res = mlan("eval", str(run / "final"), "--tasks", str(shared_data / "eval" / "arc-easy_test.json"), "--limit",
+               "1", env=unplugged)
+    assert res.returncode == 2 and "mlan_family 'qwen2-llava' is not a registered family" in res.stderr, res.stderr

@@ -27,7 +27,7 @@ from mlan.eval.scoring import ModelInputs, score_choice, score_cloze, score_gene
 from mlan.eval.stats import chance_level, majority_rate, wilson_ci
 from mlan.eval.tasks import Task, load_task, parse_task_arg, read_ids
 from mlan.families.base import EvalGeometry
-from mlan.families.registry import family_for_model_type, family_plugin
+from mlan.families.registry import family_for_config, family_plugin
 from mlan.pretrained import resolve_model_path
 from mlan.weights import check_model_dir, load_checked
 
@@ -62,7 +62,7 @@ def load_model(path: str) -> Loaded:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001
         raise UserError(f"{path}: the model has no usable tokenizer ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    plugin = family_for_model_type(cfg.model_type)
+    plugin = family_for_config(cfg)  # `mlan_family` where a family shares another's model_type
     if plugin is not None:
         model, geo = plugin.runtime().eval_model(path, cfg)
         loaded = Loaded(model, tok, plugin.name, geo.image_token_id, geo.image_tokens, geo.image_size, geo.max_tiles, [])
