@@ -126,6 +126,23 @@ def test_attend_varlen_plumbing_equals_per_document_sdpa(kv_heads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def varlen_torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+    """torch 2.11's varlen_attn signature (the GPU image's torch): no `enable_gqa` keyword, which came in 2.12."""
+    assert k.shape[1] == v.shape[1] == q.shape[1]  # without the keyword, K/V come with the query's heads
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attend_varlen_runs_on_a_kernel_without_enable_gqa(kv_heads):
+    pos = random_positions(np.random.default_rng(7), batch=2, length=24)
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 24, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, 24, 8, dtype=torch.float64) for _ in "kv")
+    got = attend_varlen(q, k, v, Segments(document_spans(pos, 2), 24), 0.3, kernel=varlen_torch_2_11)
+    want = attention._attend_documents(q, k, v, pos, 0.0, 0.3)  # CPU: the per-document SDPA loop
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_cu_seqlens_built_once_per_batch():
     pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
     cache = attention._SpanCache()

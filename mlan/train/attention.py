@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -189,11 +190,22 @@ def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def attend_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
                   scaling: float | None, kernel: Callable[..., torch.Tensor] = varlen_attn) -> torch.Tensor:
     """Every document of every row in one causal `kernel` call (varlen_attn's signature); returns (B, L, H, D)."""
-    batch = query.shape[0]
+    batch, group = query.shape[0], query.shape[1] // key.shape[1]
     cu, longest = segments.cu_seqlens(query.device)
+    gqa = {}
+    if group > 1 and _takes_enable_gqa(kernel):
+        gqa["enable_gqa"] = True
+    elif group > 1:  # torch 2.11's varlen_attn has no enable_gqa: each KV head repeated for its query group
+        key, value = repeat_kv(key, group), repeat_kv(value, group)
     out = kernel(flatten_rows(query), flatten_rows(key), flatten_rows(value), cu, cu, longest, longest,
-                 scale=scaling, window_size=(-1, 0), enable_gqa=key.shape[1] != query.shape[1])
+                 scale=scaling, window_size=(-1, 0), **gqa)
     return unflatten_rows(out, batch)
+
+
+@functools.cache
+def _takes_enable_gqa(kernel: Callable[..., torch.Tensor]) -> bool:
+    """varlen_attn takes `enable_gqa` from torch 2.12 on; 2.11's rejects the keyword."""
+    return "enable_gqa" in inspect.signature(kernel).parameters
 
 
 @torch.compiler.disable  # data-dependent segment lengths: run eagerly inside a compiled block, never recompile
