@@ -30,9 +30,10 @@ from mlan.train.model import prepare_model
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "continual-tiny.yaml"
 # the whole-sequence test's sizes: what it checks (the matrix, resume, rehearsal counts, msgm's exports) does not
 # need the tasks learned, only run; each token trained or item scored is time in every one of its runs
-SMALL = ["tasks.language.budget.tokens=2500", "tasks.colours.budget.examples=30",
-         "tasks.positions.budget.examples=30", "tasks.warmth.budget.examples=30", "base.eval.limit=8"]
-VL_EXAMPLES = 30  # each VL task's own examples in its build (SMALL)
+VL_EXAMPLES = 30  # each VL task's own examples in its build
+SMALL = ["tasks.language.budget.tokens=2500",
+         *(f"tasks.{task}.budget.examples={VL_EXAMPLES}" for task in ("colours", "positions", "warmth")),
+         "base.eval.limit=8"]
 
 
 @pytest.fixture(scope="module")
