@@ -28,8 +28,12 @@ from mlan.sources.readers import read_records
 from mlan.train.model import prepare_model
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "continual-tiny.yaml"
-SMALL = ["tasks.language.budget.tokens=6000", "tasks.colours.budget.examples=60",
-         "tasks.positions.budget.examples=60", "tasks.warmth.budget.examples=60", "base.eval.limit=16"]
+# the whole-sequence test's sizes: what it checks (the matrix, resume, rehearsal counts, msgm's exports) does not
+# need the tasks learned, only run; each token trained or item scored is time in every one of its runs
+VL_EXAMPLES = 30  # each VL task's own examples in its build
+SMALL = ["tasks.language.budget.tokens=2500",
+         *(f"tasks.{task}.budget.examples={VL_EXAMPLES}" for task in ("colours", "positions", "warmth")),
+         "base.eval.limit=8"]
 
 
 @pytest.fixture(scope="module")
@@ -204,13 +208,19 @@ def test_rehearsal_counts_exact_in_build_stats(data_root, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- the whole sequence (slow)
-def _run(out: Path, extra: list[str], recipe: Path = RECIPE) -> subprocess.Popen:
-    args = [sys.executable, "-m", "mlan.cli", "continual", str(recipe), "--out", str(out)]
+def _continual_args(out: Path, extra: list[str], recipe: Path = RECIPE) -> list[str]:
+    """`mlan continual` arguments: the recipe at SMALL's sizes (its tasks only), then `extra` settings."""
+    args = ["continual", str(recipe), "--out", str(out)]
     tasks = {t["name"] for t in yaml.safe_load(recipe.read_text())["tasks"]}
     small = [s for s in SMALL if not s.startswith("tasks.") or s.split(".")[1] in tasks]  # its tasks only
     for s in [*small, *extra]:
         args += ["--set", s]
-    return subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return args
+
+
+def _run(out: Path, extra: list[str], recipe: Path = RECIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mlan.cli", *_continual_args(out, extra, recipe)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONPATH": str(RECIPE.parents[1])})
 
 
@@ -223,7 +233,7 @@ def _first_tasks(n: int, path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_sequence_resumes_to_the_same_matrix(tmp_path) -> None:
+def test_sigkill_mid_sequence_resumes_to_the_same_matrix(tmp_path, capsys) -> None:
     # Three tasks (language, then two VL tasks) are the fewest that exercise everything checked here: a VL
     # task between the first and the last (backward transfer, mean forgetting, Δ), an msgm export following
     # another VL export, and a rehearsal build replaying an earlier VL task; two replayed sources in one build
@@ -238,7 +248,7 @@ def test_sigkill_mid_sequence_resumes_to_the_same_matrix(tmp_path) -> None:
     for k, want in ((3, {"colours"}),):
         build = next(whole.glob(f"task-{k}-*")) / "build"
         by_source = json.loads((build / "stats.json").read_text())["examples"]["by_source"]
-        assert by_source == {next(whole.glob(f"task-{k}-*")).name.split("-", 2)[2]: 60,
+        assert by_source == {next(whole.glob(f"task-{k}-*")).name.split("-", 2)[2]: VL_EXAMPLES,
                              **{f"rehearsal-{t}": 20 for t in want}}
     # msgm: the vision tower and embeddings of each VL export equal the previous export's; LM linears move by rank ≤ r
     from safetensors.torch import load_file
@@ -273,5 +283,8 @@ def test_sigkill_mid_sequence_resumes_to_the_same_matrix(tmp_path) -> None:
     assert _run(killed, extra, recipe).wait(timeout=1500) == 0
     assert (killed / "matrix.csv").read_text() == (whole / "matrix.csv").read_text()
     assert json.loads((killed / "forgetting.json").read_text()) == json.loads((whole / "forgetting.json").read_text())
-    # a different recipe on the same folder is refused
-    assert _run(killed, ["method=naive"], recipe).wait(timeout=120) == 2
+    # a different recipe on the same folder is refused, in one line (in-process: the CLI's own main, no start-up)
+    capsys.readouterr()
+    assert main(_continual_args(killed, ["method=naive"], recipe)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "with a different continual recipe (differs in method" in err, err
