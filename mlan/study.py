@@ -289,13 +289,12 @@ class Study:
         sets = [*self.settings.overrides, f"mixture.ratio.text={ratio}"]
         build = self.out / (build_from or cell) / "build"
         final = d / "run" / "final"
-        steps = [Step("train", cell, final, export_complete,
+        steps = [Step("build", cell, build, build_complete,  # a reused build: skipped unless it went missing
+                      argv=("build", str(self.recipe_path), "--out", str(build), "--cache", str(self.cache),
+                            *_sets(sets))),
+                 Step("train", cell, final, export_complete,
                       argv=("train", str(self.recipe_path), "--shards", str(build), "--out", str(d / "run"),
                             "--nproc", str(self.nproc), "--resume", *_sets([*sets, *extra])))]
-        if build_from is None:  # (a reused build is the other cell's step, finished before this one)
-            steps.insert(0, Step("build", cell, build, build_complete,
-                                 argv=("build", str(self.recipe_path), "--out", str(build), "--cache",
-                                       str(self.cache), *_sets(sets))))
         times = {f"{r.step.kind}_s": r.seconds for r in self.pipeline.run(steps) if r.ran}
         t = time.perf_counter()
         results = self._eval(str(final), d)
@@ -677,7 +676,7 @@ def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE
     steps.append(("lora", lambda: study.trained("lora", min(settings.ratios), ["train.lora.enabled=true"],
                                                 build_from=low)))
     steps.append(("merge", lambda: study.merge(low)))
-    planned = {"base": 2, "soft-targets": 2, "lora": 2, "merge": 1}  # runner steps per cell (a ratio: 3)
+    planned = {"base": 2, "merge": 1}  # runner steps per cell (a trained cell: build, train, eval)
     study.pipeline.total = sum(planned.get(name, 3) for name, _ in steps if study._done(name) is None)
     for name, step in steps:
         t0 = time.perf_counter()
