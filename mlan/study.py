@@ -431,7 +431,7 @@ def power_statement(task_sizes: list[tuple[str, str, int]], measured: tuple[dict
     for name, group, n in task_sizes:
         rate = rates.get(name, DEFAULT_DISCORDANCE.get(group, 0.2))
         how = "measured" if name in rates else "assumed"
-        mdd = min_detectable_difference(n, rate) if n > 0 else float("inf")
+        mdd = min_detectable_difference(n, rate) if n > 0 and rate > 0 else float("inf")  # 0: arms never differ
         lines.append(f"| {name} | {group} | {n:,} | {100 * rate:.0f} % ({how}) | {_points(mdd)} |")
         pooled.setdefault(group, []).append((n, rate))
     verdicts = []
