@@ -3,7 +3,8 @@
 One tokenized cache serves every ratio (OUT/cache). Each ratio lives in OUT/ratio-<r>/ (build/, run/,
 eval.json, result.json); result.json is written last and atomically, so a ratio that has it is finished
 and never redone, and an interrupted ratio continues where it stopped (the build keeps its finished
-shards, training resumes from its last checkpoint). Builds and training runs are `mlan` subprocesses.
+shards, training resumes from its last checkpoint). The steps run through `mlan.pipeline` (builds and
+training runs as `mlan` child processes).
 Writes ablation.csv, ablation.md (the shape of MLAN's Table 5) and ablation.png after every ratio: every score
 with its n and 95 % interval, the chance levels stated, the plot from 0 with interval bars. Each ratio's
 per-item records land in eval.items.jsonl beside eval.json (`mlan compare` pairs two ratios from them).
@@ -12,24 +13,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from safetensors import safe_open
 
 from mlan import progress
 from mlan.atomic_write import write_text_atomic
-from mlan.child_process import run_child
 from mlan.errors import UserError
-from mlan.eval.harness import evaluate
-from mlan.eval.results_files import load_results, save_results
+from mlan.eval.results_files import load_results
 from mlan.eval.stats import cell, score_stats
 from mlan.mixture.shards import read_manifest
+from mlan.pipeline import Pipeline, Step, build_complete, evaluation, export_complete, results_complete
 from mlan.recipe import Recipe, load_recipe
 
 BASE_COLUMNS = ("text_ratio", "tokens_text", "tokens_image_text", "tokens_total", "language_avg", "vision_avg")
@@ -82,63 +79,33 @@ class RatioDir:
         return self.root / "result.json"
 
 
-def export_complete(final: Path) -> bool:
-    """A `save_pretrained` folder with a config, a tokenizer and weight files whose headers and sizes agree."""
-    if not (final / "config.json").is_file() or not (final / "tokenizer.json").is_file():
-        return False
-    weights = sorted(final.glob("*.safetensors"))
-    if not weights:
-        return False
-    for w in weights:
-        try:
-            with safe_open(str(w), framework="pt") as f:  # truncated files fail the header/size check
-                names = list(f.keys())
-        except Exception:  # noqa: BLE001 - any unreadable file means: not complete
-            return False
-        if not names:
-            return False
-    return True
-
-
-def _mlan(args: list[str], log: Callable[[str], None], step: str = "") -> None:
-    """Run one `mlan` command in a subprocess; its output streams through; failure names the command. `step`
-    names the sweep's step in the announcement (`[ratio-0.25] train …`)."""
-    cmd = [sys.executable, "-m", "mlan.cli", *args]
-    log(f"[{step}] {args[0]} …  $ mlan {' '.join(args)}" if step else "$ mlan " + " ".join(args))
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    rc = run_child(cmd, env=env)  # own process group, dies with this process (kill -9 included)
-    if rc != 0:
-        raise UserError(f"`mlan {' '.join(args[:1])}` failed with status {rc} (command: mlan {' '.join(args)})")
-
-
 def _sets(overrides: Sequence[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
+def ratio_steps(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cache: Path, nproc: int,
+                workers: int | None, overrides: Sequence[str]) -> list[Step]:
+    """One ratio's build → train → eval, each skipped by the runner when its output is complete."""
+    tag, sets = ratio_tag(ratio), [*overrides, f"mixture.ratio.text={ratio}"]
+    build = ["build", str(recipe_path), "--out", str(d.build), "--cache", str(cache), *_sets(sets)]
+    if workers:
+        build += ["--workers", str(workers)]
+    train = ["train", str(recipe_path), "--shards", str(d.build), "--out", str(d.run), "--nproc", str(nproc),
+             "--resume", *_sets(sets)]
+    ev = recipe.eval
+    return [Step("build", tag, d.build, build_complete, argv=tuple(build)),
+            Step("train", tag, d.final, export_complete, argv=tuple(train)),
+            Step("eval", tag, d.eval, results_complete, note=f"{d.final} on {len(ev.tasks)} task(s)",
+                 call=evaluation(str(d.final), ev.tasks, d.eval, batch_size=ev.batch_size, limit=ev.limit,
+                                 max_new_tokens=ev.max_new_tokens, reference=ev.reference))]
+
+
 def run_ratio(recipe_path: Path, recipe: Recipe, ratio: float, d: RatioDir, cache: Path, nproc: int,
-              workers: int | None, overrides: Sequence[str], log: Callable[[str], None]) -> dict:
-    """Build, train and evaluate one ratio (each step skipped when its output exists); returns its row."""
+              workers: int | None, overrides: Sequence[str], pipeline: Pipeline) -> dict:
+    """Build, train and evaluate one ratio (each step skipped when its output is complete); returns its row."""
     d.root.mkdir(parents=True, exist_ok=True)
-    sets = [*overrides, f"mixture.ratio.text={ratio}"]
-    if not (d.build / "manifest.json").is_file():
-        args = ["build", str(recipe_path), "--out", str(d.build), "--cache", str(cache), *_sets(sets)]
-        if workers:
-            args += ["--workers", str(workers)]
-        _mlan(args, log, ratio_tag(ratio))
-    if not export_complete(d.final):
-        train = ["train", str(recipe_path), "--shards", str(d.build), "--out", str(d.run), "--nproc", str(nproc),
-                 "--resume", *_sets(sets)]
-        _mlan(train, log, ratio_tag(ratio))
-    if d.eval.is_file():
-        results = load_results(d.eval)
-    else:
-        ev = recipe.eval
-        log(f"[{ratio_tag(ratio)}] eval … {d.final} on {len(ev.tasks)} task(s)")
-        results = evaluate(str(d.final), list(ev.tasks), batch_size=ev.batch_size, limit=ev.limit,
-                           max_new_tokens=ev.max_new_tokens, reference=ev.reference, keep_records=True)
-        save_results(results, d.eval)
+    evaluated = pipeline.run(ratio_steps(recipe_path, recipe, ratio, d, cache, nproc, workers, overrides))[-1]
+    results = evaluated.value if evaluated.ran else load_results(d.eval)
     manifest = read_manifest(str(d.build))
     by_mod = manifest.totals.get("tokens_by_modality", {})
     row = {
@@ -293,15 +260,17 @@ def run_ablation(recipe_path: str | Path, ratios: Sequence[float], out: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
     rows = []
+    todo = [r for r in ratios if not RatioDir(out / ratio_tag(r)).result.is_file()]
+    pipeline = Pipeline(total=3 * len(todo), log=log)
     for ratio in ratios:
         d = RatioDir(out / ratio_tag(ratio))
-        if d.result.is_file():
+        if ratio not in todo:
             log(f"text ratio {ratio:g}: finished earlier ({d.result}), not redone")
             rows.append(json.loads(d.result.read_text()))
             continue
         t0 = time.perf_counter()
         log(f"text ratio {ratio:g}: build → train → eval in {d.root}")
-        rows.append(run_ratio(recipe_path, recipe, ratio, d, cache, nproc, workers, overrides, log))
+        rows.append(run_ratio(recipe_path, recipe, ratio, d, cache, nproc, workers, overrides, pipeline))
         log(f"text ratio {ratio:g}: done in {time.perf_counter() - t0:.0f}s "
             f"(language {_fmt(rows[-1]['language_avg'])}, vision {_fmt(rows[-1]['vision_avg'])})")
         write_outputs(rows, out, recipe_path.stem)

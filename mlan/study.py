@@ -28,12 +28,12 @@ import torch
 import yaml
 
 from mlan import progress
-from mlan.ablate import _mlan, _sets, export_complete, ratio_tag, write_plot
+from mlan.ablate import _sets, ratio_tag, write_plot
 from mlan.atomic_write import write_text_atomic
 from mlan.data.labels import IGNORE_INDEX
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting, harmonic_mean
-from mlan.eval.harness import evaluate, load_model
+from mlan.eval.harness import load_model
 from mlan.eval.results_files import load_results, save_results
 from mlan.eval.stats import (
     aligned_correct,
@@ -53,6 +53,15 @@ from mlan.eval.stats import (
 from mlan.families.modeling import build_model
 from mlan.families.registry import get_family
 from mlan.merge import SweepSpec, merge_sweep
+from mlan.pipeline import (
+    Pipeline,
+    Step,
+    build_complete,
+    evaluation,
+    export_complete,
+    results_complete,
+    sweep_complete,
+)
 from mlan.pretrained import resolve_model_path
 from mlan.recipe import Recipe, expand_env, load_recipe
 from mlan.synthetic import generate_demo_data
@@ -184,6 +193,7 @@ class Study:
         self.cache = out / "cache"
         self.alpaca = Path(self.recipe.source("alpaca").path)
         self.again = "mlan study --out " + shlex.quote(str(out)) + (" --quick" if quick else "")
+        self.pipeline = Pipeline(total=0, log=log)  # run_study sets the total it plans
 
     # -- helpers
     def _done(self, cell: str) -> dict | None:
@@ -195,15 +205,16 @@ class Study:
         return row
 
     def _eval(self, model: str, cell: Path, groups: tuple[str, ...] = ("language", "vision")) -> dict:
+        """The eval step of a cell (skipped when cell/eval.json and its items file are complete); its results."""
         f = cell / "eval.json"
-        if f.is_file():
-            return load_results(f)  # with its per-item records when eval.items.jsonl exists
         ev = self.recipe.eval
         tasks = [t for t in self._tasks() if (t.group or "language") in groups]
-        results = evaluate(model, tasks, batch_size=ev.batch_size, limit=ev.limit, max_new_tokens=ev.max_new_tokens,
-                           keep_records=True)
-        save_results(results, f)  # eval.items.jsonl beside eval.json: the paired comparisons read it
-        return results
+        evaluated = self.pipeline.run_step(Step(
+            "eval", cell.relative_to(self.out).as_posix(), f, results_complete,
+            note=f"{model} on {', '.join(t.name for t in tasks)}",
+            call=evaluation(model, tasks, f, batch_size=ev.batch_size, limit=ev.limit,
+                            max_new_tokens=ev.max_new_tokens)))  # eval.items.jsonl: the paired comparisons read it
+        return evaluated.value if evaluated.ran else load_results(f)
 
     def _tasks(self) -> list:
         """The recipe's eval tasks; eval.limit caps every task's own limit (a task's limit wins in `evaluate`)."""
@@ -277,18 +288,14 @@ class Study:
         d.mkdir(parents=True, exist_ok=True)
         sets = [*self.settings.overrides, f"mixture.ratio.text={ratio}"]
         build = self.out / (build_from or cell) / "build"
-        times = {}
-        if not (build / "manifest.json").is_file():
-            t = time.perf_counter()
-            _mlan(["build", str(self.recipe_path), "--out", str(build), "--cache", str(self.cache), *_sets(sets)],
-                  self.log, cell)
-            times["build_s"] = time.perf_counter() - t
         final = d / "run" / "final"
-        if not export_complete(final):
-            t = time.perf_counter()
-            _mlan(["train", str(self.recipe_path), "--shards", str(build), "--out", str(d / "run"),
-                   "--nproc", str(self.nproc), "--resume", *_sets([*sets, *extra])], self.log, cell)
-            times["train_s"] = time.perf_counter() - t
+        steps = [Step("build", cell, build, build_complete,  # a reused build: skipped unless it went missing
+                      argv=("build", str(self.recipe_path), "--out", str(build), "--cache", str(self.cache),
+                            *_sets(sets))),
+                 Step("train", cell, final, export_complete,
+                      argv=("train", str(self.recipe_path), "--shards", str(build), "--out", str(d / "run"),
+                            "--nproc", str(self.nproc), "--resume", *_sets([*sets, *extra])))]
+        times = {f"{r.step.kind}_s": r.seconds for r in self.pipeline.run(steps) if r.ran}
         t = time.perf_counter()
         results = self._eval(str(final), d)
         times["eval_s"] = time.perf_counter() - t
@@ -315,8 +322,11 @@ class Study:
         spec = SweepSpec(vlm=vlm, llm=self.base_llm, alphas=self.settings.alphas, densities=self.settings.densities,
                          tasks=tasks, out=self.out / "merge", limit=ev.limit, batch_size=ev.batch_size,
                          max_new_tokens=ev.max_new_tokens)
-        self.log(f"merge sweep: α {list(spec.alphas)} × K {list(spec.densities)} of {vlm} with the base LLM")
-        rows = merge_sweep(spec)
+        sweep = self.out / "merge" / "sweep.json"
+        merged = self.pipeline.run_step(Step(
+            "merge", "merge", sweep, sweep_complete, call=lambda: merge_sweep(spec),
+            note=f"α {list(spec.alphas)} × K {list(spec.densities)} of {vlm} with the base LLM"))
+        rows = merged.value if merged.ran else json.loads(sweep.read_text())
         points = []
         for r in rows:
             res = load_results(self.out / "merge" / r["point"] / "results.json")
@@ -421,7 +431,7 @@ def power_statement(task_sizes: list[tuple[str, str, int]], measured: tuple[dict
     for name, group, n in task_sizes:
         rate = rates.get(name, DEFAULT_DISCORDANCE.get(group, 0.2))
         how = "measured" if name in rates else "assumed"
-        mdd = min_detectable_difference(n, rate) if n > 0 else float("inf")
+        mdd = min_detectable_difference(n, rate) if n > 0 and rate > 0 else float("inf")  # 0: arms never differ
         lines.append(f"| {name} | {group} | {n:,} | {100 * rate:.0f} % ({how}) | {_points(mdd)} |")
         pooled.setdefault(group, []).append((n, rate))
     verdicts = []
@@ -666,6 +676,8 @@ def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE
     steps.append(("lora", lambda: study.trained("lora", min(settings.ratios), ["train.lora.enabled=true"],
                                                 build_from=low)))
     steps.append(("merge", lambda: study.merge(low)))
+    planned = {"base": 2, "merge": 1}  # runner steps per cell (a trained cell: build, train, eval)
+    study.pipeline.total = sum(planned.get(name, 3) for name, _ in steps if study._done(name) is None)
     for name, step in steps:
         t0 = time.perf_counter()
         log(f"{name}: start")

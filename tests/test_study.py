@@ -64,6 +64,16 @@ def test_power_statement_says_when_the_study_cannot_see_the_targets() -> None:
     assert "measured between the base and ratio-0.0" in big
 
 
+def test_power_statement_with_a_measured_discordance_of_zero() -> None:
+    """A pilot arm that agrees with the base on every item of a task (a --quick rerun: 3 items) leaves no
+    difference to detect on it: 'none', not a crash of the rerun."""
+    from mlan.study import power_statement
+
+    text = power_statement([("arc", "language", 3), ("boolq", "language", 3)],
+                           ({"arc": 0.0, "boolq": 1 / 3}, "measured between the base and ratio-0.0"))
+    assert "| arc | language | 3 | 0 % (measured) | none |" in text
+
+
 def test_measured_discordance_and_paired_rows_from_items_files(tmp_path) -> None:
     from mlan.eval.results_files import save_results
     from mlan.eval.stats import compare_paired

@@ -10,16 +10,12 @@ DIR/continual.json records the resolved recipe; rerunning DIR with a different o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
 
 from mlan import progress
-from mlan.ablate import export_complete
 from mlan.atomic_write import write_text_atomic
 from mlan.continual.data import generate_continual_tiny
 from mlan.continual.rehearsal import replay_sources, with_replay
@@ -32,8 +28,8 @@ from mlan.continual.spec import (
     parse_task,
     task_raw,
 )
-from mlan.eval.harness import evaluate
-from mlan.eval.results_files import load_results, save_results
+from mlan.eval.results_files import load_results
+from mlan.pipeline import Pipeline, Step, build_complete, evaluation, export_complete, results_complete
 from mlan.recipe import Recipe
 
 Log = Callable[[str], None]
@@ -41,16 +37,6 @@ Log = Callable[[str], None]
 
 def task_dir(out: Path, k: int, name: str) -> Path:
     return out / f"task-{k + 1}-{name}"
-
-
-def _mlan(args: list[str], log: Log, step: str = "") -> None:
-    """One `mlan` command in a subprocess (its output streams through); failure names the command; `step`
-    names the sequence's step in the announcement (`[task-2-colours] train …`)."""
-    log(f"[{step}] {args[0]} …  $ mlan {' '.join(args)}" if step else "$ mlan " + " ".join(args))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
-    rc = subprocess.call([sys.executable, "-m", "mlan.cli", *args], env=env)
-    if rc != 0:
-        raise ContinualError(f"`mlan {args[0]}` failed with status {rc} (command: mlan {' '.join(args)})")
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -82,24 +68,35 @@ def base_model_path(spec: ContinualSpec, recipe: Recipe) -> str:
     return path
 
 
-def _evaluate(model: str, recipe: Recipe, target: Path, log: Log) -> dict:
-    ev = recipe.eval
-    log(f"evaluating {model} on {', '.join(t.name for t in ev.tasks)}")
-    results = evaluate(model, list(ev.tasks), batch_size=ev.batch_size, limit=ev.limit,
-                       max_new_tokens=ev.max_new_tokens, keep_records=True)
-    save_results(results, target)  # eval.items.jsonl, then eval.json (the task's "finished" mark) last
-    return results
-
-
 def replayed_counts(build: Path) -> dict[str, int]:
     """Documents per rehearsal source in a build, from its stats.json."""
     stats = json.loads((build / "stats.json").read_text())
     return {n: int(c) for n, c in stats["examples"]["by_source"].items() if n.startswith("rehearsal-")}
 
 
+def task_steps(spec: ContinualSpec, k: int, out: Path, recipe_file: Path, recipe: Recipe, model: str) -> list[Step]:
+    """Task k's build → train (when it has sources) → eval of `model`, each skipped when its output is complete."""
+    d = task_dir(out, k, spec.tasks[k].name)
+    steps = []
+    if spec.tasks[k].sources:
+        build, run = d / "build", d / "run"
+        args = ["build", str(recipe_file), "--out", str(build), "--cache", str(out / "cache")]
+        steps += [Step("build", d.name, build, build_complete,
+                       argv=tuple(args + (["--workers", str(spec.workers)] if spec.workers else []))),
+                  Step("train", d.name, run / "final", export_complete,
+                       argv=("train", str(recipe_file), "--shards", str(build), "--out", str(run), "--nproc",
+                             str(spec.nproc), "--resume"))]
+    ev = recipe.eval
+    steps.append(Step("eval", d.name, d / "eval.json", results_complete,
+                      note=f"{model} on {', '.join(t.name for t in ev.tasks)}",
+                      call=evaluation(model, ev.tasks, d / "eval.json", batch_size=ev.batch_size, limit=ev.limit,
+                                      max_new_tokens=ev.max_new_tokens)))
+    return steps
+
+
 def run_task(spec: ContinualSpec, k: int, out: Path, start: str | None, recipes: list[Recipe],
-             overrides_note: str, log: Log) -> tuple[str, dict]:
-    """Build, train and evaluate task k (each step skipped when its output exists); returns (export, results)."""
+             overrides_note: str, pipeline: Pipeline) -> tuple[str, dict]:
+    """Build, train and evaluate task k (each step skipped when its output is complete); returns (export, results)."""
     task = spec.tasks[k]
     d = task_dir(out, k, task.name)
     d.mkdir(parents=True, exist_ok=True)
@@ -113,18 +110,10 @@ def run_task(spec: ContinualSpec, k: int, out: Path, start: str | None, recipes:
     recipe_file = d / "recipe.yaml"
     recipe_file.write_text(f"# task {k + 1} of {spec.name} ({overrides_note}); written by `mlan continual`\n"
                            + yaml.safe_dump(raw, sort_keys=False))
-    if not task.sources:  # the base LLM is task 1
-        model = base_model_path(spec, recipe)
-    else:
-        build, run = d / "build", d / "run"
-        if not (build / "manifest.json").is_file():
-            args = ["build", str(recipe_file), "--out", str(build), "--cache", str(out / "cache")]
-            _mlan(args + (["--workers", str(spec.workers)] if spec.workers else []), log, d.name)
-        if not export_complete(run / "final"):
-            _mlan(["train", str(recipe_file), "--shards", str(build), "--out", str(run), "--nproc", str(spec.nproc),
-                   "--resume"], log, d.name)
-        model = str(run / "final")
-    return model, _evaluate(model, recipe, d / "eval.json", log)
+    # the base LLM is task 1 when it trains nothing
+    model = str(d / "run" / "final") if task.sources else base_model_path(spec, recipe)
+    evaluated = pipeline.run(task_steps(spec, k, out, recipe_file, recipe, model))[-1]
+    return model, evaluated.value if evaluated.ran else load_results(d / "eval.json")
 
 
 def run_continual(recipe_path: str | Path, out: str | Path, overrides: Sequence[str] = (),
@@ -145,15 +134,17 @@ def run_continual(recipe_path: str | Path, out: str | Path, overrides: Sequence[
     replays: dict[int, dict[str, int]] = {}
     start: str | None = None
     scores: dict = {}
+    todo = [k for k, t in enumerate(spec.tasks) if not (task_dir(out, k, t.name) / "eval.json").is_file()]
+    pipeline = Pipeline(total=sum(3 if spec.tasks[k].sources else 1 for k in todo), log=log)
     for k, task in enumerate(spec.tasks):
         d = task_dir(out, k, task.name)
-        if (d / "eval.json").is_file():
+        if k not in todo:
             log(f"task {k + 1} ({task.name}): finished earlier, not redone")
             results = load_results(d / "eval.json")  # with its per-item records when the items file exists
             model = results["model"]
         else:
             log(f"task {k + 1} ({task.name}): build → train → eval in {d}")
-            model, results = run_task(spec, k, out, start, recipes, note, log)
+            model, results = run_task(spec, k, out, start, recipes, note, pipeline)
         evals[k + 1] = results
         if (d / "build" / "stats.json").is_file() and k >= 2 and spec.rehearsal:
             replays[k + 1] = replayed_counts(d / "build")
