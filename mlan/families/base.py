@@ -56,14 +56,23 @@ class Family(ABC):
     def __init__(self, model: ModelSpec, geometry: VisionGeometry):
         self.model = model
         self.geometry = geometry
+        self._tokenizer: Any = None
 
-    @cached_property
-    def tokenizer(self):
-        # lazy: mlan.tokenizer loads transformers (~0.7 s after `import mlan.mixture.verify`); recipe parsing imports
-        # this module in `mlan verify`, `study` and `ablate`, which never load a tokenizer
-        from mlan.tokenizer import load_tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        """`model.tokenizer`, loaded on first use (or the one a caller set)."""
+        if self._tokenizer is None:
+            # lazy: mlan.tokenizer loads transformers (~0.7 s after `import mlan.mixture.verify`); recipe parsing
+            # imports this module in `mlan verify`, `study` and `ablate`, which never load a tokenizer
+            from mlan.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.model.tokenizer)
+            self._tokenizer = load_tokenizer(self.model.tokenizer)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        """Use an already loaded tokenizer (a caller's) instead of loading `model.tokenizer`."""
+        self._tokenizer = tokenizer
 
     @property
     def template(self) -> str:
