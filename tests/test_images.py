@@ -135,7 +135,8 @@ def test_each_renderer_applies_its_own_image_limits(llama3_tokenizer):
     from mlan.recipe import ModelSpec
     from mlan.render import Renderer
     from mlan.sources.images import ImageLimits
-    from mlan.sources.records import Conversation, Image as ImagePart, Message, Text
+    from mlan.sources.records import Conversation, Message, Text
+    from mlan.sources.records import Image as ImagePart
 
     conv = Conversation("s:0:x", "s", (
         Message("user", (ImagePart(ImageRef(data=jpeg_bytes(120, 40))), Text("What is this?"))),
