@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from mlan.data.labels import IGNORE_INDEX
 from mlan.families.base import ModelGeometry
-from mlan.train.losses import IGNORE_INDEX
 
 # CLIP's normalisation constants (openai/clip-vit-large-patch14-336 preprocessor_config.json)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
