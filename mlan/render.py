@@ -16,7 +16,7 @@ from mlan.families.registry import get_family
 from mlan.piece_encoding import PieceEncoder, encode_texts, lay_out
 from mlan.recipe import ModelSpec
 from mlan.sources import iter_source, to_conversations
-from mlan.sources.images import probe_image
+from mlan.sources.images import DEFAULT_LIMITS, ImageLimits, probe_image
 from mlan.sources.records import Conversation, ImageRef, Message, RecordError, Text
 from mlan.templates import check_conversation, get_template
 
@@ -88,18 +88,20 @@ class Renderer:
     """Renders conversations for one model (family, tokenizer, template) and one seq_len / overlong policy."""
 
     def __init__(self, model: ModelSpec, seq_len: int, overlong: str = "truncate", tokenizer=None,
-                 fast_bpe: bool = True):
-        """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids)."""
+                 fast_bpe: bool = True, image_limits: ImageLimits = DEFAULT_LIMITS):
+        """fast_bpe: with the offline llama3 tokenizer, encode user/assistant text with tiktoken (same ids);
+        image_limits: the recipe's `mixture.max_image_*`, checked on every image this renderer reads."""
         if overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}, got {overlong!r}")
         if seq_len < 1:
             raise ValueError(f"seq_len must be ≥ 1, got {seq_len}")
         self.family = get_family(model)
         if tokenizer is not None:
-            self.family.__dict__["tokenizer"] = tokenizer  # use the caller's (already loaded) tokenizer
+            self.family.tokenizer = tokenizer  # use the caller's (already loaded) tokenizer
         self.tokenizer = self.family.tokenizer
         self.seq_len = int(seq_len)
         self.overlong = overlong
+        self.image_limits = image_limits
         self.template = get_template(self.family.template, self.tokenizer, self.family.image_token)
         self._encoder = PieceEncoder(self.tokenizer, fast_bpe)
         self._image_seq = self.family.image_seq_tokens()
@@ -213,7 +215,8 @@ class Renderer:
             data = ref.read_bytes()
         except OSError as err:
             raise RecordError(file, index, f"cannot read image {ref.path}: {err}", "image") from None
-        width, height, ext = probe_image(ImageRef(data=data), file, index, where=ref.path)
+        width, height, ext = probe_image(ImageRef(data=data), file, index, where=ref.path,
+                                         limits=self.image_limits)
         if ext == "bin" and ref.path is not None:
             ext = ref.suffix
         tiles = self.family.tiles_for(width, height)

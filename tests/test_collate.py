@@ -10,7 +10,7 @@ from transformers.models.mllama.processing_mllama import (
     get_cross_attention_token_mask,
 )
 
-from mlan.data.collate import FamilyConfig, document_position_ids, family_collate, row_labels
+from mlan.data.collate import checked_geometry, document_position_ids, family_collate, row_labels
 from mlan.data.images import decode_image
 from mlan.families import tiny
 from mlan.families.llava.inputs import llava_pixel_values
@@ -144,7 +144,7 @@ def test_bad_rows_and_configs_are_named():
     with pytest.raises(ValueError, match="shard-x-row-y.*1 image tokens for 2 images"):
         family_collate(MLLAMA_FC)([row])
     with pytest.raises(ValueError, match="family_config.tile_size"):
-        FamilyConfig.from_dict({**MLLAMA_FC, "tile_size": None})
+        checked_geometry({**MLLAMA_FC, "tile_size": None})
     with pytest.raises(ValueError, match="pad_to"):
         family_collate(MLLAMA_FC, pad_to="max")
     with pytest.raises(ValueError, match="does not fit"):

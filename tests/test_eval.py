@@ -85,11 +85,11 @@ def test_choice_loglikelihood_with_image(lm, colour_png) -> None:
     from mlan.families.llava.inputs import llava_pixel_values
 
     prompt = prompt_ids(lm, "What colour is this picture?", n_images=1)
-    assert prompt.count(lm.image_token_id) == 16  # tiny LLaVA: 56 px / 14 px patches → 16 tokens
+    assert prompt.count(lm.geometry.image_token_id) == 16  # tiny LLaVA: 56 px / 14 px patches → 16 tokens
     options = [lm.tokenizer.encode(t, add_special_tokens=False) for t in ("red", "dark green", "blue")]
     got = choice_loglikelihoods(lm, prompt, options, image=colour_png, batch_size=2, inputs=model_inputs(lm))
     with Image.open(colour_png) as im:
-        px = llava_pixel_values([im.convert("RGB")], lm.image_size)
+        px = llava_pixel_values([im.convert("RGB")], lm.geometry.image_size)
     want = [_reference_loglikelihood(lm.model, prompt, o, pixel_values=px) for o in options]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
     # the image matters: without it the scores differ
@@ -113,8 +113,8 @@ def test_eval_prompt_is_the_training_documents_prefix(lm, colour_png, n_images: 
     ref = tok.apply_chat_template([{"role": "user", "content": ("<|image|>\n" if n_images else "") + question.strip()}],
                                   tokenize=False, add_generation_prompt=True)
     ref_ids = tok.encode(ref, add_special_tokens=False)
-    assert ids == [t for x in ref_ids for t in ([x] * 16 if x == lm.image_token_id else [x])]
-    assert ids.count(lm.image_token_id) == 16 * n_images
+    assert ids == [t for x in ref_ids for t in ([x] * 16 if x == lm.geometry.image_token_id else [x])]
+    assert ids.count(lm.geometry.image_token_id) == 16 * n_images
 
 
 def _greedy_one(model, prompt: list[int], n: int, stops: list[int]) -> list[int]:
@@ -360,7 +360,8 @@ def test_mllama_choice_with_image_equals_processor_built_forward(tmp_path, colou
     options = [mm.tokenizer.encode(t, add_special_tokens=False) for t in ("red", "light blue")]
     got = choice_loglikelihoods(mm, prompt, options, image=colour_png, batch_size=2, inputs=model_inputs(mm))
 
-    proc = MllamaImageProcessorPil(size={"height": mm.image_size, "width": mm.image_size}, max_image_tiles=mm.max_tiles)
+    side = mm.geometry.image_size
+    proc = MllamaImageProcessorPil(size={"height": side, "width": side}, max_image_tiles=mm.geometry.max_tiles)
     with Image.open(colour_png) as im:
         px = proc(images=[[im.convert("RGB")]], return_tensors="pt")
     want = []
@@ -368,7 +369,7 @@ def test_mllama_choice_with_image_equals_processor_built_forward(tmp_path, colou
         ids = prompt + o
         sparse = [get_cross_attention_token_mask(ids, 128256)]
         cross = torch.tensor(convert_sparse_cross_attention_mask_to_dense(
-            sparse, px["num_tiles"], mm.max_tiles, len(ids)))
+            sparse, px["num_tiles"], mm.geometry.max_tiles, len(ids)))
         with torch.no_grad():
             logits = mm.model(input_ids=torch.tensor([ids]), pixel_values=px["pixel_values"],
                               aspect_ratio_ids=px["aspect_ratio_ids"], aspect_ratio_mask=px["aspect_ratio_mask"],

@@ -82,7 +82,7 @@ def test_eval_prompt_is_the_training_render_of_the_record(tmp_path, shared_data,
     lm = load_model(str(_model_dir(tmp_path, recipe)))
 
     renderer = Renderer(recipe.model, recipe.mixture.seq_len)
-    assert lm.image_tokens == renderer.family.image_seq_tokens()
+    assert lm.geometry.image_tokens == renderer.family.image_seq_tokens()
     picked = set()
     for item, (file, index, record) in zip(task.items, iter_source(source)):
         conv = to_conversations(source, index, record, file)[0]  # what the build trains on

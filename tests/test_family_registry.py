@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from shardkit import make_doc, pack
 
-from mlan.data.collate import FamilyConfig
+from mlan.data.collate import checked_geometry
 from mlan.families import registry, tiny
 from mlan.families.base import Family, FamilyPlugin, VisionGeometry
 from mlan.families.registry import family_for_model_type, family_names, get_family, register
@@ -77,7 +77,7 @@ def test_a_registered_family_is_accepted_everywhere_by_name(fake_registered):
     assert (fc["family"], fc["image_tokens"], fc["image_size"], fc["tile_size"]) == ("fake", 2, 32, None)
     # the loader's and verify's contract follow the plug-in: two placeholders per image
     fc["image_token_id"] = tiny.IMAGE_TOKEN_ID
-    collate_fc = FamilyConfig.from_dict(fc)
+    collate_fc = checked_geometry(fc)
     assert (collate_fc.family, collate_fc.image_tokens) == ("fake", 2)
     row = pack([make_doc(np.random.default_rng(0), 6, image_at=(1,), image_tokens=2)], "k")
     assert row_problems(row, fc, decode=False) == []
@@ -93,7 +93,7 @@ def test_an_unregistered_family_is_a_one_line_error_listing_the_registered_ones(
     assert message == ("r.yaml: invalid recipe: model.family = 'qwen2_vl': Input should be 'fake' or 'llava' or "
                        "'mllama'; allowed: 'fake' or 'llava' or 'mllama'")
     with pytest.raises(ValueError, match="family_config.family: expected 'fake' or 'llava' or 'mllama', got 'x'"):
-        FamilyConfig.from_dict({"family": "x", "vocab_size": 10})
+        checked_geometry({"family": "x", "vocab_size": 10})
 
 
 def _family_name_comparisons(path: Path, root: Path = PACKAGE.parent) -> list[str]:

@@ -127,3 +127,25 @@ def test_image_policy_is_in_the_cache_key(tmp_path: Path):
     fps = {source_cache_keys(r, get_family(r.model).family_config())[0] for r in (a, b, c)}
     assert len(fps) == 3
     assert "exif" in IMAGE_DECODE
+
+
+def test_each_renderer_applies_its_own_image_limits(llama3_tokenizer):
+    """The limits belong to a renderer (a build's tokenizer actor), not to the process: two renderers with
+    different limits, side by side, each refuse or admit the same image by their own."""
+    from mlan.recipe import ModelSpec
+    from mlan.render import Renderer
+    from mlan.sources.images import ImageLimits
+    from mlan.sources.records import Conversation, Message, Text
+    from mlan.sources.records import Image as ImagePart
+
+    conv = Conversation("s:0:x", "s", (
+        Message("user", (ImagePart(ImageRef(data=jpeg_bytes(120, 40))), Text("What is this?"))),
+        Message("assistant", (Text("A strip."),)),
+    ), {"file": "d.jsonl", "index": 0})
+    strict = Renderer(ModelSpec(), 4096, tokenizer=llama3_tokenizer, image_limits=ImageLimits(max_aspect=2.0))
+    default = Renderer(ModelSpec(), 4096, tokenizer=llama3_tokenizer)
+    with pytest.raises(RecordError, match=r"too elongated .*more than mixture.max_image_aspect = 2"):
+        strict.render(conv)
+    assert default.render(conv).image_sizes == [(120, 40)]
+    with pytest.raises(RecordError, match="too elongated"):
+        strict.render(conv)

@@ -28,7 +28,6 @@ from mlan.train.attention import (
     cu_seqlens,
     document_spans,
     flatten_rows,
-    per_document_sdpa,
     set_attention,
     unflatten_rows,
     varlen_supported,
@@ -164,13 +163,15 @@ def test_the_real_varlen_attn_takes_our_call_down_to_its_cuda_kernel():
         attend_varlen(q, k, k, Segments(document_spans(pos, 1), 8), 0.25)
 
 
-def test_varlen_not_chosen_on_cpu_and_per_document_sdpa_restores_the_choice():
+def test_varlen_not_chosen_on_cpu_and_the_reference_is_a_model_setting():
+    """The per-document SDPA reference is chosen per model (its own registered name), never by process state."""
     q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16)
     assert not varlen_supported(q, q, q, 0.0)  # CPU: the per-document SDPA loop stays the path
-    assert attention._VARLEN["enabled"]
-    with per_document_sdpa():
-        assert not attention._VARLEN["enabled"]
-    assert attention._VARLEN["enabled"]
+    assert attention.register(varlen=False) == attention.PER_DOCUMENT_IMPLEMENTATION
+    assert attention.register() == attention.DOCUMENTS_IMPLEMENTATION
+    reference = attention.AttentionInterface._global_mapping[attention.PER_DOCUMENT_IMPLEMENTATION]
+    assert reference.keywords == {"varlen": False}
+    assert not hasattr(attention, "_VARLEN")
 
 
 # ---------------------------------------------------------------- GPU: the two paths on tiny models
@@ -231,7 +232,8 @@ def test_varlen_matches_per_document_sdpa_in_bf16(family):
         var_logits, var_grads = logits_and_grads(model, batch, torch.bfloat16)
     ops = {str(op) for op in counter.get_flop_counts()["Global"]}
     assert any("_varlen_attn" in op for op in ops), ops  # the varlen kernel ran
-    with per_document_sdpa(), FlopCounterMode(display=False) as counter:
+    set_attention(model, "documents", varlen=False)
+    with FlopCounterMode(display=False) as counter:
         loop_logits, loop_grads = logits_and_grads(model, batch, torch.bfloat16)
     assert not any("_varlen_attn" in op for op in {str(op) for op in counter.get_flop_counts()["Global"]})
     # both bf16 paths are as close to the fp32 reference as each other (bf16 rounding, not a wrong mask)

@@ -38,7 +38,7 @@ def render_command(args: argparse.Namespace) -> int:
 
     from mlan.recipe import load_recipe
     from mlan.render import Renderer
-    from mlan.sources.images import ImageLimits, set_image_limits
+    from mlan.sources.images import ImageLimits
     from mlan.sources.readers import check_source_paths
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -47,8 +47,8 @@ def render_command(args: argparse.Namespace) -> int:
         names = ", ".join(s.name for s in recipe.sources) or "(none)"
         raise UserError(f"{args.recipe}: no source named {args.source!r}; the recipe has: {names}")
     check_source_paths([spec])  # a missing path or a folder without data files: one line, exit 2
-    set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))  # as the build
-    renderer = Renderer(recipe.model, recipe.mixture.seq_len, recipe.mixture.overlong)
+    limits = ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect)  # as the build
+    renderer = Renderer(recipe.model, recipe.mixture.seq_len, recipe.mixture.overlong, image_limits=limits)
     counts, first_failure = _render_source(spec, renderer, args.limit, args.json, recipe.mixture.max_record_bytes)
     Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"{counts['documents']} documents ({counts['truncated']} truncated), {counts['errors']} errors, "

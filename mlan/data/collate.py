@@ -16,7 +16,7 @@ The images of a batch are the family's (`FamilyRuntime.batch_images`): nothing h
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,39 +25,26 @@ import torch
 
 from mlan.data.images import decode_image
 from mlan.data.labels import IGNORE_INDEX
+from mlan.families.base import ModelGeometry
 from mlan.families.registry import family_names, family_plugin
 from mlan.mixture.shards import PackedRow
 
 PAD_TO = ("longest", "seq_len")
 
 
-@dataclass(frozen=True)
-class FamilyConfig:
-    """The manifest's `family_config`: what the collator needs to know about the model family."""
+NO_IMAGE_TOKEN = -1  # the image token id of a text-only build (no tokenizer id matches it)
 
-    family: str  # a registered family name (`mlan.families.family_names()`)
-    vocab_size: int
-    image_token_id: int
-    image_tokens: int = 1  # in-sequence placeholders per image (llava: N, mllama: 1)
-    image_size: int | None = None  # llava: vision input side
-    patch_size: int | None = None
-    tile_size: int | None = None  # mllama: tile side (560 for the real model)
-    max_tiles: int = 4  # mllama
-    pad_token_id: int = 0  # any id the embedding has; padding is never attended to by real tokens
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FamilyConfig:
-        """Build from a manifest dict; unknown keys are ignored, missing required ones named."""
-        fam = d.get("family")
-        if fam not in family_names():
-            expected = " or ".join(repr(name) for name in family_names())
-            raise ValueError(f"family_config.family: expected {expected}, got {fam!r}")
-        if d.get("vocab_size") is None:
-            raise ValueError("family_config.vocab_size: missing")
-        family_plugin(fam).check_config(d)
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None}
-        fields.setdefault("image_token_id", -1)  # a text-only llava build: no id can match
-        return cls(**fields)
+def checked_geometry(family_config: ModelGeometry | Mapping[str, Any]) -> ModelGeometry:
+    """A manifest's `family_config` (or a geometry) checked for the collator: its family registered, and
+    the keys that family needs present (ValueError naming `family_config.<key>`)."""
+    geometry = (family_config if isinstance(family_config, ModelGeometry)
+                else ModelGeometry.from_manifest(family_config))
+    if geometry.family not in family_names():
+        expected = " or ".join(repr(name) for name in family_names())
+        raise ValueError(f"family_config.family: expected {expected}, got {geometry.family!r}")
+    family_plugin(geometry.family).check_config(geometry.to_manifest())
+    return geometry
 
 
 # ---------------------------------------------------------------- per-row pieces
@@ -79,10 +66,14 @@ def row_labels(ids: np.ndarray, loss: np.ndarray, docs: Sequence[int], image_tok
     return labels
 
 
-def check_row_images(row: PackedRow, fc: FamilyConfig) -> None:
+def _image_token_id(geometry: ModelGeometry) -> int:
+    return NO_IMAGE_TOKEN if geometry.image_token_id is None else geometry.image_token_id
+
+
+def check_row_images(row: PackedRow, geometry: ModelGeometry) -> None:
     """Image tokens, images and image_docs agree; raises ValueError naming the row."""
-    n_tok = int((np.asarray(row.ids) == fc.image_token_id).sum())
-    per = family_plugin(fc.family).placeholders_per_image(fc.image_tokens)
+    n_tok = int((np.asarray(row.ids) == _image_token_id(geometry)).sum())
+    per = family_plugin(geometry.family).placeholders_per_image(geometry.image_tokens)
     if n_tok != per * len(row.images):
         raise ValueError(f"row {row.key!r}: {n_tok} image tokens for {len(row.images)} images "
                          f"({per} per image expected)")
@@ -102,10 +93,11 @@ def decode_row_images(row: PackedRow, origin: str = "") -> list:
 class FamilyCollator:
     """Callable: a list of packed rows → one batch (forward arguments + `meta`)."""
 
-    fc: FamilyConfig
+    geometry: ModelGeometry
     seq_len: int | None = None
     pad_to: str = "longest"
     always_images: bool = True  # image slots even when no row has an image, where the family needs them (FSDP)
+    pad_token_id: int = 0  # any id the embedding has; padding is never attended to by real tokens
 
     def __post_init__(self):
         if self.pad_to not in PAD_TO:
@@ -120,26 +112,26 @@ class FamilyCollator:
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
         filler = list(filler) if filler is not None else [False] * len(rows)
-        fc = self.fc
+        geometry = self.geometry
         longest = max(len(r) for r in rows)
         length = self.seq_len if self.pad_to == "seq_len" else longest
         if longest > length:
             raise ValueError(f"row of {longest} tokens does not fit pad_to seq_len={length}")
         b = len(rows)
-        input_ids = np.full((b, length), fc.pad_token_id, dtype=np.int64)
+        input_ids = np.full((b, length), self.pad_token_id, dtype=np.int64)
         labels = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
         position_ids = np.zeros((b, length), dtype=np.int64)
         by_modality = {"text": 0, "image_text": 0}
         n_tokens = 0
         for i, (row, fill) in enumerate(zip(rows, filler)):
             row.check()
-            check_row_images(row, fc)
+            check_row_images(row, geometry)
             n = len(row)
             input_ids[i, :n] = row.ids
             position_ids[i, :n] = document_position_ids(row.docs)
             position_ids[i, n:] = np.arange(length - n)  # the padding tail is a document of its own
             if not fill:
-                labels[i, :n] = row_labels(row.ids, row.loss, row.docs, fc.image_token_id)
+                labels[i, :n] = row_labels(row.ids, row.loss, row.docs, _image_token_id(geometry))
                 n_tokens += n
                 for length_d, mod in zip(row.docs, row.modalities):
                     by_modality[mod] = by_modality.get(mod, 0) + int(length_d)
@@ -150,7 +142,8 @@ class FamilyCollator:
         }
         origins = list(origins) if origins is not None else [""] * len(rows)
         decoded = [decode_row_images(r, o) for r, o in zip(rows, origins)]
-        batch.update(family_plugin(fc.family).runtime().batch_images(fc, rows, decoded, length, self.always_images))
+        runtime = family_plugin(geometry.family).runtime()
+        batch.update(runtime.batch_images(geometry, rows, decoded, length, self.always_images))
         batch["meta"] = {
             "n_tokens": n_tokens,
             "n_loss_tokens": int((labels != IGNORE_INDEX).sum()),
@@ -163,8 +156,7 @@ class FamilyCollator:
         return batch
 
 
-def family_collate(family_config: FamilyConfig | dict[str, Any], seq_len: int | None = None,
+def family_collate(family_config: ModelGeometry | Mapping[str, Any], seq_len: int | None = None,
                    pad_to: str = "longest", always_images: bool = True) -> Callable[..., dict[str, Any]]:
-    """The collator for a build's family: `collate(rows, filler=None) -> batch`."""
-    fc = family_config if isinstance(family_config, FamilyConfig) else FamilyConfig.from_dict(family_config)
-    return FamilyCollator(fc, seq_len=seq_len, pad_to=pad_to, always_images=always_images)
+    """The collator for a build's geometry (or its manifest `family_config`): `collate(rows, filler=None) -> batch`."""
+    return FamilyCollator(checked_geometry(family_config), seq_len=seq_len, pad_to=pad_to, always_images=always_images)

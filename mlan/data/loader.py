@@ -173,7 +173,7 @@ class RankBatches(Dataset):
         origins = [self.reader.shard_name(int(g)) for g in idx]
         for row, origin in zip(rows, origins):
             try:
-                check_row_images(row, self.collate.fc)
+                check_row_images(row, self.collate.geometry)
             except ValueError as err:
                 raise ShardError(f"{origin}: {err}") from err
         batch = self.collate(rows, filler=self.plan.filler[b], origins=origins)

@@ -9,95 +9,19 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import torch
-from PIL import Image
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mlan import progress
 from mlan.atomic_write import write_text_atomic
 from mlan.errors import UserError
 from mlan.eval.forgetting import forgetting
+from mlan.eval.loading import Loaded, load_model, model_inputs
 from mlan.eval.protocols import chat_cloze
-from mlan.eval.scoring import ModelInputs, score_choice, score_cloze, score_generate
+from mlan.eval.scoring import score_choice, score_cloze, score_generate
 from mlan.eval.stats import chance_level, majority_rate, wilson_ci
 from mlan.eval.tasks import Task, load_task, parse_task_arg, read_ids
-from mlan.families.base import EvalGeometry
-from mlan.families.registry import family_for_config, family_plugin
-from mlan.pretrained import resolve_model_path
-from mlan.weights import check_model_dir, load_checked
-
-
-# ---------------------------------------------------------------- model and inputs
-@dataclass
-class Loaded:
-    """A model with what its prompts and images need."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    family: str | None  # a registered family name; None for a text-only causal LM
-    image_token_id: int | None
-    image_tokens: int  # in-sequence positions per image
-    image_size: int
-    max_tiles: int
-    stop_ids: list[int]
-
-
-def load_model(path: str) -> Loaded:
-    """A model folder (save_pretrained) or hub id → model in eval mode + tokenizer; UserError names the path."""
-    path = resolve_model_path(path)  # a named offline base (e.g. smollm2-135m-instruct) → its converted folder
-    p = Path(path)
-    if p.exists() and not (p / "config.json").is_file():
-        raise UserError(f"{path}: not a model directory (no config.json)")
-    check_model_dir(path)  # safetensors only, headers sound: never unpickle, never trust a length field
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad folder/id
-        raise UserError(f"{path}: not a model directory or hub id ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"{path}: the model has no usable tokenizer ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    plugin = family_for_config(cfg)  # `mlan_family` where a family shares another's model_type
-    if plugin is not None:
-        model, geo = plugin.runtime().eval_model(path, cfg)
-        loaded = Loaded(model, tok, plugin.name, geo.image_token_id, geo.image_tokens, geo.image_size, geo.max_tiles, [])
-    else:
-        try:
-            model = load_checked(AutoModelForCausalLM.from_pretrained, path)  # damaged weights: one line
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"{path}: not a causal LM ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-        loaded = Loaded(model, tok, None, None, 0, 0, 1, [])
-    model.eval()
-    stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"):
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tok.unk_token_id and tok.convert_ids_to_tokens(i) == t:
-            stops.add(i)
-    loaded.stop_ids = sorted(s for s in stops if s is not None)
-    return loaded
-
-
-def _open_image(path: str):
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def _forward_kwargs(lm: Loaded, ids: torch.Tensor, images: list[str] | None) -> dict[str, torch.Tensor]:
-    """The family's image inputs for one image per sequence (same preprocessing as mlan's training loader)."""
-    if not images:
-        return {}
-    geometry = EvalGeometry(lm.image_token_id, lm.image_tokens, lm.image_size, lm.max_tiles)
-    return family_plugin(lm.family).runtime().eval_inputs(ids, [_open_image(p) for p in images], geometry)
-
-
-def model_inputs(lm: Loaded) -> ModelInputs:
-    """What the scorers call for a batch's image inputs."""
-    return partial(_forward_kwargs, lm)
 
 
 # ---------------------------------------------------------------- the run

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from mlan.errors import UserError
+from mlan.eval.loading import load_model
 from mlan.eval.stats import chance_level, majority_rate, wilson_ci
 
 LM_EVAL_VERSION = "0.4.13"
@@ -118,8 +119,6 @@ def run_lm_eval_task(model_path: str, spec: str, limit: int | None, batch_size: 
     ci95 (Wilson), acc and acc_norm with their intervals, chance from each item's number of choices,
     majority from the gold answers; `limit` takes the first N items as lm-eval's --limit does.
     """
-    from mlan.eval.harness import load_model
-
     lm_eval, HFLM, TaskManager = _lm_eval()
     if limit is not None and limit <= 0:
         raise UserError(f"lm-eval:{spec}: --limit {limit} scores no item (n = 0)")

@@ -7,25 +7,22 @@ Llama-3 header tokens, else the tokenizer's own chat_template (recipes with `tem
 SmolLM2's ChatML), else a bare BOS + text for a base model without any chat format.
 
 A recipe's eval task that names its training source (`source: nlvr`, a `template` source) gets the prompt the
-build renders for that record: `training_conversation` converts the eval record with the source itself (the
-paraphrase its seed picks for the record, its system prompt, its image placement) and `conversation_ids` cuts
-that conversation's ids where the trained answer starts.
+build renders for that record: `mlan.eval.tasks.training_conversation` converts the eval record with the source
+itself (the paraphrase its seed picks for the record, its system prompt, its image placement) and
+`conversation_ids` cuts that conversation's ids where the trained answer starts.
 """
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlan.errors import UserError
 from mlan.piece_encoding import PieceEncoder, lay_out
-from mlan.recipe import SourceSpec
-from mlan.sources.formats import to_conversations
 from mlan.sources.records import Conversation, Image, ImageRef, Message, RecordError, Text
 from mlan.templates import Piece, Template, check_conversation, get_template
 
 if TYPE_CHECKING:
-    from mlan.eval.harness import Loaded
+    from mlan.eval.loading import Loaded
     from mlan.eval.tasks import Item
 
 _ANSWER = Message("assistant", (Text("answer"),))  # stands for the answer: only what comes before it is kept
@@ -99,45 +96,20 @@ def prompt_renderer(tokenizer, image_token_id: int | None, image_tokens: int) ->
     return PromptRenderer(tokenizer, image_token_id, image_tokens)
 
 
+def _renderer_of(lm: Loaded) -> PromptRenderer:
+    """The prompt renderer of a loaded model (a text-only model has no image token)."""
+    geometry = lm.geometry
+    return prompt_renderer(lm.tokenizer, geometry.image_token_id if geometry else None,
+                           geometry.image_tokens if geometry else 0)
+
+
 def prompt_ids(lm: Loaded, text: str, n_images: int = 0) -> list[int]:
     """The user turn and the assistant header, tokenized as the build renders a document for this model."""
-    return prompt_renderer(lm.tokenizer, lm.image_token_id, lm.image_tokens).ids(text, n_images)
+    return _renderer_of(lm).ids(text, n_images)
 
 
 def item_prompt_ids(lm: Loaded, item: Item) -> list[int]:
     """An item's prompt ids: its training source's rendering when the task names one, else its user text."""
     if item.conversation is not None:
-        return prompt_renderer(lm.tokenizer, lm.image_token_id, lm.image_tokens).conversation_ids(item.conversation)
+        return _renderer_of(lm).conversation_ids(item.conversation)
     return prompt_ids(lm, item.prompt, 1 if item.image else 0)
-
-
-def _literal(template_text: str, engine: str) -> str:
-    """`template_text` as a template of `engine` that renders to itself."""
-    if engine == "jinja":
-        return "{% raw %}" + template_text + "{% endraw %}"
-    return template_text.replace("{", "{{").replace("}", "}}")
-
-
-def training_conversation(source: SourceSpec, record: dict, index: int, file: str,
-                          image: str | None) -> Conversation:
-    """The conversation the build makes of an eval record with its training source (the seed's paraphrase).
-
-    The paraphrase, system prompt and image placement are the source's; only the image file is the eval item's
-    own (`image`, already resolved), so a record whose training image path does not exist still renders.
-    """
-    if source.format != "template" or source.template is None:
-        raise UserError(f"source {source.name!r} has format {source.format!r}; an eval task's `source` must be "
-                        "a `template` source")
-    if image is not None:
-        template = source.template.model_copy(update={"image": _literal(image, source.template.engine)})
-        source = source.model_copy(update={"template": template, "images": str(Path(image).parent),
-                                           "image_path": None})
-    try:
-        conv = to_conversations(source, index, record, file)[0]
-    except RecordError as err:
-        raise UserError(f"{err} (eval task rendered by training source {source.name!r})") from None
-    n_images = 1 if image is not None else 0
-    if len(conv.images) != n_images:
-        raise UserError(f"{file}, record {index}: training source {source.name!r} renders {len(conv.images)} "
-                        f"image(s), the eval item has {n_images}")
-    return conv

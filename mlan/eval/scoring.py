@@ -9,22 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from mlan.errors import UserError
 from mlan.eval.answers import extract_answer, is_correct
+from mlan.eval.loading import Loaded, ModelInputs
 from mlan.eval.prompts import item_prompt_ids
 from mlan.eval.protocols import Cloze
 from mlan.eval.tasks import Item, Task
 from mlan.families.registry import family_plugin
 
-if TYPE_CHECKING:
-    from mlan.eval.harness import Loaded
-
-# a batch's ids and its image paths (None: a text batch) → the model's extra forward arguments
-ModelInputs = Callable[[torch.Tensor, "list[str] | None"], dict[str, torch.Tensor]]
 Progress = Callable[[int], object]
 
 

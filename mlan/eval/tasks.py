@@ -18,7 +18,7 @@ Image paths resolve under the image root (`images`, else the task file's folder)
 with the same containment check as build sources (mlan.sources.images.resolve_path).
 
 A `source` (a recipe task's training source, a `template` SourceSpec) replaces the format's prompt: each item's
-prompt is that record rendered by the source, as the build renders it (mlan.eval.prompts.training_conversation);
+prompt is that record rendered by the source, as the build renders it (training_conversation);
 the options, gold and image stay the format's. Such a task is scored on those prompts (labels / vision-choice /
 generate), never by the lm-eval or mlan-paper protocol, which bring prompts of their own.
 """
@@ -33,7 +33,6 @@ from typing import Any, Literal
 
 from mlan import progress
 from mlan.errors import UserError
-from mlan.eval.prompts import training_conversation
 from mlan.eval.protocols import (
     PAPER_MAX_NEW_TOKENS,
     PAPER_PREFIX,
@@ -46,6 +45,7 @@ from mlan.eval.protocols import (
     prompt_style,
 )
 from mlan.recipe import SourceSpec
+from mlan.sources.formats import to_conversations
 from mlan.sources.images import ImageContext, resolve_path
 from mlan.sources.records import Conversation, RecordError
 
@@ -457,3 +457,35 @@ def parse_task_arg(arg: str) -> tuple[str | None, str]:
         name, _, path = arg.partition("=")
         return name.strip() or None, path.strip()
     return None, arg
+
+
+def _literal(template_text: str, engine: str) -> str:
+    """`template_text` as a template of `engine` that renders to itself."""
+    if engine == "jinja":
+        return "{% raw %}" + template_text + "{% endraw %}"
+    return template_text.replace("{", "{{").replace("}", "}}")
+
+
+def training_conversation(source: SourceSpec, record: dict, index: int, file: str,
+                          image: str | None) -> Conversation:
+    """The conversation the build makes of an eval record with its training source (the seed's paraphrase).
+
+    The paraphrase, system prompt and image placement are the source's; only the image file is the eval item's
+    own (`image`, already resolved), so a record whose training image path does not exist still renders.
+    """
+    if source.format != "template" or source.template is None:
+        raise UserError(f"source {source.name!r} has format {source.format!r}; an eval task's `source` must be "
+                        "a `template` source")
+    if image is not None:
+        template = source.template.model_copy(update={"image": _literal(image, source.template.engine)})
+        source = source.model_copy(update={"template": template, "images": str(Path(image).parent),
+                                           "image_path": None})
+    try:
+        conv = to_conversations(source, index, record, file)[0]
+    except RecordError as err:
+        raise UserError(f"{err} (eval task rendered by training source {source.name!r})") from None
+    n_images = 1 if image is not None else 0
+    if len(conv.images) != n_images:
+        raise UserError(f"{file}, record {index}: training source {source.name!r} renders {len(conv.images)} "
+                        f"image(s), the eval item has {n_images}")
+    return conv

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,14 +37,65 @@ class VisionGeometry:
     vocab_size: int | None = None  # the LM's output rows, when the model config says so
 
 
-@dataclass(frozen=True)
-class EvalGeometry:
-    """What eval prompts and image inputs need from a loaded checkpoint of a family."""
+class GeometryError(MlanError, ValueError):
+    """A manifest's `family_config` key of the wrong type (one line naming `family_config.<key>`)."""
 
-    image_token_id: int
-    image_tokens: int  # in-sequence positions per image
-    image_size: int  # llava: vision input side; mllama: tile side
-    max_tiles: int
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """The model geometry a build was rendered for, typed: render writes it into the manifest (`family_config`),
+    collate, train and eval read it back (eval from a checkpoint's config) and must agree with it.
+
+    The field order is the manifest's key order (`to_manifest`), so the manifest's JSON is unchanged.
+    """
+
+    family: str  # a registered family name
+    vocab_size: int  # rows of the LM's output layer
+    image_token_id: int | None = None  # None: a tokenizer without an image token (a text-only build)
+    image_tokens: int = 1  # in-sequence positions per image (llava: N placeholders, mllama: 1)
+    image_size: int | None = None  # llava: vision input side; mllama: tile side
+    patch_size: int | None = None
+    tile_size: int | None = None  # mllama: tile side (560 for the real model); None for families that do not tile
+    max_tiles: int = 4  # mllama; 1 for llava
+
+    # manifest key → (what a value must be, the check); None is always allowed where the field has a default
+    _CHECKS: ClassVar[dict[str, tuple[str, Any]]] = {
+        "family": ("a family name (a string)", lambda v: isinstance(v, str)),
+        "vocab_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+        "image_token_id": ("a token id (a non-negative integer)", lambda v: _is_int(v) and v >= 0),
+        "image_tokens": ("a positive integer", lambda v: _is_int(v) and v > 0),
+        "image_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+        "patch_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+        "tile_size": ("a positive integer", lambda v: _is_int(v) and v > 0),
+        "max_tiles": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    }
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The manifest's `family_config` object (every key, in field order)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_manifest(cls, data: Any) -> ModelGeometry:
+        """A manifest's `family_config` → the geometry; a missing `family`/`vocab_size` or a value of the wrong
+        type is a GeometryError naming `family_config.<key>`. Unknown keys are ignored; a missing or null
+        optional key takes its default."""
+        if not isinstance(data, Mapping):
+            raise GeometryError(f"family_config is a {type(data).__name__}, not an object")
+        values: dict[str, Any] = {}
+        for key, (what, ok) in cls._CHECKS.items():
+            value = data.get(key)
+            if value is None:
+                if key in ("family", "vocab_size"):
+                    raise GeometryError(f"family_config.{key}: missing")
+                continue
+            if not ok(value):
+                raise GeometryError(f"family_config.{key}: {str(value)[:80]!r} is not {what}")
+            values[key] = value
+        return cls(**values)
 
 
 class Family(ABC):
@@ -56,14 +107,23 @@ class Family(ABC):
     def __init__(self, model: ModelSpec, geometry: VisionGeometry):
         self.model = model
         self.geometry = geometry
+        self._tokenizer: Any = None
 
-    @cached_property
-    def tokenizer(self):
-        # lazy: mlan.tokenizer loads transformers (~0.7 s after `import mlan.mixture.verify`); recipe parsing imports
-        # this module in `mlan verify`, `study` and `ablate`, which never load a tokenizer
-        from mlan.tokenizer import load_tokenizer
+    @property
+    def tokenizer(self) -> Any:
+        """`model.tokenizer`, loaded on first use (or the one a caller set)."""
+        if self._tokenizer is None:
+            # lazy: mlan.tokenizer loads transformers (~0.7 s after `import mlan.mixture.verify`); recipe parsing
+            # imports this module in `mlan verify`, `study` and `ablate`, which never load a tokenizer
+            from mlan.tokenizer import load_tokenizer
 
-        return load_tokenizer(self.model.tokenizer)
+            self._tokenizer = load_tokenizer(self.model.tokenizer)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        """Use an already loaded tokenizer (a caller's) instead of loading `model.tokenizer`."""
+        self._tokenizer = tokenizer
 
     @property
     def template(self) -> str:
@@ -111,19 +171,23 @@ class Family(ABC):
         """The side of one vision tile, for families that tile images (None otherwise)."""
         return None
 
-    def family_config(self) -> dict:
-        """The manifest's `family_config`: what a trainer needs to check shards against its model."""
+    def model_geometry(self) -> ModelGeometry:
+        """The geometry this family renders for: what a trainer needs to check shards against its model."""
         g = self.geometry
-        return {
-            "family": self.name,
-            "vocab_size": self.vocab_size(),
-            "image_token_id": self.image_token_id if self.image_token is not None else None,
-            "image_tokens": self.image_seq_tokens(),
-            "image_size": g.image_size,
-            "patch_size": g.patch_size,
-            "tile_size": self.tile_size(),
-            "max_tiles": g.max_tiles,
-        }
+        return ModelGeometry(
+            family=self.name,
+            vocab_size=self.vocab_size(),
+            image_token_id=self.image_token_id if self.image_token is not None else None,
+            image_tokens=self.image_seq_tokens(),
+            image_size=g.image_size,
+            patch_size=g.patch_size,
+            tile_size=self.tile_size(),
+            max_tiles=g.max_tiles,
+        )
+
+    def family_config(self) -> dict:
+        """The manifest's `family_config` (`model_geometry().to_manifest()`)."""
+        return self.model_geometry().to_manifest()
 
 
 class FamilyRuntime(ABC):
@@ -159,11 +223,11 @@ class FamilyRuntime(ABC):
         return None
 
     @abstractmethod
-    def eval_model(self, path: str, config: Any) -> tuple[Any, EvalGeometry]:
+    def eval_model(self, path: str, config: Any) -> tuple[Any, ModelGeometry]:
         """The checkpoint at `path` (config already read) and what eval prompts and inputs need of it."""
 
     @abstractmethod
-    def eval_inputs(self, ids: Any, images: list[Any], geometry: EvalGeometry) -> dict[str, Any]:
+    def eval_inputs(self, ids: Any, images: list[Any], geometry: ModelGeometry) -> dict[str, Any]:
         """Forward kwargs for a batch of prompts `ids` with one PIL image each."""
 
     # ---- anatomy: where this family keeps its parts, so shared code (freezing, FSDP, attention, lm-eval,

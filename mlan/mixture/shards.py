@@ -22,6 +22,7 @@ from webdataset.tariterators import base_plus_ext
 
 from mlan.atomic_write import write_text_atomic
 from mlan.errors import MlanError
+from mlan.families.base import GeometryError, ModelGeometry
 
 
 @dataclass
@@ -239,6 +240,11 @@ class Manifest:
     def totals(self) -> dict[str, Any]:
         return self.data.get("totals", {})
 
+    @property
+    def geometry(self) -> ModelGeometry:
+        """`family_config`, typed (already checked by `read_manifest`)."""
+        return ModelGeometry.from_manifest(self.family_config)
+
 
 def _manifest_error(url: str, what: str) -> ManifestError:
     return ManifestError(f"{url}: {what}")
@@ -307,6 +313,10 @@ def _check_manifest(url: str, data: Any) -> None:
     for key in ("rows", "tokens"):
         if not _is_count(totals.get(key)):
             raise _manifest_error(url, f"totals.{key} {totals.get(key)!r} is not a count (a non-negative integer)")
+    try:
+        ModelGeometry.from_manifest(data["family_config"])
+    except GeometryError as err:
+        raise _manifest_error(url, str(err)) from None
 
 
 def read_manifest(build_dir: str) -> Manifest:

@@ -22,7 +22,7 @@ from mlan.mixture.write import BuildError, PartTables, write_shard
 from mlan.recipe import Recipe
 from mlan.render import DocumentDropped, Renderer
 from mlan.sources import RecordError, iter_source, to_conversations
-from mlan.sources.images import ImageLimits, set_image_limits
+from mlan.sources.images import ImageLimits
 from mlan.sources.readers import RawLine
 
 RECORDS_PER_PART = 512
@@ -37,9 +37,9 @@ class TokenizeWorker:
         # one core per actor: set before the Rust tokenizer starts its thread pool (a job-level runtime_env
         # would do the same but makes Ray start fresh worker processes instead of its prestarted ones)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        set_image_limits(ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect))
         self.recipe = recipe
-        self.renderer = Renderer(self.recipe.model, self.recipe.mixture.seq_len, self.recipe.mixture.overlong)
+        limits = ImageLimits(recipe.mixture.max_image_pixels, recipe.mixture.max_image_aspect)
+        self.renderer = Renderer(recipe.model, recipe.mixture.seq_len, recipe.mixture.overlong, image_limits=limits)
         mine = self.renderer.family.family_config()
         if mine != family_config:
             raise BuildError(f"a tokenizer actor resolved the model geometry as {mine}, the driver as {family_config}")

@@ -157,7 +157,6 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
-_limits = [DEFAULT_LIMITS]  # this process's limits: a build's tokenizer actors set the recipe's (set_image_limits)
 
 # JPEGs are decoded by libjpeg's DCT scaling (PIL draft) to no less than this on each side: the full entropy
 # stream is still read (truncation is still caught), but a 100-MP photo costs a fraction of a full decode.
@@ -166,15 +165,6 @@ DRAFT_MIN_SIDE = 4480
 # EXIF Orientation values that swap width and height (transpose, 90°, transverse, 270°)
 _SWAPS_AXES = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
-
-
-def set_image_limits(limits: ImageLimits) -> None:
-    """Use `limits` for every image this process probes (the recipe's `mixture.max_image_*`)."""
-    _limits[0] = limits
-
-
-def image_limits() -> ImageLimits:
-    return _limits[0]
 
 
 # PIL modes of more than 8 bits per sample: `convert("RGB")` clips them at 255 (a 16-bit PNG comes out
@@ -241,14 +231,13 @@ def _reason(err: BaseException) -> str:
 
 
 def probe_image(ref: ImageRef, file: str, index: int | None, where: str | None = None,
-                limits: ImageLimits | None = None) -> tuple[int, int, str]:
+                limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int, str]:
     """(width, height, ext) of an image as the loader will see it (EXIF orientation applied).
 
-    Header first: size and format, then the pixel and aspect limits (`limits`, else this process's), so
+    Header first: size and format, then the pixel and aspect limits (`limits`: the recipe's), so
     a decode bomb is refused before any pixel is decoded; then a full decode, so a truncated or corrupt
     image is rejected here and not in every later training run. `where` names the image (its path).
     """
-    limits = limits or image_limits()
     where = where or ref.path or f"{len(ref.data or b'')} bytes of image data"
     try:
         data = ref.read_bytes()

@@ -18,7 +18,7 @@ On CUDA (bf16/fp16 activations, head_dim a multiple of 8 up to 256, no dropout) 
 `torch.nn.attention.varlen.varlen_attn` call per layer instead of one SDPA call per document: q/k/v are flattened
 to (B·L, heads, dim), `cu_seqlens` marks every document start (row r's starts offset by r·L), the kernel is causal
 (`window_size=(-1, 0)`) and takes GQA's fewer KV heads directly. The per-document SDPA loop stays the path on CPU
-and the reference (`per_document_sdpa()` forces it anywhere, for tests and benchmarks).
+and the reference (`set_attention(model, "documents", varlen=False)` forces it anywhere, for tests and benchmarks).
 
 Segment boundaries cost one device→host copy of `position_ids` per forward (and one host→device copy of
 `cu_seqlens` on CUDA): every layer receives the same `position_ids` tensor, so both are cached on that tensor (its
@@ -27,11 +27,10 @@ identity and in-place version counter). `create_causal_mask` itself still runs t
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 ATTENTION_CHOICES = ("documents", "sdpa")
 DOCUMENTS_IMPLEMENTATION = "mlan_documents"  # the name registered with transformers
+PER_DOCUMENT_IMPLEMENTATION = "mlan_documents_sdpa"  # the same, never `varlen_attn`: the reference path
 
 Spans = tuple[tuple[tuple[int, int], ...], ...]  # per row: [start, end) of each document
 
@@ -148,25 +148,11 @@ def _documents_path(module: nn.Module, query: torch.Tensor, key: torch.Tensor, a
     return position_ids
 
 
-_VARLEN = {"enabled": True}
-
-
-@contextlib.contextmanager
-def per_document_sdpa() -> Iterator[None]:
-    """Within this block `documents` runs the per-document SDPA loop on CUDA too (the reference path)."""
-    before = _VARLEN["enabled"]
-    _VARLEN["enabled"] = False
-    try:
-        yield
-    finally:
-        _VARLEN["enabled"] = before
-
-
 def varlen_supported(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     """Whether `varlen_attn` (flash kernels: CUDA sm80+, half precision, head_dim % 8 == 0 and ≤ 256, no dropout)
     can run this call; otherwise the per-document SDPA loop does."""
     dim = query.shape[-1]
-    return (_VARLEN["enabled"] and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
             and key.dtype == value.dtype == query.dtype and dropout == 0.0 and dim % 8 == 0 and dim <= 256
             and key.shape[-1] == value.shape[-1] == dim and query.shape[1] % key.shape[1] == 0
             and _flash_capable(query.device.index if query.device.index is not None else torch.cuda.current_device()))
@@ -210,17 +196,17 @@ def _takes_enable_gqa(kernel: Callable[..., torch.Tensor]) -> bool:
 
 @torch.compiler.disable  # data-dependent segment lengths: run eagerly inside a compiled block, never recompile
 def _attend_documents(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, position_ids: torch.Tensor,
-                      dropout: float, scaling: float | None) -> torch.Tensor:
+                      dropout: float, scaling: float | None, varlen: bool = True) -> torch.Tensor:
     """Causal attention within each document of each row; returns (B, L, H, D) like `sdpa_attention_forward`.
 
-    CUDA: one `varlen_attn` call (`attend_varlen`). Else SDPA per document: the documents are cut with one `split`
+    CUDA (and `varlen`): one `varlen_attn` call (`attend_varlen`). Else SDPA per document: the documents are cut with one `split`
     over (B·L, H, D) views, not by indexing: autograd then joins their gradients with one `cat`, where per-slice
     indexing would give every document a full-size zero gradient.
     """
     batch, heads = query.shape[:2]
     segments = _SPANS.get(position_ids, batch)
     half = _autocast_inputs(query, key, value)
-    if varlen_supported(*half, dropout):
+    if varlen and varlen_supported(*half, dropout):
         return attend_varlen(*half, segments, scaling)
     gqa = {}
     if key.shape[1] != heads:
@@ -250,14 +236,19 @@ def documents_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    *,
+    varlen: bool = True,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention interface: per-document SDPA for packed causal self-attention, else plain `sdpa`."""
+    """transformers attention interface: per-document attention for packed causal self-attention, else plain `sdpa`.
+
+    `varlen=False` keeps the per-document SDPA loop on CUDA too (the reference path, `PER_DOCUMENT_IMPLEMENTATION`).
+    """
     position_ids = _documents_path(module, query, key, attention_mask, is_causal, kwargs)
     if position_ids is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    return _attend_documents(query, key, value, position_ids, dropout, scaling), None
+    return _attend_documents(query, key, value, position_ids, dropout, scaling, varlen), None
 
 
 def documents_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -279,11 +270,16 @@ def _is_zero(offset: Any) -> bool:
 
 
 # ---------------------------------------------------------------- switching a model
-def register() -> str:
-    """Register the attention and mask functions with transformers (idempotent); returns their name."""
-    AttentionInterface.register(DOCUMENTS_IMPLEMENTATION, documents_attention_forward)
-    AttentionMaskInterface.register(DOCUMENTS_IMPLEMENTATION, documents_mask)
-    return DOCUMENTS_IMPLEMENTATION
+def register(varlen: bool = True) -> str:
+    """Register the attention and mask functions with transformers (idempotent); returns their name.
+
+    `varlen=False` registers the per-document SDPA loop everywhere (the reference for tests and benchmarks) under
+    its own name, so the choice lives in the model's config, not in this process.
+    """
+    name = DOCUMENTS_IMPLEMENTATION if varlen else PER_DOCUMENT_IMPLEMENTATION
+    AttentionInterface.register(name, functools.partial(documents_attention_forward, varlen=varlen))
+    AttentionMaskInterface.register(name, documents_mask)
+    return name
 
 
 def _core(model: nn.Module) -> nn.Module:
@@ -301,8 +297,10 @@ def language_model(model: nn.Module) -> nn.Module:
     return plugin.runtime().language_model(core) if plugin is not None else core.base_model
 
 
-def set_attention(model: nn.Module, kind: str) -> None:
+def set_attention(model: nn.Module, kind: str, varlen: bool = True) -> None:
     """Switch the language model's self-attention to `kind` ("documents" or "sdpa"); vision towers are untouched.
+
+    `varlen=False` ("documents" only): the per-document SDPA loop on CUDA too, never `varlen_attn` (the reference).
 
     The text sub-config is set through `set_attn_implementation({"text_config": …})`; a LLaVA composed from parts
     (`mlan.families.modeling.compose_llava`) keeps the base LLM's own config object, so the language model is then
@@ -310,7 +308,7 @@ def set_attention(model: nn.Module, kind: str) -> None:
     """
     if kind not in ATTENTION_CHOICES:
         raise ValueError(f"attention: expected one of {', '.join(map(repr, ATTENTION_CHOICES))}, got {kind!r}")
-    impl = register() if kind == "documents" else "sdpa"
+    impl = register(varlen) if kind == "documents" else "sdpa"
     core = _core(model)
     core.set_attn_implementation({"text_config": impl} if "text_config" in core.config.sub_configs else impl)
     lm = language_model(core)

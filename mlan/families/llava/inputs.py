@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from mlan.families.base import EvalGeometry
-from mlan.train.losses import IGNORE_INDEX
+from mlan.data.labels import IGNORE_INDEX
+from mlan.families.base import ModelGeometry
 
 # CLIP's normalisation constants (openai/clip-vit-large-patch14-336 preprocessor_config.json)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,6 +79,6 @@ def add_dummy_image(batch: dict[str, Any], family_config: Mapping[str, Any]) -> 
     return dummy
 
 
-def eval_inputs(images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
+def eval_inputs(images: list[Any], geometry: ModelGeometry) -> dict[str, torch.Tensor]:
     """One image per prompt, preprocessed as the training loader does."""
     return {"pixel_values": llava_pixel_values(images, geometry.image_size)}

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from mlan.families.base import EvalGeometry, FamilyRuntime, rows_below_image_token
+from mlan.families.base import FamilyRuntime, ModelGeometry, rows_below_image_token
 from mlan.families.llava import inputs, model
 from mlan.recipe import ModelSpec
 from mlan.weights import load_checked
@@ -35,12 +35,14 @@ class LlavaRuntime(FamilyRuntime):
     def same_modules_inputs(self, batch: dict[str, Any], family_config: Mapping[str, Any]) -> torch.Tensor | None:
         return inputs.add_dummy_image(batch, family_config)
 
-    def eval_model(self, path: str, config: Any) -> tuple[nn.Module, EvalGeometry]:
+    def eval_model(self, path: str, config: Any) -> tuple[nn.Module, ModelGeometry]:
         vc = config.vision_config
         n = int(getattr(config, "image_seq_length", 0) or (vc.image_size // vc.patch_size) ** 2)
-        return self.load_pretrained(path), EvalGeometry(int(config.image_token_id), n, int(vc.image_size), 1)
+        geometry = ModelGeometry("llava", int(config.get_text_config().vocab_size), int(config.image_token_id), n,
+                                 int(vc.image_size), int(vc.patch_size), None, 1)
+        return self.load_pretrained(path), geometry
 
-    def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
+    def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: ModelGeometry) -> dict[str, torch.Tensor]:
         return inputs.eval_inputs(images, geometry)
 
     # ---- anatomy (FamilyRuntime): LlavaForConditionalGeneration keeps its parts under `.model`

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import get_worker_info
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from mlan.families.base import EvalGeometry
+from mlan.families.base import ModelGeometry
 
 
 @lru_cache(maxsize=8)
@@ -142,7 +142,7 @@ def eval_cross_mask(ids: torch.Tensor, image_token_id: int, num_tiles: Sequence[
     return mask
 
 
-def eval_inputs(ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
+def eval_inputs(ids: torch.Tensor, images: list[Any], geometry: ModelGeometry) -> dict[str, torch.Tensor]:
     """One image per prompt, tiled as the training loader tiles it, with its cross-attention mask."""
     mi = mllama_images(images, geometry.image_size, geometry.max_tiles)
     return {

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import MllamaForConditionalGeneration
 
-from mlan.families.base import EvalGeometry, FamilyRuntime, rows_below_image_token
+from mlan.families.base import FamilyRuntime, ModelGeometry, rows_below_image_token
 from mlan.families.mllama import inputs, model
 from mlan.families.mllama.patch import apply_reference_cross_attention
 from mlan.weights import load_checked
@@ -34,12 +34,13 @@ class MllamaRuntime(FamilyRuntime):
                      always_images: bool) -> dict[str, torch.Tensor]:
         return inputs.batch_images(family_config, rows, decoded, length, always_images)
 
-    def eval_model(self, path: str, config: Any) -> tuple[nn.Module, EvalGeometry]:
+    def eval_model(self, path: str, config: Any) -> tuple[nn.Module, ModelGeometry]:
         vc = config.vision_config
         loaded = self.prepare(self.load_pretrained(path))
-        return loaded, EvalGeometry(int(config.image_token_id), 1, int(vc.image_size), int(vc.max_num_tiles))
+        return loaded, ModelGeometry("mllama", int(config.get_text_config().vocab_size), int(config.image_token_id), 1,
+                                     int(vc.image_size), int(vc.patch_size), int(vc.image_size), int(vc.max_num_tiles))
 
-    def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: EvalGeometry) -> dict[str, torch.Tensor]:
+    def eval_inputs(self, ids: torch.Tensor, images: list[Any], geometry: ModelGeometry) -> dict[str, torch.Tensor]:
         return inputs.eval_inputs(ids, images, geometry)
 
     # ---- anatomy (FamilyRuntime): MllamaForConditionalGeneration keeps its parts under `.model`
