@@ -28,7 +28,7 @@ PACKAGE = "mlan"
 LAYERS: dict[str, int] = {
     "cli": 6,
     "commands": 5,
-    "ablate": 4, "continual": 4, "study": 4, "demo": 4,
+    "ablate": 4, "continual": 4, "study": 4, "demo": 4, "pipeline": 4,
     "train": 3, "mixture": 3, "eval": 3, "merge": 3, "data": 3,
     "render": 2, "families": 2, "sources": 2, "templates": 2, "tokenizer": 2, "piece_encoding": 2, "synthetic": 2,
     "weights": 2, "pretrained": 2,
