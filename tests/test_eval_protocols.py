@@ -287,3 +287,31 @@ def test_two_processes_write_the_files_of_one(tiny_llama_dir, shared_data, tmp_p
     for name, t in one["tasks"].items():
         assert {**t, "items_file": "-"} == {**two["tasks"][name], "items_file": "-"}
     assert one["groups"] == two["groups"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_on_the_gpu_equals_eval_on_the_cpu(tiny_llama_dir, shared_data, tmp_path) -> None:
+    """`mlan eval` scores on the GPU when there is one (`eval_device`), and `--nproc 2` gathers over NCCL; the
+    per-item predictions equal a CPU run's (CUDA hidden) and the log-likelihoods agree within 1e-3 nats."""
+    import os
+    import subprocess
+    import sys
+
+    from mlan.eval.loading import eval_device
+
+    assert eval_device().type == "cuda"
+    ev = shared_data / "eval"
+    argv = ["eval", str(tiny_llama_dir), "--tasks", str(ev / "arc-easy_test.json"), str(ev / "winogrande_test.json"),
+            "--limit", "6", "--batch-size", "3"]
+    runs = {}
+    for name, nproc, env in (("gpu", 1, {}), ("nccl", 2, {}), ("cpu", 1, {"CUDA_VISIBLE_DEVICES": ""})):
+        out = tmp_path / f"{name}.json"
+        subprocess.run([sys.executable, "-m", "mlan.cli", *argv, "--nproc", str(nproc), "--out", str(out)],
+                       env={**os.environ, **env}, check=True, timeout=600)
+        runs[name] = [json.loads(x) for x in items_path(out).read_text().splitlines()]
+    assert len(runs["cpu"]) == 12
+    for name in ("gpu", "nccl"):
+        assert [r["prediction"] for r in runs[name]] == [r["prediction"] for r in runs["cpu"]]
+        for a, b in zip(runs["cpu"], runs[name]):
+            assert b["loglik"] == pytest.approx(a["loglik"], abs=1e-3)

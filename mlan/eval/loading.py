@@ -4,6 +4,7 @@ Below the scorers and the harness: both take a `Loaded`, neither is imported her
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -65,7 +66,7 @@ def load_model(path: str) -> Loaded:
         except Exception as err:  # noqa: BLE001
             raise UserError(f"{path}: not a causal LM ({type(err).__name__}: {str(err).splitlines()[0]})") from None
         loaded = Loaded(model, tok, None, [])
-    model.eval()
+    model.eval().to(eval_device())
     stops = {tok.eos_token_id} if tok.eos_token_id is not None else set()
     for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"):
         i = tok.convert_tokens_to_ids(t)
@@ -73,6 +74,14 @@ def load_model(path: str) -> Loaded:
             stops.add(i)
     loaded.stop_ids = sorted(s for s in stops if s is not None)
     return loaded
+
+
+def eval_device() -> torch.device:
+    """This process's GPU when there is one (`LOCAL_RANK`'s under `--nproc`), else the CPU: eval runs where
+    training would, so a GPU machine never scores on its CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 def _open_image(path: str):

@@ -30,6 +30,14 @@ def no_images(ids: torch.Tensor, images: list[str] | None) -> dict[str, torch.Te
     return {}
 
 
+def _logits(lm: Loaded, **inputs: object) -> tuple[torch.Tensor, object]:
+    """One forward with every tensor input on the model's device (a GPU when eval runs on one); the logits come
+    back on the CPU, where the log-probabilities are summed, with the model's cache (or None)."""
+    device = next(lm.model.parameters()).device
+    out = lm.model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+    return out.logits.cpu(), getattr(out, "cache", None)
+
+
 @torch.no_grad()
 def choice_loglikelihoods(lm: Loaded, prompt: list[int], options: list[list[int]], image: str | None = None,
                           batch_size: int = 8, inputs: ModelInputs = no_images) -> list[float]:
@@ -49,9 +57,9 @@ def choice_loglikelihoods(lm: Loaded, prompt: list[int], options: list[list[int]
         # only the positions that predict option tokens: the shared prompt ends at len(prompt) - 1
         keep = torch.arange(len(prompt) - 1, width - 1)
         try:
-            logits = lm.model(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep, **kw).logits
+            logits, _ = _logits(lm, input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep, **kw)
         except TypeError:  # a model class without logits_to_keep
-            logits = lm.model(input_ids=ids, attention_mask=attn, use_cache=False, **kw).logits[:, keep]
+            logits = _logits(lm, input_ids=ids, attention_mask=attn, use_cache=False, **kw)[0][:, keep]
         for i, o in enumerate(chunk):
             logp = torch.log_softmax(logits[i, : len(o)].float(), dim=-1)
             out.append(float(logp.gather(1, torch.tensor(o)[:, None]).sum()))
@@ -137,7 +145,7 @@ def _score_full(lm: Loaded, group: _Group, max_length: int) -> list[float]:
     out = []
     for cont in group.continuations:
         seq = (group.context + cont)[-(max_length + 1) :][:-1]
-        logits = lm.model(input_ids=torch.tensor([seq]), use_cache=False).logits
+        logits, _ = _logits(lm, input_ids=torch.tensor([seq]), use_cache=False)
         out += _sum_logprobs(logits, [(0, len(seq) - len(cont), cont)])
     return out
 
@@ -153,11 +161,11 @@ def _score_cached(lm: Loaded, batch: list[_Group], pad: int) -> list[list[float]
     for r, p in enumerate(prefixes):
         ids[r, : len(p)] = torch.tensor(p)
         mask[r, : len(p)] = 1
-    cache = lm.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).cache
+    _, cache = _logits(lm, input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
     owner = [r for r, g in enumerate(batch) for _ in g.continuations]
     suffixes = [[g.context[-1], *c[:-1]] for g in batch for c in g.continuations]
     targets = [c for g in batch for c in g.continuations]
-    cache.reorder_cache(torch.tensor(owner))
+    cache.reorder_cache(torch.tensor(owner, device=next(lm.model.parameters()).device))
     swidth = max(len(s) for s in suffixes)
     sids = torch.full((len(suffixes), swidth), pad, dtype=torch.long)
     smask = torch.zeros_like(sids)
@@ -166,8 +174,8 @@ def _score_cached(lm: Loaded, batch: list[_Group], pad: int) -> list[list[float]
         smask[r, : len(sfx)] = 1
     lengths = torch.tensor([len(prefixes[o]) for o in owner])
     positions = lengths[:, None] + torch.arange(swidth)[None, :]
-    logits = lm.model(input_ids=sids, attention_mask=torch.cat([mask[owner], smask], dim=1), position_ids=positions,
-                      cache=cache, use_cache=True).logits
+    logits, _ = _logits(lm, input_ids=sids, attention_mask=torch.cat([mask[owner], smask], dim=1),
+                        position_ids=positions, cache=cache, use_cache=True)
     flat = _sum_logprobs(logits, [(r, 0, t) for r, t in enumerate(targets)])
     out, k = [], 0
     for g in batch:
@@ -279,7 +287,9 @@ def generate(lm: Loaded, items: list[Item], max_new_tokens: int, inputs: ModelIn
     images = [it.image for it in items]
     if any(images) and not all(images):
         raise UserError("a generation batch mixes image and text items")
-    kw = inputs(ids, images if all(images) else None)
+    device = next(lm.model.parameters()).device
+    kw = {k: v.to(device) for k, v in inputs(ids, images if all(images) else None).items()}
+    ids, attn = ids.to(device), attn.to(device)
     out = lm.model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
                             num_beams=1, pad_token_id=pad, eos_token_id=lm.stop_ids or None, use_cache=True, **kw)
     new = out[:, width:]
