@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
@@ -47,3 +48,40 @@ def test_a_merge_killed_after_it_finished_reruns_to_the_same_files(tmp_path, cap
     errors = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert len(errors) == 1 and "already holds" in errors[0], errors
     assert _digests(out) == first
+
+
+@pytest.mark.slow
+def test_a_killed_continual_run_leaves_no_child_running(tmp_path):
+    # chaos: `mlan continual` ran its `mlan build` / `mlan train` steps as plain subprocesses, so a SIGKILL of
+    # the sequence left the step running (and writing into the folder the rerun uses)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlan.child_process import alive, descendants
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlan.cli", "continual", str(repo / "recipes" / "continual-tiny.yaml"),
+                             "--out", str(tmp_path / "out")], start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(repo)})
+    deadline = time.time() + 120
+    seen: set[tuple[int, str]] = set()
+    while time.time() < deadline and proc.poll() is None:
+        seen |= descendants(proc.pid)
+        if any(b"mlan.cli\0build" in Path(f"/proc/{pid}/cmdline").read_bytes()
+               for pid, _ in alive(seen) if Path(f"/proc/{pid}/cmdline").exists()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sequence ended before its first step"
+    seen |= descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while alive(seen) and time.time() < deadline:
+        time.sleep(0.1)
+    left = alive(seen)
+    for pid, _ in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{len(left)} processes outlived the killed `mlan continual`"

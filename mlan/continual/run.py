@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 from mlan import progress
 from mlan.ablate import export_complete
 from mlan.atomic_write import write_text_atomic
+from mlan.child_process import run_child
 from mlan.continual.data import generate_continual_tiny
 from mlan.continual.rehearsal import replay_sources, with_replay
 from mlan.continual.scores import write_outputs
@@ -48,7 +48,7 @@ def _mlan(args: list[str], log: Log, step: str = "") -> None:
     names the sequence's step in the announcement (`[task-2-colours] train …`)."""
     log(f"[{step}] {args[0]} …  $ mlan {' '.join(args)}" if step else "$ mlan " + " ".join(args))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
-    rc = subprocess.call([sys.executable, "-m", "mlan.cli", *args], env=env)
+    rc = run_child([sys.executable, "-m", "mlan.cli", *args], env=env)  # dies with this process (kill -9 too)
     if rc != 0:
         raise ContinualError(f"`mlan {args[0]}` failed with status {rc} (command: mlan {' '.join(args)})")
 
