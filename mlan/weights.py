@@ -170,10 +170,11 @@ def check_finite(directory: str | Path, model: Any) -> None:
                 raise WeightsError(f"{directory}: tensor {name!r} holds NaN or inf values")
 
 
-def load_checked(from_pretrained: Any, path_or_id: str, **kwargs: Any) -> Any:
+def load_checked(from_pretrained: Any, path_or_id: str, other_half: tuple[str, ...] = (), **kwargs: Any) -> Any:
     """`cls.from_pretrained` (fp32, safetensors only) that refuses a damaged folder with one WeightsError naming
     the tensor: missing, unexpected or wrongly shaped (against the model the config builds), a non-float dtype,
-    a non-finite value. Nothing is scored or trained on such a model."""
+    a non-finite value. Nothing is scored or trained on such a model. `other_half`: name prefixes a part may
+    leave unused (a vision tower read from a full dual-encoder checkpoint leaves its text half)."""
     check_model_dir(path_or_id)
     kwargs = {"dtype": torch.float32, "use_safetensors": True, **kwargs}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -186,6 +187,9 @@ def load_checked(from_pretrained: Any, path_or_id: str, **kwargs: Any) -> Any:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    if other_half:
+        info = {**info, "unexpected_keys": [k for k in info.get("unexpected_keys") or []
+                                            if not str(k).startswith(other_half)]}
     check_loading_info(path_or_id, info)
     check_tensor_dtypes(path_or_id, model)
     check_finite(path_or_id, model)

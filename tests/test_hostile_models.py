@@ -106,3 +106,83 @@ def test_causal_lm_tied_without_lm_head_loads_and_a_missing_norm_is_refused(soun
         load_model(str(untied))
     assert "\n" not in str(err.value)
     assert json.loads((untied / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+# ---------------------------------------------------------------- LLaVA composed from parts (model.llm + model.vision_tower)
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> tuple[Path, Path]:
+    """A sound 1-layer Llama (the `llm:` part) and a sound tiny CLIP vision tower (the `vision_tower:` part)."""
+    from transformers import CLIPVisionModel
+
+    out = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(2)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(out / "llm")
+    CLIPVisionModel(tiny_llava_config().vision_config).save_pretrained(out / "clip")
+    return out / "llm", out / "clip"
+
+
+def _compose(llm: Path, tower: Path):
+    from mlan.families.llava.model import compose
+    from mlan.recipe import ModelSpec
+
+    spec = ModelSpec(family="llava", llm=str(llm), vision_tower=str(tower), image_size=56, image_tokens=16)
+    return compose(spec, {"image_size": 56, "image_tokens": 16})
+
+
+PART_DAMAGE = {  # (part, damage, the tensor the message must name)
+    "llm-missing": ("llm", lambda t: t.pop("model.layers.0.self_attn.q_proj.weight"),
+                    r"q_proj\.weight' is missing"),
+    "llm-shape": ("llm", lambda t: t.__setitem__("model.layers.0.mlp.up_proj.weight", torch.zeros(65, 32)),
+                  r"up_proj\.weight' has the wrong shape"),
+    "llm-nan": ("llm", lambda t: t["model.norm.weight"].fill_(float("inf")), r"norm\.weight' holds NaN or inf"),
+    "llm-int32": ("llm", lambda t: t.__setitem__("model.embed_tokens.weight",
+                                                 t["model.embed_tokens.weight"].to(torch.int32)),
+                  r"embed_tokens\.weight' is I32"),
+    "tower-missing": ("clip", lambda t: t.pop("encoder.layers.0.self_attn.k_proj.weight"),
+                      r"k_proj\.weight' is missing"),
+    "tower-shape": ("clip", lambda t: t.__setitem__("post_layernorm.weight", torch.ones(7)),
+                    r"post_layernorm\.weight' has the wrong shape"),
+    "tower-nan": ("clip", lambda t: t["embeddings.patch_embedding.weight"].view(-1)[0].fill_(
+        float("nan")), r"patch_embedding\.weight' holds NaN or inf"),
+    "tower-int32": ("clip", lambda t: t.__setitem__("pre_layrnorm.weight",
+                                                    t["pre_layrnorm.weight"].to(torch.int32)),
+                    r"pre_layrnorm\.weight' is I32"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PART_DAMAGE))
+def test_a_damaged_llm_or_vision_tower_part_is_refused_naming_the_tensor(parts, tmp_path, kind) -> None:
+    part, damage, message = PART_DAMAGE[kind]
+    llm, tower = parts
+    folder = _damaged(llm if part == "llm" else tower, tmp_path / kind, damage)
+    with pytest.raises(WeightsError, match=message) as err:
+        _compose(folder, tower) if part == "llm" else _compose(llm, folder)
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sound_parts_compose_with_their_weights(parts) -> None:
+    llm, tower = parts
+    model = _compose(llm, tower)
+    on_disk = load_file(llm / "model.safetensors")
+    assert torch.equal(model.model.language_model.layers[0].self_attn.q_proj.weight,
+                       on_disk["model.layers.0.self_attn.q_proj.weight"])
+    clip = load_file(tower / "model.safetensors")
+    assert torch.equal(model.model.vision_tower.post_layernorm.weight,
+                       clip["post_layernorm.weight"])
+
+
+def test_a_full_clip_checkpoint_gives_its_vision_half_unchecked_text_half_ignored(parts, tmp_path) -> None:
+    """A dual-encoder CLIP folder as `vision_tower:` loads (its text half is not "unexpected"), with its weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vcfg = tiny_llava_config().vision_config
+    cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "vocab_size": 99}, vision_config=vcfg.to_dict(),
+                     projection_dim=16)
+    torch.manual_seed(3)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip-full")
+    model = _compose(parts[0], tmp_path / "clip-full")
+    on_disk = load_file(tmp_path / "clip-full" / "model.safetensors")
+    assert any(k.startswith("text_model.") for k in on_disk)
+    assert torch.equal(model.model.vision_tower.post_layernorm.weight, on_disk["vision_model.post_layernorm.weight"])

@@ -294,6 +294,17 @@ def _publish(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
+def _same_merge(out_dir: Path, vlm: str | Path, llm: str | Path, config: MergeConfig) -> bool:
+    """Whether `out_dir` holds this very merge (its merge.json names the same inputs and settings): a rerun of
+    a merge killed after it had finished redoes it in place instead of refusing the folder."""
+    try:
+        done = json.loads((out_dir / MERGE_REPORT).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(done, dict) and (done.get("vlm"), done.get("llm"), done.get("config")) == (
+        str(vlm), str(llm), asdict(config))
+
+
 def merge_checkpoints(vlm: str | Path, llm: str | Path, out: str | Path, config: MergeConfig,
                       progress: bool = False) -> MergeReport:
     """Merge a VLM's language tower with its base LLM into `out` (a from_pretrained-loadable folder).
@@ -307,7 +318,7 @@ def merge_checkpoints(vlm: str | Path, llm: str | Path, out: str | Path, config:
         raise MergeError(f"--out {out_dir} must differ from the input checkpoints")
     if out_dir.exists() and not out_dir.is_dir():
         raise MergeError(f"--out {out_dir} is a file; choose a folder")
-    if out_dir.exists() and any(out_dir.glob("*.safetensors")):
+    if out_dir.exists() and any(out_dir.glob("*.safetensors")) and not _same_merge(out_dir, vlm, llm, config):
         raise MergeError(f"--out {out_dir} already holds safetensors weights; choose an empty folder")
     plan = plan_merge(vlm_dir, llm_dir)
     report = MergeReport(

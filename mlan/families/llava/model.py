@@ -24,7 +24,10 @@ from mlan.families.llava import tiny
 from mlan.families.llava.inputs import CLIP_MEAN, CLIP_STD
 from mlan.pretrained import resolve_model_path
 from mlan.recipe import ModelSpec
-from mlan.weights import check_model_dir
+from mlan.weights import check_model_dir, load_checked
+
+# what a vision tower read from a full CLIP / SigLIP checkpoint leaves unused (the text half and the heads)
+TEXT_HALF = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
 
 
 def build_tiny(fc: Mapping[str, Any]) -> nn.Module:
@@ -64,10 +67,11 @@ def vision_model(path_or_id: str, fc: Mapping[str, Any] | None = None) -> nn.Mod
 
     check_model_dir(path_or_id)
     kind = AutoConfig.from_pretrained(path_or_id).model_type
+    # damaged weights are one line naming the tensor (mlan.weights.load_checked), as for a full checkpoint
     if kind in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
+        return load_checked(CLIPVisionModel.from_pretrained, path_or_id, other_half=TEXT_HALF)
     if kind in ("siglip", "siglip_vision_model"):
-        return SiglipVisionModel.from_pretrained(path_or_id, dtype=torch.float32, use_safetensors=True)
+        return load_checked(SiglipVisionModel.from_pretrained, path_or_id, other_half=TEXT_HALF)
     raise ModelBuildError(f"model.vision_tower: {path_or_id!r} is a {kind!r} model; expected CLIP or SigLIP")
 
 
@@ -84,8 +88,7 @@ def compose(model_spec: ModelSpec, fc: Mapping[str, Any]) -> nn.Module:
     """LLaVA-1.5 style: base LLM + CLIP/SigLIP tower (penultimate layer) + a fresh 2-layer GELU projector."""
     _check_parts(model_spec)
     llm_path = resolve_model_path(model_spec.llm)
-    check_model_dir(llm_path)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32, use_safetensors=True)
+    llm = load_checked(AutoModelForCausalLM.from_pretrained, llm_path)
     vision = vision_model(model_spec.vision_tower, fc)
     vcfg = vision.config
     siglip = vcfg.model_type.startswith("siglip")
