@@ -166,7 +166,7 @@ def _run_examples(names: tuple[str, ...], work: Path, cache: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2400)
 def test_the_pipeline_examples_run(tmp_path, shared_data):
     """render → build → verify → inspect → train → eval, then demo → compare → ablate → continual, each as its help
     prints it (plus TINY), in order: every path an example names exists when it runs."""
@@ -178,7 +178,7 @@ def test_the_pipeline_examples_run(tmp_path, shared_data):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(2400)
 def test_the_study_and_merge_examples_run(tmp_path, shared_data):
     """`mlan study --quick` (the real SmolLM2 base, every cell at 1,500 tokens), then the merge examples on its
     VLM and the packaged base, as printed."""
