@@ -166,7 +166,7 @@ def _run_examples(names: tuple[str, ...], work: Path, cache: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3600)
 def test_the_pipeline_examples_run(tmp_path, shared_data):
     """render → build → verify → inspect → train → eval, then demo → compare → ablate → continual, each as its help
     prints it (plus TINY), in order: every path an example names exists when it runs."""
