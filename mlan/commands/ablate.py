@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="sweep mixture ratios: build, train and evaluate each",
                        description="Build, train and evaluate each text ratio over one tokenized cache; "
                                    "ablation.csv, ablation.md and ablation.png in --out (resumable per ratio).",
-                       epilog=example("mlan ablate recipes/demo.yaml --ratios 0,1 --out out/ablate-demo "
+                       epilog=example("mlan ablate demo-out/demo.yaml --ratios 0,1 --out out/ablate-demo "
                                       "--nproc 1 --set mixture.budget.tokens=20000"))
     p.add_argument("recipe", help="an mlan recipe with eval.tasks (docs/ablate.md)")
     p.add_argument("--ratios", required=True, help="comma-separated text ratios, e.g. 0,0.25,0.5,0.75,1.0")

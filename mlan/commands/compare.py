@@ -14,7 +14,7 @@ from mlan.errors import UserError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="paired comparison of two eval results on the same items",
                        description=__doc__,
-                       epilog=example("mlan compare base.json arm.json"))
+                       epilog=example("mlan compare demo-out/ablation/ratio-0.0 demo-out/ablation/ratio-1.0"))
     p.add_argument("a", help="results file of run A (the reference, e.g. the base model), or a folder holding one")
     p.add_argument("b", help="results file of run B, or a folder holding one; differences are B − A")
     p.add_argument("--json", action="store_true", help="print the comparison as one JSON object (default: a table)")

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Merge the language tower of a VLM with its base LLM: T = VLM − LLM, the "
                                    "top-K fraction of |T| moved by α (docs/merge.md); the output loads with "
                                    "from_pretrained.",
-                       epilog=example("mlan merge --vlm runs/tiny-llava/final --llm runs/tiny-llm/final "
+                       epilog=example("mlan merge --vlm out/study-quick/ratio-0.0/run/final --llm smollm2-135m-instruct "
                                       "--alpha 0.5 --density 0.2 --out out/merged"))
     _merge_pair(p)
     p.add_argument("--alpha", type=float, required=True, help="how far toward the base LLM (0: the VLM, 1: the LLM)")
@@ -26,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge-sweep", help="merge over a grid of α and K, evaluate each, table and plot",
                        description="One merge per (α, K), each evaluated as `mlan eval` does; a table and a plot "
                                    "in --out.",
-                       epilog=example("mlan merge-sweep --vlm runs/tiny-llava/final --llm runs/tiny-llm/final "
-                                      "--alphas 0,0.5 --densities 0.2,1 --tasks ../shared/data/eval/boolq_test.json "
-                                      "--limit 20 --out out/merge-sweep"))
+                       epilog=example("mlan merge-sweep --vlm out/study-quick/ratio-0.0/run/final "
+                                      "--llm smollm2-135m-instruct --alphas 0,0.5 --densities 0.2 "
+                                      "--tasks ../shared/data/eval/boolq_test.json --limit 10 --out out/merge-sweep"))
     _merge_pair(p)
     p.add_argument("--alphas", required=True, help="comma-separated α values, e.g. 0,0.25,0.5")
     p.add_argument("--densities", required=True, help="comma-separated K values, e.g. 0.1,0.5,1")
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _merge_pair(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vlm", required=True, help="the VLM checkpoint (folder or hub id; safetensors)")
-    p.add_argument("--llm", required=True, help="its base LLM checkpoint (folder or hub id; safetensors)")
+    p.add_argument("--llm", required=True, help="its base LLM checkpoint (folder, hub id or smollm2-135m-instruct; safetensors)")
 
 
 def _merge_mode(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,9 @@ NL Δ(k) = ω_1(1) − ω_1(k) (Δ > 0: forgetting). VL Avg(k) = harmonic mean o
 Δ_t(k) = ω_t(t) − ω_t(k) for VL t < k; mean forgetting(k) = mean over VL t < k of max_{t≤l<k} ω_t(l) − ω_t(k)
 (Chaudhry et al.); backward transfer(k) = mean over VL t < k of ω_t(k) − ω_t(t) (Lopez-Paz & Ranzato).
 Intervals (95 %): Wilson per eval set; ω and VL Avg by bootstrap over items; NL Δ paired item by item
-(the same language items scored after task 1 and after task k), when the eval files carry per-item records.
+(the same language items scored after task 1 and after task k); mean forgetting and BWT by a paired bootstrap
+(each eval set's items resampled once per replicate, the same resample for every after-task evaluation of
+that set); the bootstrap ones only when the eval files carry per-item records.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from matplotlib.figure import Figure
 from mlan.atomic_write import atomic_open, write_text_atomic
 from mlan.eval.forgetting import harmonic_mean
 from mlan.eval.stats import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
     aligned_correct,
     cell,
     difference_cell,
@@ -93,7 +97,58 @@ def intervals(rows: list[dict[str, Any]], evals: dict[int, dict], task_sets: lis
             tables = [paired_counts(*aligned_correct(n, first[n]["records"], later[n]["records"])) for n in lang]
             _, (lo, hi) = paired_group_difference(tables, stat)  # ω1(k) − ω1(1); NL Δ is its negative
             nl_ci[k] = [-hi, -lo]
-    return {"omega_ci95": omega_ci, "vl_avg_ci95": vl_ci, "nl_delta_ci95": nl_ci}
+    return {"omega_ci95": omega_ci, "vl_avg_ci95": vl_ci, "nl_delta_ci95": nl_ci,
+            **forgetting_intervals(evals, task_sets, zero_floor)}
+
+
+def _paired_omega_draws(evals: dict[int, dict], t: int, names: list[str], afters: list[int], rng: np.random.Generator,
+                        statistic, resamples: int) -> np.ndarray:
+    """ω_t(l) for every l in `afters` under `resamples` item resamples, shape (resamples, len(afters)).
+
+    Each eval set's items are drawn once per replicate and that draw scores every after-task evaluation of the
+    set (items aligned by id with after task t). Resampling n items with replacement is a multinomial draw of
+    the items' correctness patterns across the evaluations (as `paired_group_difference` draws its 2 × 2 table),
+    so n × resamples indices are never held."""
+    accs = []
+    for name in names:
+        reference = evals[t]["tasks"][name]["records"]
+        columns = [aligned_correct(name, reference, evals[l]["tasks"][name]["records"])[1] for l in afters]
+        patterns, counts = np.unique(np.array(columns, dtype=bool).T, axis=0, return_counts=True)
+        n = int(counts.sum())
+        draws = rng.multinomial(n, counts / n, size=resamples)  # (resamples, patterns)
+        accs.append(100 * (draws @ patterns.astype(float)) / n)  # (resamples, afters)
+    return statistic(np.stack(accs, axis=-1))
+
+
+def forgetting_intervals(evals: dict[int, dict], task_sets: list[list[str]], zero_floor: float | None,
+                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Percentile 95 % intervals of mean forgetting(k) and BWT(k) by a paired bootstrap over items: both compare
+    the same items across evaluations, so the items are resampled once per replicate for all of them. A k is
+    left out when an evaluation it needs has no per-item records."""
+    stat = _omega_statistic(zero_floor)
+    rng = np.random.default_rng(seed)
+    ks = sorted(evals)
+    draws: dict[tuple[int, int], np.ndarray] = {}  # (task t, after task l) -> ω_t(l) per replicate
+    for t, names in enumerate(task_sets[1:], 2):
+        afters = []
+        for after in (a for a in ks if a >= t):
+            if not all(evals[after]["tasks"].get(n, {}).get("records") for n in names):
+                break
+            afters.append(after)
+        if afters and afters[0] == t:
+            for i, w in enumerate(_paired_omega_draws(evals, t, names, afters, rng, stat, resamples).T):
+                draws[(t, afters[i])] = w
+    mean_forgetting, backward_transfer = {}, {}
+    for k in ks:
+        earlier = [t for t in range(2, k) if t in evals]  # as in `forgetting_scores`
+        if not earlier or any((t, l) not in draws for t in earlier for l in range(t, k + 1)):
+            continue
+        forget = np.mean([np.max([draws[(t, m)] for m in range(t, k)], axis=0) - draws[(t, k)] for t in earlier],
+                         axis=0)
+        transfer = np.mean([draws[(t, k)] - draws[(t, t)] for t in earlier], axis=0)
+        mean_forgetting[k] = [float(x) for x in np.percentile(forget, [2.5, 97.5])]
+        backward_transfer[k] = [float(x) for x in np.percentile(transfer, [2.5, 97.5])]
+    return {"mean_forgetting_ci95": mean_forgetting, "backward_transfer_ci95": backward_transfer}
 
 
 def omegas(rows: list[dict[str, Any]]) -> dict[int, dict[int, float]]:
@@ -146,20 +201,23 @@ def report_markdown(title: str, method: str, rehearsal: str, task_names: list[st
     """ω_t(k) ± 95 % as a table (rows: after task k), then NL Δ (paired interval), VL Avg ±, mean forgetting and
     BWT per row; then every eval set's accuracy with n, ± and chance."""
     w = omegas(rows)
-    oci, nci, vci = (scores.get(k, {}) for k in ("omega_ci95", "nl_delta_ci95", "vl_avg_ci95"))
+    oci, nci, vci, fci, bci = (scores.get(k, {}) for k in ("omega_ci95", "nl_delta_ci95", "vl_avg_ci95",
+                                                          "mean_forgetting_ci95", "backward_transfer_ci95"))
     head = ["after task", *(f"{t}. {n}" for t, n in enumerate(task_names, 1)), "NL Δ [95 % paired]", "VL Avg",
             "mean forgetting", "BWT"]
     lines = [f"# {title}: method {method}, rehearsal {rehearsal}", "",
              ("ω_t(k) (harmonic mean of task t's accuracies, %) after training task k; task 1 is the language "
               "task. ± is half the 95 % interval (bootstrap over items); NL Δ's interval is paired: the same "
-              "language items after task 1 and after task k."),
+              "language items after task 1 and after task k; mean forgetting's and BWT's are paired too (each "
+              "eval set's items resampled once for all its evaluations)."),
              "", "| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for k in sorted(w):
         nl = scores["nl_delta"].get(k)
         nl_cell = difference_cell(nl, nci.get(k)) if k != 1 and nl is not None else _cell(nl)
         cells = [str(k), *(cell(w[k].get(t), oci.get(k, {}).get(t)) for t in range(1, len(task_names) + 1)),
                  nl_cell, cell(scores["vl_avg"].get(k), vci.get(k)),
-                 *(_cell(scores[key].get(k)) for key in ("mean_forgetting", "backward_transfer"))]
+                 cell(scores["mean_forgetting"].get(k), fci.get(k)),
+                 cell(scores["backward_transfer"].get(k), bci.get(k))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per eval set (accuracy % ± half its Wilson 95 % interval):", "",
               "| after task | task | eval set | n | accuracy | chance |", "|---:|---:|---|---:|---:|---:|"]

@@ -11,6 +11,7 @@ import torch
 from huggingface_hub import snapshot_download
 
 from mlan.errors import MlanError
+from mlan.pretrained import is_pretrained_name, pretrained_dir
 from mlan.weights import read_safetensors_header, safetensors_files
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -109,11 +110,14 @@ class ShardReader:
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
-    """A local checkpoint folder, or a hub id fetched (safetensors, configs, tokenizer) into the HF cache."""
+    """A local checkpoint folder, a packaged base's name (`smollm2-135m-instruct`, mlan/pretrained.py), or a hub
+    id fetched (safetensors, configs, tokenizer) into the HF cache."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_id)
+    if is_pretrained_name(text):
+        return pretrained_dir(text)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise MergeError(f"{text}: not a checkpoint folder (and not a hub id of the form owner/name)")
     try:

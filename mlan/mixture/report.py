@@ -5,8 +5,6 @@ import re
 from collections import Counter
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PATH = re.compile(r"(?:[A-Za-z][\w+.-]*://|/)\S+")
@@ -209,20 +207,3 @@ def render_report(stats: dict, recipe_name: str = "") -> str:
         lines += [f"| {k} | {v:,} |" for k, v in stats["tiles"].items()]
     return "\n".join(lines) + "\n"
 
-
-# ---------------------------------------------------------------- what a person sees while a build runs
-def console():
-    return Console(stderr=True)
-
-
-def progress_bar(enabled: bool):
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        console=console(),
-        disable=not enabled,
-        transient=False,
-    )
