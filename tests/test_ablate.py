@@ -104,23 +104,6 @@ def test_real_data_ablation_resumes_after_kill(shared_data, tmp_path) -> None:
     assert len([p for p in (out / "cache").iterdir() if p.is_dir()]) == 2
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_demo_code_path_at_tiny_size(tmp_path) -> None:
-    """`mlan demo` end to end (data generation, recipe, ablation, table) with a tiny budget."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "mlan.cli", "demo", "--out", str(out), "--ratios", "0,1",
-           "--set", "mixture.budget.tokens=600", "--set", "eval.limit=12"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=580, check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "| % language |" in res.stdout and f"plot: {out / 'ablation' / 'ablation.png'}" in res.stdout
-    rows = list(csv.DictReader((out / "ablation" / "ablation.csv").open()))
-    assert [r["text_ratio"] for r in rows] == ["0.0", "1.0"]
-    assert rows[0]["tokens_text"] == "0" and rows[1]["tokens_image_text"] == "0"
-    assert {"word_groups", "colours"} <= set(rows[0])
-
-
 def _results(words: list[bool], colours: list[bool]) -> dict:
     """An in-process results dict (today's harness records: no ids; choice records with their log-likelihoods)."""
     def entry(group: str, correct: list[bool], options: int) -> dict:

@@ -4,6 +4,7 @@ commands parse, `mlan --version`, and `mlan … | head` ends without a BrokenPip
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import os
 import re
@@ -159,14 +160,16 @@ def _workspace(tmp_path: Path, shared_data: Path) -> Path:
     return work
 
 
-def _run_examples(names: tuple[str, ...], work: Path, cache: Path) -> None:
-    commands = _commands()
+def _run_examples(names: tuple[str, ...], work: Path, cache: Path) -> dict[str, str]:
+    """Each command's examples in order; returns each command's output (stdout + stderr of its examples)."""
+    commands, printed = _commands(), {}
     for name in names:
         for example in _examples(commands[name]):
             argv = _argv(example) + TINY.get(name, [])
             if name == "build":
                 argv += ["--cache", str(cache)]
-            _run(argv, work)
+            printed[name] = printed.get(name, "") + _run(argv, work)
+    return printed
 
 
 @pytest.mark.slow
@@ -175,9 +178,16 @@ def test_the_pipeline_examples_run(tmp_path, shared_data):
     """render → build → verify → inspect → train → eval, then demo → compare → ablate, each as its help prints it
     (plus TINY), in order: every path an example names exists when it runs."""
     work = _workspace(tmp_path, shared_data)
-    _run_examples(PIPELINE, work, tmp_path / "cache")
+    printed = _run_examples(PIPELINE, work, tmp_path / "cache")
     assert (work / "runs" / "tiny-llava" / "final").is_dir()
     assert (work / "out" / "ablate-demo" / "ablation.csv").is_file()
+    # `mlan demo` end to end (data generation, recipe, ablation, table) at the tiny budget
+    demo = work / "demo-out" / "ablation"
+    assert "| % language |" in printed["demo"] and f"plot: {demo / 'ablation.png'}" in printed["demo"]
+    rows = list(csv.DictReader((demo / "ablation.csv").open()))
+    assert [r["text_ratio"] for r in rows] == ["0.0", "1.0"]
+    assert rows[0]["tokens_text"] == "0" and rows[1]["tokens_image_text"] == "0"
+    assert {"word_groups", "colours"} <= set(rows[0])
 
 
 @pytest.mark.slow
