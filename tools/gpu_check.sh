@@ -50,7 +50,7 @@ if [ -n "$BUILD" ]; then
 else
   BENCH=(tools/bench_train.py --model 3b --seq-len 4096 --build-tokens 60000 --build-dir "$DIR/build" --warmup 2)
 fi
-GPU_TESTS=$(grep -l 'pytest.mark.gpu' tests/test_*.py | paste -sd ' ')
+GPU_TESTS=$(grep -rl --include='test_*.py' 'pytest.mark.gpu' tests | sort | paste -sd ' ')
 LOADER_DATA=${MLAN_SHARED_DATA:+ --data $MLAN_SHARED_DATA}
 PACKED_TOK_S='$(python: packed tokens/s of bench-plain.json)'
 STAGE_NAMES=(env tests bench-plain bench-ac bench-compile loader report)

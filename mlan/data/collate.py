@@ -4,7 +4,7 @@ Every batch holds `input_ids`, `labels` (aligned with `input_ids`; the model shi
 (restarting at 0 for every document, and for the padding tail), images per family, and `meta`
 (token counts the trainer budgets with; popped before the forward call).
 
-Isolation rests on three things, each tested in tests/test_isolation.py:
+Isolation rests on three things, each tested in tests/data/test_isolation.py:
 - self-attention: from `position_ids` alone (no `attention_mask`, `use_cache=False`): with
   `train.attention: documents` (default) each document attends causally within itself
   (`mlan.train.attention`); with `sdpa`, transformers builds the equivalent block-diagonal mask;

@@ -78,7 +78,7 @@ def _loss_and_logits(module: nn.Module, args: tuple, output: Any) -> Any:
     (torch.split) that require grad. FSDP2 warns for any view among a root's outputs ("returned a view
     tensor … in-place op … wrong gradients"), because an in-place op on one would drop its pre-backward hook.
     The trainer never reads them, so dropping them removes the cause; the gradients reach the projector
-    through the logits (tests/test_faults.py compares FSDP2 gradients with the unsharded model's).
+    through the logits (tests/integration/test_faults.py compares FSDP2 gradients with the unsharded model's).
     """
     if isinstance(output, ModelOutput):
         return type(output)(loss=output.get("loss"), logits=output.get("logits"))

@@ -2,7 +2,7 @@
 dense block-diagonal mask, in logits and gradients, on packed batches of tiny LLaVA and Mllama (images, GQA,
 non-zero cross-attention gates); it builds no dense mask; other calls fall back to `sdpa`.
 
-The packed-row loss == sum of per-document losses invariant runs under both choices in tests/test_isolation.py.
+The packed-row loss == sum of per-document losses invariant runs under both choices in tests/data/test_isolation.py.
 A control registers an attention that ignores document boundaries and shows the comparison catches it.
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ from mlan.render import Renderer
 from mlan.sources import iter_conversations
 from mlan.sources.records import Conversation, Image, RecordError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "formats"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "formats"
 EOT = "<|eot_id|>"
 
 

@@ -29,7 +29,7 @@ from mlan.sources import (
 )
 from mlan.sources.readers import source_kind
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "shared-data.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "shared-data.yaml"
 
 
 # ---------------------------------------------------------------- helpers

@@ -22,10 +22,10 @@ from mlan.train import metrics
 from mlan.train.metrics import GIB, MetricsLog, peak_flops, peak_memory_bytes, read_metrics, step_telemetry
 from mlan.train.trackers import TRACKERS, TrackerError, make_trackers
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import shardkit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RECORDS = [
     {"step": 1, "tokens": 100, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "tokens_per_s": 1000.0,
      "peak_memory_gib": 1.5, "data_wait_fraction": 0.25, "text_only_microbatches": 0},

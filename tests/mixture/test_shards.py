@@ -29,7 +29,7 @@ from mlan.mixture.shards import (
 from mlan.recipe import load_recipe
 from mlan.render import Document, Renderer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

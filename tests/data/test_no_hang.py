@@ -3,7 +3,7 @@
 Two real gloo processes shard a tiny Mllama with `fully_shard` (every decoder layer, the vision model, the
 root) and run forward + backward. The Mllama collator gives the text-only batch a fully masked dummy image,
 so both ranks run the vision model and every cross-attention layer (the same collectives); the reference
-cross-attention patch makes that dummy image an exact no-op (tests/test_isolation.py), which each rank
+cross-attention patch makes that dummy image an exact no-op (tests/data/test_isolation.py), which each rank
 checks here too against its unsharded loss.
 """
 from __future__ import annotations

@@ -27,7 +27,7 @@ from mlan.recipe import parse_recipe
 from mlan.sources.readers import read_records
 from mlan.train.model import prepare_model
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "continual-tiny.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "continual-tiny.yaml"
 # the whole-sequence test's sizes: what it checks (the matrix, resume, rehearsal counts, msgm's exports) does not
 # need the tasks learned, only run; each token trained or item scored is time in every one of its runs
 VL_EXAMPLES = 30  # each VL task's own examples in its build

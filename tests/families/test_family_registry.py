@@ -16,7 +16,7 @@ from mlan.families.registry import family_for_model_type, family_names, get_fami
 from mlan.mixture.verify import row_problems
 from mlan.recipe import ModelSpec, RecipeError, parse_recipe
 
-PACKAGE = Path(__file__).resolve().parents[1] / "mlan"
+PACKAGE = Path(__file__).resolve().parents[2] / "mlan"
 BUILT_IN = ("llava", "mllama")
 
 

@@ -16,7 +16,7 @@ import torch
 
 from mlan.families import registry
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE = "tests.families.qwen2_llava"
 
 

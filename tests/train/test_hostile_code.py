@@ -14,7 +14,7 @@ import torch.distributed as dist
 from mlan.cli import main as cli_main
 from mlan.train import checkpoint as ckpt
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import shardkit
 
 

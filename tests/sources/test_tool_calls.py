@@ -18,7 +18,7 @@ from mlan.render import Renderer
 from mlan.sources import iter_conversations, to_conversation
 from mlan.sources.records import Conversation, RecordError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 TOOLS_JINJA = (FIXTURES / "llama31_tools.jinja").read_text()
 OPENAI = FIXTURES / "formats" / "openai_tools.jsonl"
 SHAREGPT = FIXTURES / "formats" / "sharegpt_tools.json"

@@ -14,7 +14,7 @@ from mlan.cli import main
 from mlan.mixture.shards import ManifestError, read_manifest
 from mlan.mixture.verify import check_build, verify_build
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import shardkit
 
 TINY_RECIPE = "model: {family: llava, config: tiny}\ntrain: {batch_rows: 1, loader_workers: 0}\n"

@@ -19,7 +19,7 @@ from mlan import __version__
 from mlan.commands import build_parser
 from mlan.commands.options import HelpFormatter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
@@ -126,7 +126,7 @@ def _run(argv: list[str], cwd: Path) -> str:
 
 # What the test appends to an example to make it tiny (the example itself stays as a person would paste it). demo
 # and ablate: two ratios of 600 tokens and 12 items per task; continual: the tiny sequence's budgets cut as
-# tests/test_continual.py cuts them. study --quick, merge, merge-sweep and compare run as printed.
+# tests/integration/test_continual.py cuts them. study --quick, merge, merge-sweep and compare run as printed.
 TINY = {"build": ["--set", "mixture.budget.tokens=20000", "--workers", "1"],
         "train": ["--set", "train.budget_tokens=200", "--nproc", "1"],
         "eval": ["--limit", "4"],

@@ -25,7 +25,7 @@ from mlan.train.metrics import read_metrics
 from mlan.train.model import prepare_model
 from mlan.train.schedule import TokenSchedule
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import shardkit
 
 IMG = shardkit.LLAVA_FC["image_token_id"]

@@ -176,7 +176,7 @@ def test_varlen_not_chosen_on_cpu_and_the_reference_is_a_model_setting():
 
 # ---------------------------------------------------------------- GPU: the two paths on tiny models
 def packed_batch(family: str) -> dict:
-    """Two packed rows with images, GQA, several documents and a padding tail (as tests/test_attention.py)."""
+    """Two packed rows with images, GQA, several documents and a padding tail (as tests/train/test_attention.py)."""
     rng = np.random.default_rng(11)
     n_img = LLAVA_FC["image_tokens"] if family == "llava" else 1
     rows = [

@@ -62,7 +62,7 @@ def test_a_killed_continual_run_leaves_no_child_running(tmp_path):
 
     from mlan.child_process import alive, descendants
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "mlan.cli", "continual", str(repo / "recipes" / "continual-tiny.yaml"),
                              "--out", str(tmp_path / "out")], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(repo)})

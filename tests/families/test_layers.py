@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-MLAN = Path(__file__).resolve().parents[1] / "mlan"
+MLAN = Path(__file__).resolve().parents[2] / "mlan"
 COMMAND_LAYER = ("mlan.cli", "mlan.commands")
 
 

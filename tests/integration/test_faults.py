@@ -24,10 +24,10 @@ from mlan.train import checkpoint as ckpt
 from mlan.train.state import ModelState, OptimizerState
 from mlan.weights import check_model_dir, read_safetensors_header
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 import shardkit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_RECIPE = """
 model: {family: llava, config: tiny}
 train:
@@ -425,7 +425,7 @@ def test_fsdp2_gradients_equal_unsharded_and_no_view_warning(tmp_path):
     out = tmp_path / "grads.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(Path(__file__).parent / "fsdp_grad_check.py"), str(out)],
+                          str(Path(__file__).parents[1] / "fsdp_grad_check.py"), str(out)],
                          capture_output=True, text=True, env=env, timeout=280, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -441,7 +441,7 @@ def test_fsdp2_gradients_equal_unsharded_and_no_view_warning(tmp_path):
 def test_chaos_short(shared_data, tmp_path):
     """One seeded SIGKILL each of `mlan build`, `train --nproc 2`, `merge` and `eval` (tools/chaos.py, short):
     rerun results identical, nothing left running. train reuses the reference build; merge and eval share one tiny
-    untrained LLaVA. A killed `mlan continual` is tests/test_chaos.py's and test_continual's SIGKILL test's (three
+    untrained LLaVA. A killed `mlan continual` is tests/integration/test_chaos.py's and test_continual's SIGKILL test's (three
     runs of a sequence cost minutes); `mlan study` is the 10-kill run's only: `python tools/chaos.py --kills 10`."""
     env = dict(os.environ, PYTHONPATH=str(REPO), MLAN_SHARED_DATA=str(shared_data))
     # 100 records per source (not 300) still fill the 20k-token build; tokenizing is the shorter for it

@@ -18,7 +18,7 @@ from mlan.recipe import ModelSpec, load_recipe
 from mlan.render import Renderer
 from mlan.templates import TemplateError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOL = "smollm2-135m-instruct"
 BASE_VOCAB = {"llama3": 128_256, SMOL: 49_152}
 needs_smol = pytest.mark.skipif(
