@@ -231,8 +231,10 @@ def body_linear_params(model: torch.nn.Module) -> int:
 
 
 def self_attention_layers(model: torch.nn.Module) -> int:
-    lm = modeling.module_groups(model)["language_model"][0]
-    return sum(1 for layer in lm.layers if not modeling._is_cross_attention_layer(layer))
+    """Decoder layers that attend over text positions: all but the family's cross-attention layers."""
+    groups = modeling.module_groups(model)
+    cross = {id(layer) for layer in groups["cross_attention"]}
+    return sum(1 for layer in groups["language_model"][0].layers if id(layer) not in cross)
 
 
 # ---------------------------------------------------------------- FLOPs per real token
