@@ -85,3 +85,18 @@ def tiny_real_builds(local_ray, shared_data, tmp_path_factory) -> dict[str, Path
         out[family] = root / family
     return out
 
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A fixed (seeded) tiny LLaVA with the offline Llama-3 tokenizer, saved as a model folder (eval tests)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mlan.families.tiny import tiny_llava_config
+    from mlan.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llava")
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(tiny_llava_config()).save_pretrained(out)
+    load_tokenizer("llama3").save_pretrained(out)
+    return out

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from mlan.cli import main
 from mlan.errors import UserError
@@ -107,20 +106,6 @@ def test_eval_image_paths_stay_inside_their_root(tmp_path, escape: str, capsys) 
 
 
 # ---------------------------------------------------------------- generation accuracy
-@pytest.fixture(scope="module")
-def tiny_llava_dir(tmp_path_factory) -> Path:
-    from transformers import LlavaForConditionalGeneration
-
-    from mlan.families.tiny import tiny_llava_config
-    from mlan.tokenizer import load_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_llava")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(tiny_llava_config()).save_pretrained(out)
-    load_tokenizer("llama3").save_pretrained(out)
-    return out
-
-
 # ---------------------------------------------------------------- --limit
 def test_limit_flag_wins_over_the_task_limit(shared_data) -> None:
     spec = EvalTaskSpec(name="boolq", path=str(shared_data / "eval" / "boolq_test.json"), limit=5)

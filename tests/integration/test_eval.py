@@ -25,21 +25,6 @@ from mlan.sources.records import Conversation, Image, ImageRef, Message, Text
 
 
 @pytest.fixture(scope="module")
-def tiny_llava_dir(tmp_path_factory) -> Path:
-    """A fixed (seeded) tiny LLaVA with the offline Llama-3 tokenizer, saved as a model folder."""
-    from transformers import LlavaForConditionalGeneration
-
-    from mlan.families.tiny import tiny_llava_config
-    from mlan.tokenizer import load_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_llava")
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(tiny_llava_config()).save_pretrained(out)
-    load_tokenizer("llama3").save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def lm(tiny_llava_dir):
     return load_model(str(tiny_llava_dir))
 
