@@ -10,6 +10,7 @@ import threading
 from mlan.commands import build_parser
 from mlan.errors import MlanError, one_line
 from mlan.progress import LogSettings
+from mlan.run_lock import mark_locks_stopping
 
 
 class Terminated(KeyboardInterrupt):
@@ -17,7 +18,21 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    mark_locks_stopping()
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    mark_locks_stopping()
+    raise KeyboardInterrupt()
+
+
+def stop_signals_raise() -> dict[int, object]:
+    """SIGTERM and Ctrl-C raise in the main thread (every `finally` runs) after marking this process's output
+    locks as stopping, so that a rerun started at once waits for the shutdown instead of refusing the folder.
+    Returns the previous handlers."""
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, _on_sigterm),
+            signal.SIGINT: signal.signal(signal.SIGINT, _on_sigint)}
 
 
 # OS errors a user causes by naming a path that is not there or not usable; one line, exit 2 like MlanError.
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_output_settings(LogSettings(format=args.log_format, quiet=args.quiet, verbose=args.verbose))
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    previous = stop_signals_raise() if in_main_thread else {}
     try:
         rc = int(args.handler(args) or 0)
         sys.stdout.flush()
@@ -87,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlan {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

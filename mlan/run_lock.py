@@ -3,7 +3,9 @@
 The lock is an advisory `flock` on `OUT/.mlan.lock`. The kernel drops it when the holding process dies, even
 by SIGKILL, so a lock whose process is gone is simply free again: the next run takes it over and says so
 (the file still names the dead holder). The file's content (pid, host, command, start time) is only for the
-message a refused second run prints. Remote (fsspec URL) outputs are not locked: flock needs a local file.
+message a refused second run prints, and for one more thing: a holder that got SIGTERM or Ctrl-C marks its record
+`stopping`, and a run that finds such a holder waits for its shutdown (a killed pipeline's child stopping Ray or
+torchrun takes seconds) instead of refusing a folder that is about to be free. Remote (fsspec URL) outputs are not locked: flock needs a local file.
 """
 from __future__ import annotations
 
@@ -14,11 +16,21 @@ import socket
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Self
 
 from mlan.errors import LockError
 
 LOCK_FILE = ".mlan.lock"
+STOPPING_WAIT_S = 120.0  # a stopping holder gives its children 20 s grace; Ray's shutdown adds seconds more
+
+_HELD: list[RunLock] = []  # this process's locks, for the signal handler that marks them stopping
+
+
+def mark_locks_stopping() -> None:
+    """Mark every lock this process holds as stopping (called from the SIGTERM / Ctrl-C handler)."""
+    for lock in list(_HELD):
+        lock.mark_stopping()
 
 
 def _read_holder(fd: int) -> dict[str, Any]:
@@ -40,6 +52,20 @@ def _describe(holder: dict[str, Any]) -> str:
     return f"`mlan {holder.get('command', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {since})"
 
 
+def _wait_for_release(fd: int, timeout_s: float, notice: Callable[[], None]) -> bool:
+    """Poll for the lock on `fd` for up to `timeout_s` (one notice first); True once it is ours."""
+    notice()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            continue
+    return False
+
+
 class RunLock:
     """An exclusive lock on one output folder, held from `acquire()` until `release()` or process death."""
 
@@ -50,6 +76,7 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.fd: int | None = None
         self.took_over: dict[str, Any] | None = None  # the dead holder's record, when the lock was stale
+        self.record: dict[str, Any] = {}
 
     def acquire(self) -> Self:
         """Take the lock or raise LockError naming the folder and the live holder; notice on a stale takeover."""
@@ -60,7 +87,11 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
-                if self.wait:
+                if holder.get("stopping") and _wait_for_release(fd, STOPPING_WAIT_S, lambda: print(
+                        f"mlan {self.command}: {self.folder}: waiting for the stopped {_describe(holder)} to finish "
+                        "shutting down", file=sys.stderr)):
+                    pass  # the stopped holder is gone and we hold the lock
+                elif self.wait:
                     print(f"mlan {self.command}: {self.folder}: waiting for {_describe(holder)} to finish with it",
                           file=sys.stderr)
                     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -84,7 +115,16 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         self.fd = fd
+        self.record = record
+        _HELD.append(self)
         return self
+
+    def mark_stopping(self) -> None:
+        """Say in the lock file that this holder is shutting down (see the module docstring)."""
+        if self.fd is not None:
+            data = json.dumps({**self.record, "stopping": time.time()}).encode()
+            os.pwrite(self.fd, data, 0)
+            os.ftruncate(self.fd, len(data))
 
     def fileno(self) -> int:
         if self.fd is None:
@@ -95,6 +135,8 @@ class RunLock:
         """Remove the file (so the next holder sees no stale record), then drop the lock."""
         if self.fd is None:
             return
+        if self in _HELD:
+            _HELD.remove(self)
         try:
             self.path.unlink(missing_ok=True)
         finally:

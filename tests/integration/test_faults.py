@@ -270,6 +270,29 @@ def test_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, capsys):
         assert again.took_over is None
 
 
+def test_a_second_run_waits_for_a_stopped_holder_to_finish_shutting_down(tmp_path, capsys):
+    """A killed ablation's build child gets SIGTERM and takes seconds to stop Ray; a rerun started at once
+    waits for it (one notice) instead of refusing the folder it is about to give up."""
+    from mlan.run_lock import RunLock
+
+    code = ("import sys, time; from mlan.cli import stop_signals_raise; from mlan.run_lock import RunLock; "
+            "stop_signals_raise(); lock = RunLock(sys.argv[1], 'build').acquire(); print('held', flush=True)\n"
+            "try:\n    time.sleep(600)\nfinally:\n    time.sleep(3); lock.release()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the holder has marked its lock as stopping and is in its slow `finally`
+        with RunLock(tmp_path, "build") as lock:
+            assert holder.poll() is not None and lock.took_over is None
+        err = capsys.readouterr().err
+        assert f"waiting for the stopped `mlan build` (pid {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ---------------------------------------------------------------- item 2: verified data only
 def test_train_refuses_a_flipped_byte_before_any_worker(build, tmp_path):
     bad = _copy_build(build / "build", tmp_path / "bad")
