@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Self
 
 from mlan.errors import LockError
@@ -29,7 +28,7 @@ _HELD: list[RunLock] = []  # this process's locks, for the signal handler that m
 
 def mark_locks_stopping() -> None:
     """Mark every lock this process holds as stopping (called from the SIGTERM / Ctrl-C handler)."""
-    for lock in list(_HELD):
+    for lock in _HELD:
         lock.mark_stopping()
 
 
@@ -52,9 +51,8 @@ def _describe(holder: dict[str, Any]) -> str:
     return f"`mlan {holder.get('command', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {since})"
 
 
-def _wait_for_release(fd: int, timeout_s: float, notice: Callable[[], None]) -> bool:
-    """Poll for the lock on `fd` for up to `timeout_s` (one notice first); True once it is ours."""
-    notice()
+def _wait_for_release(fd: int, timeout_s: float) -> bool:
+    """Poll for the lock on `fd` for up to `timeout_s`; True once it is ours."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         time.sleep(0.1)
@@ -87,9 +85,10 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
-                if holder.get("stopping") and _wait_for_release(fd, STOPPING_WAIT_S, lambda: print(
-                        f"mlan {self.command}: {self.folder}: waiting for the stopped {_describe(holder)} to finish "
-                        "shutting down", file=sys.stderr)):
+                if holder.get("stopping"):
+                    print(f"mlan {self.command}: {self.folder}: waiting for the stopped {_describe(holder)} to finish "
+                          "shutting down", file=sys.stderr)
+                if holder.get("stopping") and _wait_for_release(fd, STOPPING_WAIT_S):
                     pass  # the stopped holder is gone and we hold the lock
                 elif self.wait:
                     print(f"mlan {self.command}: {self.folder}: waiting for {_describe(holder)} to finish with it",
