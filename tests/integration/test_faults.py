@@ -284,8 +284,10 @@ def test_a_second_run_waits_for_a_stopped_holder_to_finish_shutting_down(tmp_pat
         assert holder.stdout.readline().strip() == "held"
         holder.send_signal(signal.SIGTERM)
         time.sleep(0.5)  # the holder has marked its lock as stopping and is in its slow `finally`
+        t0 = time.monotonic()
         with RunLock(tmp_path, "build") as lock:
-            assert holder.poll() is not None and lock.took_over is None
+            assert time.monotonic() - t0 > 1.5 and lock.took_over is None  # it waited out the 3 s shutdown
+        assert holder.wait(timeout=30) != 0  # it ended by the signal, after its `finally`
         err = capsys.readouterr().err
         assert f"waiting for the stopped `mlan build` (pid {holder.pid}" in err
     finally:
