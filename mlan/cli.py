@@ -10,20 +10,25 @@ import threading
 from mlan.commands import build_parser
 from mlan.errors import MlanError, one_line
 from mlan.progress import LogSettings
-from mlan.run_lock import mark_locks_stopping
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that every `finally` (child process groups) runs."""
 
 
+def _mark_locks_stopping() -> None:
+    run_lock = sys.modules.get("mlan.run_lock")  # a command that holds a lock has imported it; `--help` has not
+    if run_lock is not None:
+        run_lock.mark_locks_stopping()
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
-    mark_locks_stopping()
+    _mark_locks_stopping()
     raise Terminated()
 
 
 def _on_sigint(signum: int, frame: object) -> None:
-    mark_locks_stopping()
+    _mark_locks_stopping()
     raise KeyboardInterrupt()
 
 
