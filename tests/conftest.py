@@ -100,3 +100,9 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
     LlavaForConditionalGeneration(tiny_llava_config()).save_pretrained(out)
     load_tokenizer("llama3").save_pretrained(out)
     return out
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow (end-to-end) tests first: under `pytest -n 2` each worker starts on a long test and the short ones
+    fill in at the end, instead of one long test running alone after the rest are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept within each

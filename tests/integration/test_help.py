@@ -124,14 +124,14 @@ def _run(argv: list[str], cwd: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-# What the test appends to an example to make it tiny (the example itself stays as a person would paste it). demo
-# and ablate: two ratios of 600 tokens and 12 items per task; continual: the tiny sequence's budgets cut as
-# tests/integration/test_continual.py cuts them. study --quick, merge, merge-sweep and compare run as printed.
+# What the test appends to an example to make it tiny (the example itself stays as a person would paste it). demo:
+# two ratios of 600 tokens and 12 items per task; ablate: the same, one of its two ratios (demo ran both); continual:
+# the tiny sequence's budgets cut as tests/integration/test_continual.py cuts them. study --quick, merge, merge-sweep and compare run as printed.
 TINY = {"build": ["--set", "mixture.budget.tokens=20000", "--workers", "1"],
         "train": ["--set", "train.budget_tokens=200", "--nproc", "1"],
         "eval": ["--limit", "4"],
         "demo": ["--ratios", "0,1", "--nproc", "1", "--set", "mixture.budget.tokens=600", "--set", "eval.limit=12"],
-        "ablate": ["--workers", "1", "--set", "mixture.budget.tokens=600", "--set", "eval.limit=12"],
+        "ablate": ["--ratios", "1", "--workers", "1", "--set", "mixture.budget.tokens=600", "--set", "eval.limit=12"],
         "continual": [a for s in ("tasks.language.budget.tokens=3000", "tasks.colours.budget.examples=30",
                                   "tasks.positions.budget.examples=30", "tasks.warmth.budget.examples=30",
                                   "base.eval.limit=8") for a in ("--set", s)]}
