@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig
 
@@ -154,6 +153,8 @@ def lora_rank(model: nn.Module, lora: LoraSpec) -> int:
 
 def apply_lora(model: nn.Module, lora: LoraSpec, freeze: FreezeSpec) -> nn.Module:
     """peft LoRA on all LLM linear layers (r = hidden/2, rsLoRA); non-LLM groups keep the freeze policy."""
+    from peft import LoraConfig, get_peft_model  # lazy: importing peft costs ~3 s, and only LoRA runs need it
+
     config = LoraConfig(
         r=lora_rank(model, lora),
         lora_alpha=lora.alpha,

@@ -55,7 +55,7 @@ def _ablate(recipe: Path, out: Path, ratios: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     return subprocess.Popen(
         [sys.executable, "-m", "mlan.cli", "ablate", str(recipe), "--ratios", ratios, "--out", str(out),
-         "--nproc", "2", "--workers", "1"],
+         "--nproc", "1", "--workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 

@@ -178,17 +178,28 @@ def test_two_ranks_equal_one_rank_with_grad_accumulation(two_rank_run, llava_bui
 
 
 def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, timeout: float = 200) -> None:
-    """Start a run and SIGKILL its whole process group once a checkpoint exists and a later step is logged."""
+    """Start `mlan train` and SIGKILL that process alone (as `kill -9 PID` from a shell) once a checkpoint exists
+    and a later step is logged; torchrun's agent and both workers must be gone within 10 s (parent-death signal)."""
+    from mlan.child_process import alive, descendants
+
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    tree: set[tuple[int, str]] = set()
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
+            tree |= descendants(proc.pid)
             ckpts = sorted((out / "checkpoints").glob("step-*[0-9]"))
             steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")] if ckpts else []
             if ckpts and steps and max(steps) > int(ckpts[0].name.split("-")[1]):
-                os.killpg(proc.pid, signal.SIGKILL)
+                tree |= descendants(proc.pid)
+                assert len(tree) >= 3, tree  # torchrun's agent and two workers
+                os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+                gone_by = time.monotonic() + 10
+                while alive(tree) and time.monotonic() < gone_by:
+                    time.sleep(0.1)
+                assert not alive(tree), f"still running 10 s after SIGKILL of `mlan train`: {alive(tree)}"
                 return
             if proc.poll() is not None:
                 raise AssertionError(f"run ended (status {proc.returncode}) before it could be killed")
@@ -198,15 +209,20 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, timeout: float 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        for pid, _ in alive(tree):  # on failure: what the kill left behind
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_then_resume_equals_uninterrupted(two_rank_run, llava_build):
+    """SIGKILL of `mlan train` mid-run takes torchrun and its workers down; `--resume` then continues to the
+    uninterrupted run's steps, schedule, losses and weights. (SIGTERM's orderly path: test_faults.)"""
     out = llava_build / "run-killed"
     overrides = ["train.budget_tokens=700", "train.checkpoint_every_tokens=150"]
-    cmd = worker_command(str(llava_build / "recipe.yaml"), str(llava_build / "build"), str(out), 2, False, overrides)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "mlan.cli", "train", str(llava_build / "recipe.yaml"), "--shards",
+           str(llava_build / "build"), "--out", str(out), "--nproc", "2", *[a for o in overrides for a in ("--set", o)]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     _kill_after_checkpoint(cmd, out, env)
     assert not (out / "final").exists()
     with pytest.raises(TrainingFailed):  # a run folder with checkpoints refuses a fresh start
