@@ -19,10 +19,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# two workers (slow tests first, see tests/conftest.py): about 1.4x on 2 cores, whose end-to-end tests wait on
-# process start-up, Ray and rendezvous much of the time
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

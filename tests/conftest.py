@@ -100,39 +100,3 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
     LlavaForConditionalGeneration(tiny_llava_config()).save_pretrained(out)
     load_tokenizer("llama3").save_pretrained(out)
     return out
-
-
-# Seconds the longest tests took under `make test` (2 workers on 2 cores, pytest --durations): what the ordering
-# below balances on; any other slow test counts as SLOW_DEFAULT_S. Re-measure when one of them changes much.
-LONGEST_S = {
-    "test_sigkill_mid_sequence_resumes_to_the_same_matrix": 240, "test_the_pipeline_examples_run": 185,
-    "test_real_model_builds_trains_exports_and_evaluates": 115, "test_real_data_ablation_resumes_after_kill": 95,
-    "test_smollm2_equals_lm_evaluation_harness_on_every_task": 75, "test_sigkill_then_resume_equals_uninterrupted": 70,
-    "test_third_family_builds_trains_exports_and_evaluates_through_the_cli": 55, "test_chaos_short": 55,
-    "test_tiny_recipe_trains_on_a_real_build": 50, "test_killed_train_takes_torchrun_and_workers_down_then_resumes": 45,
-    "test_conversion_reload_gives_the_gguf_logits": 40, "test_address_build_sigkill_resume_is_byte_identical": 35,
-}
-SLOW_DEFAULT_S = 10
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under `make test` (`-n 2 --dist worksteal`) each worker's first half of the queue starts with half of the
-    slow tests, so the long ones start early on both workers, not one after another at the end. worksteal gives
-    worker 0 the first len//2 items and worker 1 the rest (an idle worker then steals the other's tail); the
-    slow tests go module by module (module fixtures are built once per worker), the heaviest module to the
-    lighter half. Without -n the order only moves the slow tests first."""
-    slow = [item for item in items if item.get_closest_marker("slow") is not None]
-    light = [item for item in items if item.get_closest_marker("slow") is None]
-    modules: dict[str, list] = {}
-    for item in slow:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    weight = {m: sum(LONGEST_S.get(i.originalname, SLOW_DEFAULT_S) for i in its) for m, its in modules.items()}
-    halves: tuple[list, list] = ([], [])
-    loads = [0, 0]
-    for module in sorted(modules, key=lambda m: -weight[m]):
-        k = 0 if loads[0] <= loads[1] else 1
-        halves[k].extend(sorted(modules[module], key=lambda i: -LONGEST_S.get(i.originalname, SLOW_DEFAULT_S)))
-        loads[k] += weight[module]
-    first = halves[0] + light[: max(0, len(items) // 2 - len(halves[0]))]
-    rest = light[len(first) - len(halves[0]):]
-    items[:] = first + halves[1] + rest
