@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import ray
 from mlan import progress as mlan_progress
 from mlan.atomic_write import write_text_atomic
 from mlan.child_process import start_descendant_reaper
+from mlan.errors import UserError, one_line
 from mlan.mixture import cache as tcache
 from mlan.mixture import plan_warnings
 from mlan.mixture.cache_key import combine_fingerprints
@@ -44,12 +46,29 @@ def _start_ray(workers: int | None, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except ConnectionError as err:  # ray.init's own message, after its retries
+            raise UserError(f"--address {address}: cannot join the Ray cluster ({one_line(err)})") from None
     else:
         # "local": a fresh Ray even when some other cluster runs on this machine (ray would join it otherwise)
         ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR")
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT address nobody listens on is one line at once (ray.init retries for about 20 s, then raises a
+    traceback); other forms (`auto`, `ray://…`) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({err.strerror or err}); start one "
+                         "with `ray start --head` or leave --address out for a local Ray") from None
 
 
 def _column(values: list) -> np.ndarray:

@@ -20,7 +20,7 @@ from mlan.mixture.verify import check_build
 from mlan.recipe import load_recipe
 from mlan.run_lock import lock_output
 from mlan.train.budget import resolve_budget
-from mlan.train.checkpoint import check_latest_checkpoint
+from mlan.train.checkpoint import check_latest_checkpoint, latest_checkpoint
 from mlan.train.node_agent import ERROR_FILE_ENV
 
 
@@ -63,6 +63,8 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
     preflight(recipe_path, shards, overrides, verify)
     if resume:  # a checkpoint that fails its digest or carries hostile metadata stops here, before any worker
         check_latest_checkpoint(Path(out))
+    elif (latest := latest_checkpoint(Path(out))) is not None:  # the workers refuse it too; this is seconds sooner
+        raise TrainingFailed(f"{out}: has checkpoints ({latest.name}); pass --resume or choose a new --out")
     lock = lock_output(out, "train")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

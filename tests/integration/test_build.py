@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.slow]
 
 PY = sys.executable
 RAY = str(Path(sys.executable).with_name("ray"))
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -408,3 +409,18 @@ def test_mllama_build_one_image_token_per_image(local_ray, shared_data, tmp_path
             assert not r["loss"][bounds[j] : bounds[j + 1]][ids == 128256].any()  # image token never trained
         n_images += len(r["images"])
     assert n_images == stats["images"] == 25 and sum(stats["tiles"].values()) == 25
+
+
+def test_an_address_nobody_answers_is_one_line_exit_2(shared_data, tmp_path):
+    """`--address` naming a port with no Ray behind it: one line at once (was ray.init's ~20 s of retries, then a
+    ConnectionError traceback and exit 1)."""
+    port = _free_port()
+    res = subprocess.run([PY, "-m", "mlan.cli", "build", str(REPO / "recipes" / "tiny-llava.yaml"), "--out",
+                          str(tmp_path / "out"), "--address", f"127.0.0.1:{port}"],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if "error" in ln]
+    want = (f"mlan build: error: --address 127.0.0.1:{port}: no Ray cluster answers there (Connection refused); "
+            "start one with `ray start --head` or leave --address out for a local Ray")
+    assert errors == [want], errors

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,22 +175,64 @@ def _run_examples(names: tuple[str, ...], work: Path, cache: Path) -> dict[str, 
     return printed
 
 
+def _run_killed_demo(work: Path) -> dict[Path, int]:
+    """`mlan demo` (as printed, plus TINY) SIGKILLed, process group and all, once its first ratio is finished and
+    the second has begun; returns the first ratio's output files with their mtimes."""
+    argv = _argv(_examples(_commands()["demo"])[0]) + TINY["demo"]
+    abl = work / "demo-out" / "ablation"
+    proc = subprocess.Popen([sys.executable, "-m", "mlan.cli", *argv], cwd=work, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while not (abl / "ratio-1.0" / "build").exists():  # ratio 0 finished, ratio 1 has begun
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "the demo's first ratio did not finish in time"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the demo and its build/train children
+    proc.wait()
+    first = abl / "ratio-0.0"
+    assert (first / "result.json").is_file() and not (abl / "ratio-1.0" / "result.json").exists()
+    files = (first / "result.json", first / "eval.json", first / "run" / "final" / "config.json",
+             first / "build" / "manifest.json")
+    return {f: f.stat().st_mtime_ns for f in files}
+
+
+def _check_demo_rows(abl: Path) -> None:
+    """The table's rows: both ratios, token columns summing to each build's manifest, averages of their groups."""
+    rows = list(csv.DictReader((abl / "ablation.csv").open()))
+    assert [r["text_ratio"] for r in rows] == ["0.0", "1.0"]
+    assert rows[0]["tokens_text"] == "0" and rows[1]["tokens_image_text"] == "0"
+    assert int(rows[0]["tokens_image_text"]) > 0 and int(rows[1]["tokens_text"]) > 0
+    for r in rows:
+        manifest = json.loads((abl / f"ratio-{r['text_ratio']}" / "build" / "manifest.json").read_text())
+        assert int(r["tokens_text"]) + int(r["tokens_image_text"]) == manifest["totals"]["tokens"]
+        assert float(r["language_avg"]) == pytest.approx(float(r["word_groups"]))
+        assert float(r["vision_avg"]) == pytest.approx(float(r["colours"]))
+    assert (abl / "ablation.md").read_text().splitlines()[0].startswith("| % language |")
+    assert (abl / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len([p for p in (abl / "cache").iterdir() if p.is_dir()]) == 2  # both ratios share one cache
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_the_pipeline_examples_run(tmp_path, shared_data):
     """render → build → verify → inspect → train → eval, then demo → compare → ablate, each as its help prints it
-    (plus TINY), in order: every path an example names exists when it runs."""
+    (plus TINY), in order: every path an example names exists when it runs. The demo (an ablation) is SIGKILLed
+    after its first ratio and rerun: the finished ratio is read back, not redone, and the table is whole."""
     work = _workspace(tmp_path, shared_data)
-    printed = _run_examples(PIPELINE, work, tmp_path / "cache")
+    printed = _run_examples(PIPELINE[:PIPELINE.index("demo")], work, tmp_path / "cache")
     assert (work / "runs" / "tiny-llava" / "final").is_dir()
+
+    done = _run_killed_demo(work)
+    printed |= _run_examples(("demo",), work, tmp_path / "cache")
+    log = printed["demo"]
+    assert "text ratio 0: finished earlier" in log
+    assert log.count("$ mlan build") == 1 and log.count("$ mlan train") == 1  # only the second ratio
+    assert {f: f.stat().st_mtime_ns for f in done} == done  # nothing of the first ratio was redone
+    assert "| % language |" in log and "plot: demo-out/ablation/ablation.png" in log
+    _check_demo_rows(work / "demo-out" / "ablation")
+
+    _run_examples(PIPELINE[PIPELINE.index("demo") + 1:], work, tmp_path / "cache")
     assert (work / "out" / "ablate-demo" / "ablation.csv").is_file()
-    # `mlan demo` end to end (data generation, recipe, ablation, table) at the tiny budget
-    demo = work / "demo-out" / "ablation"
-    assert "| % language |" in printed["demo"] and "plot: demo-out/ablation/ablation.png" in printed["demo"]
-    rows = list(csv.DictReader((demo / "ablation.csv").open()))
-    assert [r["text_ratio"] for r in rows] == ["0.0", "1.0"]
-    assert rows[0]["tokens_text"] == "0" and rows[1]["tokens_image_text"] == "0"
-    assert {"word_groups", "colours"} <= set(rows[0])
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,59 +178,69 @@ def test_two_ranks_equal_one_rank_with_grad_accumulation(two_rank_run, llava_bui
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-4
 
 
-def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, timeout: float = 200) -> None:
-    """Start `mlan train` and SIGKILL that process alone (as `kill -9 PID` from a shell) once a checkpoint exists
-    and a later step is logged; torchrun's agent and both workers must be gone within 10 s (parent-death signal)."""
+def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, sig: signal.Signals, after: int = 0,
+                           timeout: float = 200) -> str:
+    """Start `mlan train` and send `sig` to that process alone (as `kill PID` from a shell) once a checkpoint newer
+    than step `after` exists and a later step is logged; torchrun's agent and both workers must be gone within
+    10 s (SIGTERM: torchrun stops them; SIGKILL: the parent-death signal). Returns the command's stderr."""
     from mlan.child_process import alive, descendants
 
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    tree: set[tuple[int, str]] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            tree |= descendants(proc.pid)
-            ckpts = sorted((out / "checkpoints").glob("step-*[0-9]"))
-            steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")] if ckpts else []
-            if ckpts and steps and max(steps) > int(ckpts[0].name.split("-")[1]):
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+        tree: set[tuple[int, str]] = set()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
                 tree |= descendants(proc.pid)
-                assert len(tree) >= 3, tree  # torchrun's agent and two workers
-                os.kill(proc.pid, signal.SIGKILL)
+                ckpts = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*[0-9]")]
+                ckpts = [c for c in ckpts if c > after]
+                steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")] if ckpts else []
+                if ckpts and steps and max(steps) > min(ckpts):
+                    tree |= descendants(proc.pid)
+                    assert len(tree) >= 3, tree  # torchrun's agent and two workers
+                    os.kill(proc.pid, sig)
+                    proc.wait(timeout=60)
+                    assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), proc.returncode
+                    gone_by = time.monotonic() + 10
+                    while alive(tree) and time.monotonic() < gone_by:
+                        time.sleep(0.1)
+                    assert not alive(tree), f"still running 10 s after {sig.name} of `mlan train`: {alive(tree)}"
+                    err.seek(0)
+                    return err.read()
+                if proc.poll() is not None:
+                    raise AssertionError(f"run ended (status {proc.returncode}) before it could be killed")
+                time.sleep(0.02)
+            raise AssertionError("no checkpoint within the timeout")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                gone_by = time.monotonic() + 10
-                while alive(tree) and time.monotonic() < gone_by:
-                    time.sleep(0.1)
-                assert not alive(tree), f"still running 10 s after SIGKILL of `mlan train`: {alive(tree)}"
-                return
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended (status {proc.returncode}) before it could be killed")
-            time.sleep(0.02)
-        raise AssertionError("no checkpoint within the timeout")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for pid, _ in alive(tree):  # on failure: what the kill left behind
-            os.kill(pid, signal.SIGKILL)
+            for pid, _ in alive(tree):  # on failure: what the kill left behind
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_sigkill_then_resume_equals_uninterrupted(two_rank_run, llava_build):
-    """SIGKILL of `mlan train` mid-run takes torchrun and its workers down; `--resume` then continues to the
-    uninterrupted run's steps, schedule, losses and weights. (SIGTERM's orderly path: test_faults.)"""
+@pytest.mark.timeout(400)
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(two_rank_run, llava_build):
+    """`kill` (SIGTERM) of `mlan train` mid-run stops torchrun and its workers in order (status 143, no
+    traceback); `kill -9` of the resumed run takes them down too; the second `--resume` then continues to the
+    uninterrupted run's steps, schedule, losses and weights."""
     out = llava_build / "run-killed"
     overrides = ["train.budget_tokens=700", "train.checkpoint_every_tokens=150"]
     cmd = [sys.executable, "-m", "mlan.cli", "train", str(llava_build / "recipe.yaml"), "--shards",
            str(llava_build / "build"), "--out", str(out), "--nproc", "2", *[a for o in overrides for a in ("--set", o)]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    _kill_after_checkpoint(cmd, out, env)
+    stderr = _kill_after_checkpoint(cmd, out, env, signal.SIGTERM)
+    assert "Traceback" not in stderr, stderr[-3000:]
     assert not (out / "final").exists()
-    with pytest.raises(TrainingFailed):  # a run folder with checkpoints refuses a fresh start
+    with pytest.raises(TrainingFailed, match="has checkpoints"):  # a run folder with checkpoints refuses a fresh start
         run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, overrides=overrides)
     with pytest.raises(TrainingFailed, match="LR schedule differs"):  # the checkpointed schedule is kept
         run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True,
                      overrides=[*overrides, "train.lr=1e-3"])
+    resumed_from = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*[0-9]"))
+    _kill_after_checkpoint([*cmd, "--resume"], out, env, signal.SIGKILL, after=resumed_from)
+    assert not (out / "final").exists()
     run_training(llava_build / "recipe.yaml", llava_build / "build", out, nproc=2, resume=True, overrides=overrides)
     ref, got = read_metrics(two_rank_run / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in ref]
@@ -343,3 +354,11 @@ def test_launcher_fails_fast_before_starting_workers(llava_build, tmp_path):
         run_training(llava_build / "recipe.yaml", llava_build / "build", tmp_path / "run", nproc=2,
                      overrides=["train.budget_tokens=10000000"])
     assert not (tmp_path / "run").exists()
+    # a fresh start on a folder with checkpoints: refused before torchrun (a worker's rank 0 would first clear the
+    # half-written `.tmp` step a killed run left, then refuse)
+    steps = tmp_path / "used" / "checkpoints"
+    (steps / "step-00000003").mkdir(parents=True)
+    (steps / "step-00000004.tmp").mkdir()
+    with pytest.raises(TrainingFailed, match=r"has checkpoints \(step-00000003\); pass --resume"):
+        run_training(llava_build / "recipe.yaml", llava_build / "build", tmp_path / "used", nproc=2)
+    assert (steps / "step-00000004.tmp").is_dir()
