@@ -18,7 +18,6 @@ from typing import IO, Any
 
 import fsspec
 import numpy as np
-from webdataset.tariterators import base_plus_ext
 
 from mlan.atomic_write import write_text_atomic
 from mlan.errors import MlanError
@@ -165,6 +164,9 @@ def write_tar(fileobj: IO[bytes], samples: list[dict[str, bytes | str]]) -> None
 def split_key(member: str) -> tuple[str | None, str | None]:
     """The one key split: webdataset's own (key = the name up to the first dot of its last component, with
     any folder; extension = the rest); (None, None) for a name without an extension."""
+    # lazy: webdataset's package imports torch (1.2 s), which a build's driver and its Ray actors never need
+    from webdataset.tariterators import base_plus_ext
+
     return base_plus_ext(member)
 
 

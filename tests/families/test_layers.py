@@ -57,3 +57,11 @@ def test_help_imports_no_torch_ray_or_domain_module(argv) -> None:
             "print('HEAVY', heavy, file=sys.stderr)\n")
     res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
     assert "usage: mlan" in res.stdout and "HEAVY []" in res.stderr, res.stderr[-2000:]
+
+
+def test_a_build_imports_no_torch() -> None:
+    """design.md: mixture/ does not import torch. A build's driver (and each of its Ray actors) imports
+    mlan.mixture.build; torch would add ~1.2 s to each (webdataset's package imports it: used lazily)."""
+    code = "import sys\nimport mlan.mixture.build\nprint('TORCH', 'torch' in sys.modules)\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "TORCH False", res.stdout + res.stderr[-2000:]
