@@ -5,6 +5,7 @@ layer. The command layer prints `mlan CMD: error: <message>` on one line and exi
 """
 from __future__ import annotations
 
+ERROR_FILE_ENV = "MLAN_ERROR_FILE"  # a torchrun worker writes its one-line user error to this file
 
 class MlanError(Exception):
     """An error caused by the user's input (a file, record, recipe key, shard or model); one line, exit 2.

@@ -13,9 +13,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers.utils import logging as hf_logging
-
 from mlan.errors import WeightsError
 from mlan.progress import LogSettings
 
@@ -164,6 +161,8 @@ def check_tensor_dtypes(directory: str | Path, model: Any) -> None:
 
 def check_finite(directory: str | Path, model: Any) -> None:
     """No NaN or inf in any loaded weight, checked tensor by tensor (no copy of the whole model)."""
+    import torch  # lazy, as in load_checked: this module's header checks stay torch-free (`mlan train`'s launcher)
+
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
@@ -175,6 +174,9 @@ def load_checked(from_pretrained: Any, path_or_id: str, other_half: tuple[str, .
     the tensor: missing, unexpected or wrongly shaped (against the model the config builds), a non-float dtype,
     a non-finite value. Nothing is scored or trained on such a model. `other_half`: name prefixes a part may
     leave unused (a vision tower read from a full dual-encoder checkpoint leaves its text half)."""
+    import torch  # lazy: the header checks above run in `mlan train`'s launcher, which never loads a model
+    from transformers.utils import logging as hf_logging
+
     check_model_dir(path_or_id)
     kwargs = {"dtype": torch.float32, "use_safetensors": True, **kwargs}
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()

@@ -13,8 +13,8 @@ import sys
 import torch.distributed as dist
 
 from mlan.child_process import start_parent_watchdog
-from mlan.errors import MlanError, one_line
-from mlan.train.node_agent import ERROR_FILE_ENV, reported_error
+from mlan.errors import ERROR_FILE_ENV, MlanError, one_line
+from mlan.train.node_agent import reported_error
 from mlan.train.trainer import train
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlan.child_process import run_child
-from mlan.errors import UserError
+from mlan.errors import ERROR_FILE_ENV, UserError
 
 WORKER_MODULE = "mlan.eval.distributed"
 
@@ -24,7 +24,6 @@ WORKER_MODULE = "mlan.eval.distributed"
 def evaluate_distributed(model: str, tasks: list, nproc: int, **kwargs: Any) -> dict:
     """`evaluate(model, tasks, keep_records=True, **kwargs)` with the items split across `nproc` processes."""
     from mlan.eval.harness import load_tasks
-    from mlan.train.node_agent import ERROR_FILE_ENV
 
     load_tasks(tasks, kwargs.get("limit"), kwargs.get("images"), kwargs.get("image_pattern"),
                kwargs.get("protocol", "lm-eval"), kwargs.get("items"))  # fail fast, before any process starts
@@ -73,7 +72,6 @@ def worker(spec_path: str) -> int:
     import torch.distributed as dist
 
     from mlan.eval.harness import evaluate_tasks, load_model, load_tasks
-    from mlan.train.node_agent import ERROR_FILE_ENV
 
     spec = json.loads(Path(spec_path).read_text())
     kw = spec["kwargs"]

@@ -7,13 +7,14 @@ exactly what a physically truncated row would).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from mlan.data.labels import IGNORE_INDEX
 from mlan.errors import TrainError
 from mlan.recipe import RecipeError, TrainSpec
-from mlan.train.losses import IGNORE_INDEX
+
+if TYPE_CHECKING:  # torch-free at import: `mlan train`'s launcher resolves the budget before torchrun starts
+    import torch
 
 
 def resolve_budget(train: TrainSpec, manifest: dict[str, Any]) -> int:
@@ -29,7 +30,7 @@ def resolve_budget(train: TrainSpec, manifest: dict[str, Any]) -> int:
 
 def deal_budget(counts: torch.Tensor, remaining: int) -> torch.Tensor:
     """Share `remaining` tokens over a (world, micro) count table, micro-batch-major then rank order."""
-    allot = torch.zeros_like(counts)
+    allot = counts.new_zeros(counts.shape)
     left = int(remaining)
     for j in range(counts.shape[1]):
         for r in range(counts.shape[0]):

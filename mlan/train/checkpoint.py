@@ -41,8 +41,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mlan.atomic_write import write_text_atomic
 from mlan.errors import MlanError
+from mlan.train.run_folder import checkpoint_dir, latest_checkpoint
 
-CHECKPOINTS = "checkpoints"
 DIGEST = "mlan-digest.json"
 _METADATA = ".metadata"
 
@@ -85,25 +85,6 @@ def _python_rng(text: str) -> tuple:
     if not ok:
         raise ValueError("checkpoint: the Python RNG state is not random.getstate()'s (version, ints, gauss)")
     return value
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS / f"step-{step:08d}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of a run (unfinished `.tmp` folders are ignored)."""
-    root = Path(run_dir) / CHECKPOINTS
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
-
-
-def remove_unfinished(run_dir: Path) -> list[Path]:
-    """Delete the `step-*.tmp` folders a killed run left behind (the caller holds the run's lock)."""
-    gone = sorted(p for p in (Path(run_dir) / CHECKPOINTS).glob("step-*.tmp") if p.is_dir())
-    for p in gone:
-        shutil.rmtree(p, ignore_errors=True)
-    return gone
 
 
 def _sha256(path: Path) -> str:

@@ -13,15 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mlan.child_process import run_child
-from mlan.errors import MlanError
-from mlan.families.modeling import check_model_files
+from mlan.errors import ERROR_FILE_ENV, MlanError
+from mlan.families.model_files import check_model_files
 from mlan.mixture.shards import read_manifest
 from mlan.mixture.verify import check_build
 from mlan.recipe import load_recipe
 from mlan.run_lock import lock_output
 from mlan.train.budget import resolve_budget
-from mlan.train.checkpoint import check_latest_checkpoint, latest_checkpoint
-from mlan.train.node_agent import ERROR_FILE_ENV
+from mlan.train.run_folder import latest_checkpoint
 
 
 class TrainingFailed(MlanError, RuntimeError):
@@ -62,6 +61,8 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
         raise TrainingFailed(f"--nproc {nproc}: need at least one process")
     preflight(recipe_path, shards, overrides, verify)
     if resume:  # a checkpoint that fails its digest or carries hostile metadata stops here, before any worker
+        from mlan.train.checkpoint import check_latest_checkpoint  # lazy: DCP's metadata classes pull torch
+
         check_latest_checkpoint(Path(out))
     elif (latest := latest_checkpoint(Path(out))) is not None:  # the workers refuse it too; this is seconds sooner
         raise TrainingFailed(f"{out}: has checkpoints ({latest.name}); pass --resume or choose a new --out")

@@ -16,7 +16,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
-ERROR_FILE_ENV = "MLAN_ERROR_FILE"
+from mlan.errors import ERROR_FILE_ENV
 
 
 def reported_error() -> str | None:

@@ -36,6 +36,7 @@ from mlan.train.losses import IGNORE_INDEX, count_loss_tokens, shift_labels, tar
 from mlan.train.metrics import MetricsLog, Progress, peak_flops, reset_peak_memory, step_telemetry
 from mlan.train.model import make_optimizer, prepare_model
 from mlan.train.parallel import DistEnv, ParallelConfig, init_distributed, parallelize, resolve_precision
+from mlan.train.run_folder import latest_checkpoint, remove_unfinished
 from mlan.train.schedule import STAGE_LR, TokenSchedule
 from mlan.train.state import Resumable, TrainState, run_state
 from mlan.train.trackers import make_trackers
@@ -238,8 +239,8 @@ def open_run_dir(paths: RunPaths, resume: bool, env: DistEnv) -> Path | None:
     """The run folder, cleared of half-written checkpoints; its newest checkpoint (one needs --resume)."""
     paths.run.mkdir(parents=True, exist_ok=True)
     if env.is_main:  # half-written checkpoints of a killed run: never resumed from, never in the way
-        ckpt.remove_unfinished(paths.run)
-    latest = ckpt.latest_checkpoint(paths.run)
+        remove_unfinished(paths.run)
+    latest = latest_checkpoint(paths.run)
     if latest is not None and not resume:
         raise TrainError(f"{paths.run}: has checkpoints ({latest.name}); pass --resume or choose a new --out")
     return latest

@@ -59,9 +59,13 @@ def test_help_imports_no_torch_ray_or_domain_module(argv) -> None:
     assert "usage: mlan" in res.stdout and "HEAVY []" in res.stderr, res.stderr[-2000:]
 
 
-def test_a_build_imports_no_torch() -> None:
+@pytest.mark.parametrize("module, heavy", [("mlan.mixture.build", ("torch",)),
+                                           ("mlan.train.launch", ("torch", "transformers"))])
+def test_a_build_and_the_train_launcher_import_no_torch(module: str, heavy: tuple[str, ...]) -> None:
     """design.md: mixture/ does not import torch. A build's driver (and each of its Ray actors) imports
-    mlan.mixture.build; torch would add ~1.2 s to each (webdataset's package imports it: used lazily)."""
-    code = "import sys\nimport mlan.mixture.build\nprint('TORCH', 'torch' in sys.modules)\n"
+    mlan.mixture.build; torch would add ~1.2 s to each (webdataset's package imports it: used lazily). `mlan
+    train`'s launcher checks the recipe, build, model files and budget, then starts torchrun: torch and
+    transformers there cost ~3 s a run before the agent (which imports torch itself) even starts."""
+    code = f"import sys\nimport {module}\nprint('HEAVY', sorted(m for m in {heavy!r} if m in sys.modules))\n"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert res.stdout.strip() == "TORCH False", res.stdout + res.stderr[-2000:]
+    assert res.stdout.strip() == "HEAVY []", res.stdout + res.stderr[-2000:]

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from mlan.errors import MlanError, WeightsError, one_line
 from mlan.merge import read_checkpoint
 from mlan.train import checkpoint as ckpt
+from mlan.train.run_folder import remove_unfinished
 from mlan.train.state import ModelState, OptimizerState
 from mlan.weights import check_model_dir, read_safetensors_header
 
@@ -380,7 +381,7 @@ def test_a_step_folder_left_by_a_killed_run_never_blocks_a_save(tmp_path):
         assert final == stale and not (final / "junk").exists() and (final / ".metadata").is_file()
         assert ckpt.latest_checkpoint(run) == final
         (run / "checkpoints" / "step-00000007.tmp").mkdir()
-        assert [p.name for p in ckpt.remove_unfinished(run)] == ["step-00000007.tmp"]
+        assert [p.name for p in remove_unfinished(run)] == ["step-00000007.tmp"]
         assert ckpt.latest_checkpoint(run) == final
     finally:
         dist.destroy_process_group()
