@@ -3,9 +3,10 @@
 The lock is an advisory `flock` on `OUT/.mlan.lock`. The kernel drops it when the holding process dies, even
 by SIGKILL, so a lock whose process is gone is simply free again: the next run takes it over and says so
 (the file still names the dead holder). The file's content (pid, host, command, start time) is only for the
-message a refused second run prints, and for one more thing: a holder that got SIGTERM or Ctrl-C marks its record
-`stopping`, and a run that finds such a holder waits for its shutdown (a killed pipeline's child stopping Ray or
-torchrun takes seconds) instead of refusing a folder that is about to be free. Remote (fsspec URL) outputs are not locked: flock needs a local file.
+message a refused second run prints, and for one more thing: a holder that got SIGTERM or Ctrl-C marks its
+record `stopping`, and a run that finds such a holder waits for its shutdown (a killed pipeline's child
+stopping Ray or torchrun takes seconds) instead of refusing a folder that is about to be free. Remote (fsspec
+URL) outputs are not locked: flock needs a local file.
 """
 from __future__ import annotations
 
@@ -85,10 +86,11 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_holder(fd)
-                if holder.get("stopping"):
+                stopping = bool(holder.get("stopping"))
+                if stopping:
                     print(f"mlan {self.command}: {self.folder}: waiting for the stopped {_describe(holder)} to finish "
                           "shutting down", file=sys.stderr)
-                if holder.get("stopping") and _wait_for_release(fd, STOPPING_WAIT_S):
+                if stopping and _wait_for_release(fd, STOPPING_WAIT_S):
                     pass  # the stopped holder is gone and we hold the lock
                 elif self.wait:
                     print(f"mlan {self.command}: {self.folder}: waiting for {_describe(holder)} to finish with it",
