@@ -1,4 +1,5 @@
-"""`mlan train`: start torchrun with N local workers running `python -m mlan.commands.train_worker`, and wait.
+"""`mlan train`: start torchrun with N local workers running `python -m mlan.commands.train_worker` (one runs
+alone, without torchrun), and wait.
 
 Many nodes: run the same worker under torchrun on every node yourself, e.g.
 `torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
@@ -7,6 +8,7 @@ Many nodes: run the same worker under torchrun on every node yourself, e.g.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -29,8 +31,10 @@ class TrainingFailed(MlanError, RuntimeError):
 
 def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
                    overrides: Iterable[str], verify: bool = True) -> list[str]:
-    """The torchrun command line (through mlan's quiet agent) for one node with `nproc` local workers."""
-    cmd = [sys.executable, "-m", "mlan.train.node_agent", "--standalone", f"--nproc-per-node={nproc}",
+    """The torchrun command line (through mlan's quiet agent) for one node with `nproc` local workers; one
+    worker runs alone, a world of one (torchrun's agent would cost it a second torch start-up and a rendezvous)."""
+    launcher = [] if nproc == 1 else ["-m", "mlan.train.node_agent", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [sys.executable, *launcher,
            "-m", "mlan.commands.train_worker", str(recipe), "--shards", str(shards), "--out", str(out)]
     if resume:
         cmd.append("--resume")
@@ -39,6 +43,13 @@ def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
     for o in overrides:
         cmd += ["--set", o]
     return cmd
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for a process group's store."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[str], verify: bool = True) -> None:
@@ -70,6 +81,9 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if nproc == 1:  # the lone worker's process group: a port free now on this machine
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))
     # the shards were verified above: the workers skip their own check
     cmd = worker_command(str(recipe_path), str(shards), str(out), nproc, resume, overrides, verify=False)
     fd, error_file = tempfile.mkstemp(prefix="mlan-train-", suffix=".err")

@@ -105,6 +105,8 @@ def test_worker_command_is_torchrun():
     assert cmd[1:3] == ["-m", "mlan.train.node_agent"] and "--nproc-per-node=2" in cmd  # torchrun's agent
     assert cmd[cmd.index("-m", 3) + 1] == "mlan.commands.train_worker" and "--resume" in cmd
     assert cmd[-2:] == ["--set", "train.lr=1e-3"]
+    alone = worker_command("r.yaml", "b", "o", 1, False, [])
+    assert alone[1:4] == ["-m", "mlan.commands.train_worker", "r.yaml"]  # one worker: no agent, a world of one
 
 
 # ---------------------------------------------------------------- multi-process runs
@@ -179,10 +181,11 @@ def test_two_ranks_equal_one_rank_with_grad_accumulation(two_rank_run, llava_bui
 
 
 def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, sig: signal.Signals, after: int = 0,
-                           timeout: float = 200) -> str:
+                           timeout: float = 200, below: int = 3) -> str:
     """Start `mlan train` and send `sig` to that process alone (as `kill PID` from a shell) once a checkpoint newer
-    than step `after` exists and a later step is logged; torchrun's agent and both workers must be gone within
-    10 s (SIGTERM: torchrun stops them; SIGKILL: the parent-death signal). Returns the command's stderr."""
+    than step `after` exists and a later step is logged; the `below` processes it started at least (torchrun's
+    agent and two workers) must be gone within 10 s (SIGTERM: torchrun stops them; SIGKILL: the parent-death
+    signal). Returns the command's stderr."""
     from mlan.child_process import alive, descendants
 
     with tempfile.TemporaryFile("w+") as err:
@@ -197,7 +200,7 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, sig: signal.Sig
                 steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")] if ckpts else []
                 if ckpts and steps and max(steps) > min(ckpts):
                     tree |= descendants(proc.pid)
-                    assert len(tree) >= 3, tree  # torchrun's agent and two workers
+                    assert len(tree) >= below, tree
                     os.kill(proc.pid, sig)
                     proc.wait(timeout=60)
                     assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig), proc.returncode
@@ -250,6 +253,19 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(two_rank_run, lla
         assert abs(ra["loss"] - rb["loss"]) <= 1e-6 * max(1.0, abs(ra["loss"]))
     wa, wb = _weights(two_rank_run), _weights(out)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_lone_worker_dies_with_mlan_train(llava_build):
+    """`mlan train --nproc 1` runs its worker without torchrun: `kill -9` of `mlan train` takes it down too."""
+    out = llava_build / "run-lone-killed"
+    cmd = [sys.executable, "-m", "mlan.cli", "train", str(llava_build / "recipe.yaml"), "--shards",
+           str(llava_build / "build"), "--out", str(out), "--nproc", "1", "--set", "train.budget_tokens=700",
+           "--set", "train.checkpoint_every_tokens=150"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    _kill_after_checkpoint(cmd, out, env, signal.SIGKILL, below=1)
+    assert not (out / "final").exists()
 
 
 @pytest.mark.slow
