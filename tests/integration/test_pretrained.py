@@ -93,14 +93,14 @@ def test_other_names_pass_through_unchanged():
 # ---------------------------------------------------------------- conversion
 @needs_package
 @pytest.mark.slow
-def test_conversion_reload_gives_the_gguf_logits(tmp_path, monkeypatch):
-    """GGUF → safetensors folder in a fresh cache; the reload's logits equal the GGUF load's; reuse converts nothing."""
+def test_conversion_reload_gives_the_gguf_logits(smol_dir):
+    """The converted folder (the session's, converted once per cache: ~14 s of GGUF reading) reloads to the GGUF
+    load's logits; no temporary folder is left beside it; reuse converts nothing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("MLAN_CACHE", str(tmp_path))
-    folder = pretrained.pretrained_dir(BASE)
-    assert folder.parent == tmp_path / "pretrained" and (folder / "model.safetensors").is_file()
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary folder left behind
+    folder = smol_dir
+    assert (folder / "model.safetensors").is_file()
+    assert not list(folder.parent.glob(folder.name + ".tmp-*"))  # no temporary folder left behind
     stamp = os.stat(folder / "model.safetensors").st_mtime_ns
     assert pretrained.pretrained_dir(BASE) == folder and os.stat(folder / "model.safetensors").st_mtime_ns == stamp
 
@@ -119,6 +119,33 @@ def test_conversion_reload_gives_the_gguf_logits(tmp_path, monkeypatch):
     assert torch.equal(a, b)
     loss = torch.nn.functional.cross_entropy(b[0, :-1], ids[0, 1:])
     assert float(loss) < 5.0  # a real language model (random ids give ~15)
+
+
+@needs_package
+def test_conversion_publishes_atomically_in_a_fresh_cache(tmp_path, monkeypatch):
+    """pretrained_dir in an empty cache: the converter writes a temporary folder that is renamed into place whole;
+    a failed conversion leaves neither; the next call converts nothing. (The conversion itself is the test above's.)"""
+    monkeypatch.setenv("MLAN_CACHE", str(tmp_path))
+    calls = []
+
+    def failing(name, out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(pretrained, "_convert", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pretrained.pretrained_dir(BASE)
+    assert list((tmp_path / "pretrained").iterdir()) == []  # nothing half-written is left or published
+
+    def writer(name, out):
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(pretrained, "_convert", writer)
+    folder = pretrained.pretrained_dir(BASE)
+    assert folder.parent == tmp_path / "pretrained" and (folder / "config.json").is_file()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name] and calls[0].parent == folder.parent
+    assert pretrained.pretrained_dir(BASE) == folder and len(calls) == 1
 
 
 # ---------------------------------------------------------------- tokenizer and ChatML rendering
