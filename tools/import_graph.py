@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "train": 3, "mixture": 3, "eval": 3, "merge": 3, "data": 3,
     "render": 2, "families": 2, "sources": 2, "templates": 2, "tokenizer": 2, "piece_encoding": 2, "synthetic": 2,
     "weights": 2, "pretrained": 2,
-    "recipe": 1,
+    "recipe": 2,  # validates `model.family` against the family registry (design.md): beside families, not below
     "errors": 0, "atomic_write": 0, "progress": 0, "run_lock": 0, "child_process": 0, "data.labels": 0, "": 0,
 }
 

@@ -12,12 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from mlan.errors import MlanError
-
-if TYPE_CHECKING:  # types only: the recipe imports this package to validate `model.family`
-    from mlan.recipe import ModelSpec
 
 IMAGE_TOKEN_CANDIDATES = ("<|image|>", "<image>")  # Llama-3.2-Vision / mlan's llama3, then LLaVA's
 
@@ -98,13 +95,28 @@ class ModelGeometry:
         return cls(**values)
 
 
+class ModelSection(Protocol):
+    """What a family reads from a recipe's `model:` section (`mlan.recipe.ModelSpec` is one). The contract names
+    it rather than importing the recipe: the recipe sits above the registry, validating `model.family` there."""
+
+    family: str
+    tokenizer: str
+    template: str | None
+    config: str
+    llm: str | None
+    vision_tower: str | None
+    image_tokens: int
+    image_size: int | None
+    max_tiles: int
+
+
 class Family(ABC):
     """One model family for one recipe's `model:` section, render side; built by `mlan.families.get_family`."""
 
     name: str
     default_template: str = "llama3"
 
-    def __init__(self, model: ModelSpec, geometry: VisionGeometry):
+    def __init__(self, model: ModelSection, geometry: VisionGeometry):
         self.model = model
         self.geometry = geometry
         self._tokenizer: Any = None
@@ -201,7 +213,7 @@ class FamilyRuntime(ABC):
     def load_pretrained(self, path_or_id: str) -> Any:
         """A full checkpoint of this family (already checked to be one), fp32 on CPU."""
 
-    def compose(self, model_spec: ModelSpec, family_config: Mapping[str, Any]) -> Any:
+    def compose(self, model_spec: ModelSection, family_config: Mapping[str, Any]) -> Any:
         """A model composed from a base LLM and a vision tower (`model.llm` + `model.vision_tower`)."""
         raise NotImplementedError  # only families with `composes_from_parts` are asked
 
@@ -282,11 +294,11 @@ class FamilyPlugin(ABC):
     scores_on_context_cache: ClassVar[bool] = True
 
     @abstractmethod
-    def geometry(self, model: ModelSpec) -> VisionGeometry:
+    def geometry(self, model: ModelSection) -> VisionGeometry:
         """Image sizes for a recipe's `model:` section (tiny config, local model config, defaults, explicit keys)."""
 
     @abstractmethod
-    def family(self, model: ModelSpec, geometry: VisionGeometry) -> Family:
+    def family(self, model: ModelSection, geometry: VisionGeometry) -> Family:
         """The render-side family object."""
 
     def check_config(self, family_config: Mapping[str, Any]) -> None:

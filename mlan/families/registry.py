@@ -14,13 +14,10 @@ import importlib
 import os
 import pkgutil
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mlan.errors import MlanError
-from mlan.families.base import Family, FamilyPlugin
-
-if TYPE_CHECKING:  # types only: mlan.recipe imports this package
-    from mlan.recipe import ModelSpec
+from mlan.families.base import Family, FamilyPlugin, ModelSection
 
 _FAMILIES: dict[str, FamilyPlugin] = {}
 
@@ -88,7 +85,7 @@ def config_marks(plugin: FamilyPlugin) -> dict[str, str]:
     return {} if family_for_model_type(plugin.model_type) is plugin else {CONFIG_FAMILY_KEY: plugin.name}
 
 
-def get_family(model: ModelSpec) -> Family:
+def get_family(model: ModelSection) -> Family:
     """The render-side family object for a recipe's `model:` section."""
     plugin = family_plugin(model.family)
     return plugin.family(model, plugin.geometry(model))

@@ -120,3 +120,15 @@ def test_no_module_outside_a_family_folder_branches_on_a_family_name(tmp_path):
     planted.parent.mkdir()
     planted.write_text('if fc["family"] == "llava" or kind in ("mllama", "text"):\n    pass\n')
     assert _family_name_comparisons(planted, tmp_path) == ["mlan/x.py:1", "mlan/x.py:1"]
+
+
+def test_a_recipes_model_section_is_what_the_family_contract_reads():
+    """ModelSection (families/base.py) names what a family reads from `model:` so that families need not import
+    the recipe; every name it lists is a ModelSpec field."""
+    from typing import get_type_hints
+
+    from mlan.families.base import ModelSection
+    from mlan.recipe import ModelSpec
+
+    wanted = get_type_hints(ModelSection)
+    assert "family" in wanted and set(wanted) <= set(ModelSpec.model_fields)
