@@ -69,7 +69,7 @@ def ray_head():
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)  # only the processes this fixture started (its own session)
     try:
-        proc.wait(timeout=5)
+        proc.wait(timeout=1)  # `ray start --block` outlasts 5 s of SIGTERM here: the group's SIGKILL ends it
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
