@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# two pytest-xdist workers, one test file each at a time (module fixtures stay whole): most tests wait on
+# single-threaded process start-up (interpreter, torch, Ray), which the second core overlaps. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+TEST_OPTS := -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest $(TEST_OPTS) --durations=25 tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest $(TEST_OPTS) -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/mlan demo
