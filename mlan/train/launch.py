@@ -45,11 +45,15 @@ def worker_command(recipe: str, shards: str, out: str, nproc: int, resume: bool,
     return cmd
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it), for a process group's store."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def world_of_one(port: str | None = None) -> dict[str, str]:
+    """The environment torchrun would give a lone worker: rank 0 of 1, its store on `port` (default: a port the
+    OS says is free now)."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port}
 
 
 def preflight(recipe_path: str | Path, shards: str | Path, overrides: Iterable[str], verify: bool = True) -> None:
@@ -81,9 +85,8 @@ def run_training(recipe_path: str | Path, shards: str | Path, out: str | Path, n
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if nproc == 1:  # the lone worker's process group: a port free now on this machine
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(free_port()))
+    if nproc == 1:  # no torchrun: the lone worker's world of one, whatever RANK/WORLD_SIZE this shell has
+        env.update(world_of_one())
     # the shards were verified above: the workers skip their own check
     cmd = worker_command(str(recipe_path), str(shards), str(out), nproc, resume, overrides, verify=False)
     fd, error_file = tempfile.mkstemp(prefix="mlan-train-", suffix=".err")

@@ -18,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers.utils import ModelOutput
 
 from mlan.families.modeling import model_runtime, unwrap
+from mlan.train.launch import world_of_one
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,7 @@ class DistEnv:
 def init_distributed() -> DistEnv:
     """Join torchrun's process group: NCCL with one GPU per local rank, else gloo on CPU."""
     if "RANK" not in os.environ:  # a plain `python -m mlan.commands.train_worker`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.update(world_of_one(os.environ.get("MASTER_PORT")))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
